@@ -1,0 +1,118 @@
+"""A KV cache whose rollback moves a pointer and whose commit is one gather.
+
+Each layer keeps preallocated key/value buffers ``[B, H, capacity, D]`` and a
+length. A verification forward appends the N tree nodes after the committed
+prefix (``update`` writes them in place and returns a *view* of the first
+``length`` entries, so no step copies the whole cache). After acceptance,
+``commit(prefix_len, keep)`` gathers the accepted nodes' entries into
+positions ``prefix_len .. prefix_len + len(keep) - 1`` and sets the length:
+the rejected entries stay in the buffer, masked by the length, and are
+overwritten by the next step. Capacity doubles when full (amortised O(1)).
+
+The class plugs into transformers as an ordinary ``Cache`` (the model calls
+``update(key, value, layer_idx)``), so the model runs unmodified.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicLayer
+
+__all__ = ["TreeKVCache"]
+
+_MIN_CAPACITY = 256
+
+
+class _TreeLayer(DynamicLayer):
+    """One layer's preallocated keys/values; ``keys``/``values`` are views of the live part."""
+
+    is_croppable = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device = key_states.device
+        self.length = 0
+        self._k = key_states.new_empty(0)
+        self._v = value_states.new_empty(0)
+        self._reserve(key_states, value_states, key_states.shape[-2])
+        self.is_initialized = True
+
+    def _reserve(self, key_states: Tensor, value_states: Tensor, needed: int) -> None:
+        capacity = self._k.shape[-2] if self._k.dim() == 4 else 0
+        if needed <= capacity:
+            return
+        new_cap = max(_MIN_CAPACITY, 2 * capacity, needed)
+        b, h, _, dk = key_states.shape
+        k = key_states.new_empty(b, h, new_cap, dk)
+        v = value_states.new_empty(b, h, new_cap, value_states.shape[-1])
+        if self.length:
+            k[:, :, : self.length] = self._k[:, :, : self.length]
+            v[:, :, : self.length] = self._v[:, :, : self.length]
+        self._k, self._v = k, v
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        self._reserve(key_states, value_states, self.length + n)
+        self._k[:, :, self.length : self.length + n] = key_states
+        self._v[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self._refresh_views()
+        return self.keys, self.values
+
+    def _refresh_views(self) -> None:
+        self.keys = self._k[:, :, : self.length]
+        self.values = self._v[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.is_initialized and tokens_to_remove:
+            self.truncate(self.length - abs(tokens_to_remove))
+
+    def truncate(self, length: int) -> None:
+        """Rollback: forget everything past ``length`` (moves the pointer, copies nothing)."""
+        if self.is_initialized:
+            self.length = max(0, min(self.length, length))
+            self._refresh_views()
+
+    def commit(self, prefix_len: int, keep: Tensor) -> None:
+        """Keep entries ``prefix_len + keep`` (in that order) right after the prefix; drop the rest."""
+        if not self.is_initialized:
+            return
+        idx = keep + prefix_len
+        self._k[:, :, prefix_len : prefix_len + keep.numel()] = self._k.index_select(2, idx)
+        self._v[:, :, prefix_len : prefix_len + keep.numel()] = self._v.index_select(2, idx)
+        self.truncate(prefix_len + keep.numel())
+
+
+class TreeKVCache(Cache):
+    """transformers ``Cache`` with in-place tree commit and pointer rollback."""
+
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=_TreeLayer)
+
+    def commit(self, prefix_len: int, keep: Tensor) -> None:
+        """Commit the accepted tree nodes after a verification forward.
+
+        Args:
+            prefix_len: number of entries committed before the forward.
+            keep: [A] long, indices (0-based, relative to ``prefix_len``) of the
+                tree nodes to keep, in path order (root first).
+
+        A path that is already contiguous from the root (``keep == arange(A)``,
+        e.g. a chain fully accepted) needs no copy: only the length moves.
+        """
+        contiguous = bool(torch.equal(keep, torch.arange(keep.numel(), device=keep.device)))
+        for layer in self.layers:
+            if contiguous:
+                layer.truncate(prefix_len + keep.numel())
+            else:
+                layer.commit(prefix_len, keep.to(layer.device) if layer.is_initialized else keep)
+
+    def truncate(self, length: int) -> None:
+        """Rollback every layer to ``length`` entries."""
+        for layer in self.layers:
+            layer.truncate(length)

@@ -1,0 +1,135 @@
+"""The ``specdec`` command line.
+
+    specdec generate --model default --drafter prompt-lookup --prompt "..."
+    specdec drafters                      list the registered drafters
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="speculative generation on one prompt",
+        description="Generate text with speculative decoding. Greedy output (temperature 0) is token-for-token "
+        "what the model alone would write; the statistics show how many tokens each target forward produced.",
+    )
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local HF model directory or a .gguf file (default: %(default)s)")
+    p.add_argument("--drafter", default="prompt-lookup", help="drafter spec, e.g. 'prompt-lookup', 'prompt-lookup:max_ngram=4', 'none' (default: %(default)s); see `specdec drafters`")
+    p.add_argument("--prompt", required=True, help="the user message; '-' reads it from standard input")
+    p.add_argument("--raw", action="store_true", help="use the prompt as raw text instead of applying the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, exact (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature > 0)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k sampling (with --temperature > 0)")
+    p.add_argument("--acceptance", choices=["exact", "typical"], default="exact", help="'exact' is lossless; 'typical' is Medusa's lossy typical acceptance (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--compare", action="store_true", help="also run plain HF greedy generate and report the speed-up")
+    p.add_argument("--dtype", default=None, help="model dtype, e.g. float32 (default), bfloat16")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _sampling_options(args) -> dict:
+    opts = {}
+    if args.top_p is not None:
+        opts["top_p"] = args.top_p
+    if args.top_k is not None:
+        opts["top_k"] = args.top_k
+    if args.acceptance != "exact":
+        opts["acceptance"] = args.acceptance
+    return opts
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from specdec.engine import generate, prepare_input_ids
+    from specdec.drafters import build_drafter
+    from specdec.models import load_model
+
+    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt_text.strip():
+        raise ValueError("the prompt is empty; pass --prompt 'some text'")
+    build_drafter(args.drafter)  # fail on a bad spec before loading the model
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    use_chat = not args.raw and getattr(tokenizer, "chat_template", None)
+    prompt = [{"role": "user", "content": prompt_text}] if use_chat else prompt_text
+    if args.compare:  # warm both paths up so neither timing pays first-call costs
+        generate(model, tokenizer, prompt, drafter=args.drafter, max_new_tokens=4)
+    result = generate(
+        model, tokenizer, prompt, drafter=args.drafter, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, stop=args.stop, seed=args.seed, **_sampling_options(args),
+    )
+    out = {"text": result.text, "finish_reason": result.finish_reason, "drafter": args.drafter, "stats": result.stats.as_dict()}
+    if args.compare:
+        ids = prepare_input_ids(tokenizer, prompt)[None]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.max_new_tokens)
+        hf_s = time.perf_counter() - t0
+        ref_ids = ref[0, ids.shape[1]:].tolist()
+        out["hf_greedy"] = {
+            "wall_time_s": round(hf_s, 4),
+            "new_tokens": len(ref_ids),
+            "speedup": round(hf_s / result.stats.wall_time_s, 3) if result.stats.wall_time_s else None,
+            "identical": ref_ids == result.token_ids if args.temperature == 0 else None,
+        }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    s = result.stats
+    print(result.text)
+    print(
+        f"\n[{args.drafter}] {s.new_tokens} tokens in {s.target_forwards} target forwards "
+        f"(mean accepted length {s.mean_accepted_length:.2f}), {s.tokens_per_s:.1f} tok/s, finish: {result.finish_reason}",
+        file=sys.stderr,
+    )
+    if args.compare:
+        hf = out["hf_greedy"]
+        print(
+            f"[hf greedy] {hf['new_tokens']} tokens in {hf['wall_time_s']:.2f}s; speed-up {hf['speedup']:.2f}x; "
+            f"identical output: {hf['identical']}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_drafters(args) -> int:
+    from specdec.drafters.base import _import_builtin_drafters, registered_drafters
+
+    _import_builtin_drafters()
+    for name in registered_drafters():
+        print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    p = sub.add_parser("drafters", help="list the registered drafter names")
+    p.set_defaults(func=_cmd_drafters)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        print(f"specdec: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training subsystem for trainable drafters (Medusa, Clover, PPD): data, losses, Trainer glue."""

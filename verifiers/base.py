@@ -1,0 +1,58 @@
+"""What every verifier returns, and the contract it follows.
+
+Words used throughout (after vLLM's rejection sampler):
+
+* **accepted** tokens: draft nodes the verifier keeps, on one root-to-node path;
+* **recovered** token: drawn from the target in place of the first rejected
+  draft (speculative sampling only);
+* **bonus** token: the target's own next token after the last accepted node.
+  Every step emits ``len(accepted) + 1`` tokens: the accepted drafts, then
+  one bonus (or recovered) token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from specdec.tree import TokenTree
+
+__all__ = ["Acceptance", "Verifier"]
+
+
+@dataclass
+class Acceptance:
+    """The outcome of verifying one tree.
+
+    Attributes:
+        path: [A + 1] long, node indices root→last accepted node; ``path[0] == 0``.
+        bonus: the token emitted after the path (bonus or recovered token).
+    """
+
+    path: Tensor
+    bonus: int
+
+    @property
+    def num_accepted(self) -> int:
+        """Accepted draft tokens (root excluded)."""
+        return self.path.numel() - 1
+
+    def new_tokens(self, tree: TokenTree) -> list[int]:
+        """The tokens this step emits: accepted drafts, then the bonus."""
+        return tree.tokens[self.path[1:]].tolist() + [self.bonus]
+
+
+class Verifier(Protocol):
+    """``accept(tree, logits, generator) -> Acceptance``; pure apart from the generator."""
+
+    def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Acceptance:
+        """
+        Args:
+            tree: the verified tree (N nodes).
+            logits: [N, V] target logits at every node (row i predicts the token after node i).
+            generator: random source for sampling verifiers.
+        """
+        ...

@@ -1,0 +1,45 @@
+"""Exact greedy acceptance: output is token-for-token the target's greedy output."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from specdec.tree import TokenTree
+from specdec.verifiers.base import Acceptance
+
+__all__ = ["GreedyVerifier", "greedy_accept"]
+
+
+def greedy_accept(tree: TokenTree, logits: Tensor) -> Acceptance:
+    """Keep the longest tree path that the target's argmax agrees with.
+
+    Node i > 0 is *correct* when its token is the target's argmax at its
+    parent. A node is accepted when it and all its non-root ancestors are
+    correct; the deepest accepted node wins (siblings carry distinct tokens,
+    so at most one child of a node can be correct). The bonus token is the
+    argmax at that node.
+
+    Args:
+        tree: N nodes; auxiliary nodes are never accepted.
+        logits: [N, V] target logits per node.
+
+    Example: root r, children a (1) and b (2), a's child c (3); argmax =
+    [a, c, x, y] → node 1 correct (a == argmax[0]), node 3 correct
+    (c == argmax[1]), node 2 not → path [0, 1, 3], bonus = argmax[3] = y.
+    """
+    target_next = logits.argmax(dim=-1)  # [N]
+    correct = torch.ones(len(tree), dtype=torch.bool)
+    correct[1:] = tree.tokens[1:] == target_next[tree.parents[1:]]
+    if tree.auxiliary is not None:
+        correct &= ~tree.auxiliary
+    ok = ~(tree.ancestor_mask & ~correct[None, :]).any(dim=1)  # [N] whole path correct
+    best = int(torch.argmax(torch.where(ok, tree.depths, -1)))
+    return Acceptance(path=tree.path_to(best), bonus=int(target_next[best]))
+
+
+class GreedyVerifier:
+    """The default verifier (``acceptance="exact"`` at temperature 0)."""
+
+    def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Acceptance:
+        return greedy_accept(tree, logits)
