@@ -120,11 +120,11 @@ def prepare_input_ids(tokenizer, prompt) -> Tensor:
         return ids.to(torch.long).cpu()
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
         return torch.tensor(prompt, dtype=torch.long)
+    if isinstance(prompt, (str, list, tuple)) and len(prompt) == 0:
+        raise ValueError("the prompt is empty; give non-empty text, chat messages or token ids")
     if tokenizer is None:
         raise ValueError("a text or chat prompt needs a tokenizer; pass token ids to generate without one")
     if isinstance(prompt, str):
-        if not prompt:
-            raise ValueError("the prompt is empty; give at least one character of text")
         return torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         if getattr(tokenizer, "chat_template", None) is None:
@@ -190,7 +190,12 @@ def _forward(model, cache: TreeKVCache, tree: TokenTree, hidden: bool):
         output_hidden_states=hidden,
         **kwargs,
     )
-    return out.logits[0].float(), (out.hidden_states[-1][0] if hidden else None)
+    return _upcast(out.logits[0]), (out.hidden_states[-1][0] if hidden else None)
+
+
+def _upcast(logits: Tensor) -> Tensor:
+    """Half-precision logits go to float32 for acceptance; float32/64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 @torch.inference_mode()
@@ -287,7 +292,7 @@ def _forward_prefill(model, cache: TreeKVCache, ids: Tensor, hidden: bool):
         output_hidden_states=hidden,
         logits_to_keep=1,
     )
-    return out.logits[0].float(), (out.hidden_states[-1][0] if hidden else None)
+    return _upcast(out.logits[0]), (out.hidden_states[-1][0] if hidden else None)
 
 
 # --------------------------------------------------------------------------- public calls

@@ -1,0 +1,52 @@
+import os
+
+# Triton's interpreter must be chosen before any @triton.jit function is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_model(arch: str, vocab_size: int = 96, seed: int = 0, dtype=torch.float64):
+    """A tiny random causal LM. float64 keeps argmax ties (and so spurious mismatches) out of equality tests."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(arch)
+    model = model.to(dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from specdec import load_model
+
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model):
+    return default_model[1]
+
+
+def hf_greedy(model, ids: torch.Tensor, n: int, **kwargs) -> list[int]:
+    """Plain HF greedy generation: the reference every drafter must reproduce."""
+    out = model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
+                         do_sample=False, max_new_tokens=n, **kwargs)
+    return out[0, ids.numel():].tolist()

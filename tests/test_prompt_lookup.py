@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from specdec.drafters import PromptLookupConfig, PromptLookupDrafter, build_drafter
+from specdec.drafters.base import DraftState, StepResult
+from specdec.drafters.prompt_lookup import find_candidates
+
+
+@pytest.mark.parametrize(
+    "ids, n, k, m, expected, why",
+    [
+        ([5, 6, 7, 5, 6, 9, 5, 6], 2, 3, 3, [[9, 5, 6], [7, 5, 6]], "most recent match first"),
+        ([5, 6, 7, 5, 6, 7, 5, 6], 2, 2, 3, [[7, 5]], "identical continuations are merged"),
+        ([1, 2, 3, 4], 2, 3, 3, [], "no earlier occurrence"),
+        ([1, 2], 2, 3, 3, [], "sequence no longer than n"),
+        ([4, 4, 4], 1, 3, 3, [[4], [4, 4]], "overlapping matches; the nearest gives the shortest tail"),
+        ([1, 2, 9, 1, 2, 8, 1, 2, 7, 1, 2], 2, 1, 2, [[7], [8]], "max_candidates caps the list"),
+    ],
+)
+def test_find_candidates(ids, n, k, m, expected, why):
+    assert find_candidates(torch.tensor(ids), n, k, m) == expected, why
+
+
+def state(ids):
+    return DraftState(torch.tensor(ids), prompt_len=len(ids))
+
+
+def test_longest_ngram_wins_and_tree_is_rooted_at_last_token():
+    d = PromptLookupDrafter(PromptLookupConfig(max_ngram=3, adaptive=False, num_tokens=2))
+    tree = d.propose(state([1, 2, 3, 4, 9, 2, 3, 5, 1, 2, 3]))
+    assert int(tree.tokens[0]) == 3
+    # 3-gram [1, 2, 3] matches at 0 -> continuation [4, 9]; the 2-gram match [2, 3] -> [5, ...] is not used
+    assert [tree.tokens[p[1:]].tolist() for p in tree.leaf_path_list()] == [[4, 9]]
+
+
+def test_no_match_drafts_nothing():
+    d = PromptLookupDrafter()
+    assert d.propose(state([1, 2, 3, 4])).num_drafts == 0
+
+
+def feed(d, ids, accepted):
+    tree = d.propose(state(ids))
+    path = tree.path_to(0)
+    if tree.num_drafts and accepted:
+        leaf = tree.leaf_path_list()[0]
+        path = leaf[: accepted + 1]
+    d.observe(StepResult(tree, path, [0] * path.numel()))
+    return tree
+
+
+def test_adaptive_length_shrinks_to_nothing_when_drafts_fail_and_grows_when_they_hit():
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2]
+    bad = PromptLookupDrafter(PromptLookupConfig(probe_every=1000))
+    sizes = [feed(bad, ids, 0).num_drafts for _ in range(30)]
+    assert sizes[0] > 0 and sizes[-1] == 0  # stops drafting where drafts never land
+    good = PromptLookupDrafter()
+    sizes = [feed(good, ids, 10).num_drafts for _ in range(30)]
+    assert sizes[-1] > sizes[0]  # drafts lengthen where they always land
+
+
+def test_switched_off_match_size_probes_again():
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2]
+    d = PromptLookupDrafter(PromptLookupConfig(probe_every=4))
+    sizes = [feed(d, ids, 0).num_drafts for _ in range(60)]
+    assert 1 in sizes[20:]
+
+
+@pytest.mark.parametrize("spec", ["prompt-lookup:max_ngram=0", "prompt-lookup:nope=1", "prompt-lookup:num_tokens=x", "prompt-lookup:foo"])
+def test_bad_specs_are_clear_errors(spec):
+    with pytest.raises(ValueError):
+        build_drafter(spec)
+
+
+def test_spec_options_reach_the_config():
+    d = build_drafter("prompt-lookup:max_ngram=5,adaptive=false,cost_per_token=0.1")
+    assert d.config.max_ngram == 5 and d.config.adaptive is False and d.config.cost_per_token == 0.1
