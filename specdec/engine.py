@@ -227,7 +227,7 @@ def decode_steps(
     # 1. Prefill: the whole prompt; its last logits give the first token.
     t0 = time.perf_counter()
     logits, hidden = _forward_prefill(model, cache, ids, hidden_needed)
-    first = verifier.accept(TokenTree.root_only(int(ids[-1])), logits[-1:], generator).bonus
+    first = verifier.accept(TokenTree.root_only(int(ids[-1])), logits[-1:], generator, ids[:-1]).bonus
     stats.prefill_time_s += time.perf_counter() - t0
     hidden = hidden[-1:] if hidden is not None else None
     pending = [first]
@@ -263,7 +263,7 @@ def decode_steps(
         prefix_len = cache.get_seq_length()
         logits, hidden_all = _forward(model, cache, tree, hidden_needed)
         t3 = time.perf_counter()
-        acceptance = verifier.accept(tree, logits, generator)
+        acceptance = verifier.accept(tree, logits, generator, ids[:-1])
         t4 = time.perf_counter()
 
         # 5. Commit the accepted path's KV; hand its hidden states to the drafter.
@@ -314,6 +314,8 @@ def _setup(model, tokenizer, prompt, drafter, max_new_tokens, temperature, stop,
     drafter_obj = build_drafter(drafter)
     drafter_obj.bind(model, tokenizer)
     verifier = make_verifier(model, temperature=temperature, **sampling)
+    if temperature > 0 and seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     stop_checker = _StopStrings(tokenizer, stops) if stops else None
     generator = None

@@ -46,13 +46,14 @@ class Acceptance:
 
 
 class Verifier(Protocol):
-    """``accept(tree, logits, generator) -> Acceptance``; pure apart from the generator."""
+    """``accept(tree, logits, generator, prefix_ids) -> Acceptance``; pure apart from the generator."""
 
-    def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Acceptance:
+    def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, prefix_ids: Tensor | None = None) -> Acceptance:
         """
         Args:
             tree: the verified tree (N nodes).
             logits: [N, V] target logits at every node (row i predicts the token after node i).
             generator: random source for sampling verifiers.
+            prefix_ids: [T] committed tokens before the root (repetition penalty needs them).
         """
         ...

@@ -41,5 +41,5 @@ def greedy_accept(tree: TokenTree, logits: Tensor) -> Acceptance:
 class GreedyVerifier:
     """The default verifier (``acceptance="exact"`` at temperature 0)."""
 
-    def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None) -> Acceptance:
+    def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, prefix_ids: Tensor | None = None) -> Acceptance:
         return greedy_accept(tree, logits)

@@ -1,0 +1,195 @@
+"""Sampling verifiers: lossless speculative sampling over token trees, and typical acceptance.
+
+Speculative sampling (Leviathan et al. 2023, "Fast Inference from Transformers
+via Speculative Decoding"; Chen et al. 2023), extended to trees with several
+children per node as in SpecInfer (Miao et al. 2024, multi-step speculative
+sampling). Notation, used throughout:
+
+* **p**: the target's distribution at a node, warped exactly as HF
+  ``generate`` warps it (repetition penalty, temperature, top-k, top-p);
+* **q**: the drafter's distribution that a child token was drawn from. A
+  deterministic drafter (prompt lookup) proposes point masses, q = δ(x);
+  a stochastic drafter supplies q rows in ``TokenTree.draft_probs``;
+* **accepted**: a child x kept with probability min(1, p(x) / q(x));
+* **residual**: after a rejection, p ← normalise(max(p − q, 0)), and the next
+  child is tried against it;
+* **recovered** token: drawn from the residual when every child is rejected;
+* **bonus** token: drawn from p at a leaf reached by accepting a whole path.
+
+Each emitted token is then distributed exactly as the target's own sample
+(distinct point masses, or stochastic siblings drawn from q *without
+replacement*, each child carrying q renormalised over the tokens its earlier
+siblings did not take: recursive rejection sampling, Jeon et al. 2024. The
+trie merges duplicate siblings, so i.i.d. draws with repeats are not exact).
+
+Typical acceptance (Cai et al. 2024, Medusa) accepts x when
+p(x) > min(ε, δ·exp(−H(p))): faster, but **lossy** (the output is not the
+target's distribution); it is used only when asked for.
+
+Worked example (point masses): p = [0.5, 0.3, 0.2] at the root, children
+tokens 1 then 2. Child 1 is accepted with probability 0.3; if rejected the
+residual is [0.5/0.7, 0, 0.2/0.7] and child 2 is accepted with probability
+0.2/0.7; if that fails too, the recovered token is 0 (residual [1, 0, 0]).
+Overall P(1) = 0.3, P(2) = 0.7·(0.2/0.7) = 0.2, P(0) = 0.5, exactly p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from specdec.tree import TokenTree
+from specdec.verifiers.base import Acceptance
+
+__all__ = ["SamplingConfig", "Warper", "SpeculativeSampler", "TypicalVerifier"]
+
+
+@dataclass
+class SamplingConfig:
+    """How p is formed from the target's logits (HF ``generate`` semantics)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+class Warper:
+    """Turns [N, V] tree logits into [N, V] probabilities p with transformers' own logits processors."""
+
+    def __init__(self, config: SamplingConfig) -> None:
+        procs = []
+        if config.repetition_penalty not in (None, 1.0):
+            procs.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+        self.needs_context = bool(procs)
+        if config.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k is not None:
+            procs.append(TopKLogitsWarper(config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            procs.append(TopPLogitsWarper(config.top_p))
+        self.processors = LogitsProcessorList(procs)
+
+    def __call__(self, tree: TokenTree, logits: Tensor, prefix_ids: Tensor | None) -> Tensor:
+        """
+        Args:
+            tree: N nodes.
+            logits: [N, V] target logits.
+            prefix_ids: [T] committed tokens before the root (for the repetition penalty).
+        Returns:
+            [N, V] probabilities.
+        """
+        scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits.clone()
+        if self.processors:
+            context = self._context(tree, prefix_ids)
+            scores = self.processors(context, scores)
+        return torch.softmax(scores, dim=-1)
+
+    def _context(self, tree: TokenTree, prefix_ids: Tensor | None) -> Tensor:
+        """[N, T + depth] ids each node has seen: prefix, then its root-to-node path
+        (padded with the root token, which is already in every context and so changes no penalty)."""
+        if not self.needs_context:
+            return tree.tokens[:, None]
+        prefix = prefix_ids if prefix_ids is not None else tree.tokens[:0]
+        depth = int(tree.depths.max())
+        path_tokens = torch.full((len(tree), depth + 1), int(tree.tokens[0]), dtype=torch.long)
+        rows, cols = torch.nonzero(tree.ancestor_mask, as_tuple=True)
+        path_tokens[rows, tree.depths[cols]] = tree.tokens[cols]
+        return torch.cat([prefix[None].expand(len(tree), -1), path_tokens], dim=1)
+
+
+def _children(tree: TokenTree) -> list[list[int]]:
+    kids: list[list[int]] = [[] for _ in range(len(tree))]
+    aux = tree.auxiliary
+    for i, parent in enumerate(tree.parents.tolist()[1:], start=1):
+        if aux is None or not bool(aux[i]):
+            kids[parent].append(i)
+    return kids
+
+
+def _draw(probs: Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs.to(torch.float64), 1, generator=generator))
+
+
+class SpeculativeSampler:
+    """Lossless speculative sampling over a tree (see the module docstring for the words used).
+
+    Args:
+        config: the sampling settings that define p.
+        residual: keep True. False drops the residual step (after a rejection
+            the next child is tried against p itself), which biases the output;
+            it exists only so that the statistical test can show it detects that.
+    """
+
+    def __init__(self, config: SamplingConfig, residual: bool = True) -> None:
+        self.config, self.warp, self.residual = config, Warper(config), residual
+
+    def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, prefix_ids: Tensor | None = None) -> Acceptance:
+        p_all = self.warp(tree, logits, prefix_ids)  # [N, V]
+        kids = _children(tree)
+        node, path = 0, [0]
+        while True:
+            p = p_all[node].to(torch.float64)
+            for child in kids[node]:
+                x = int(tree.tokens[child])
+                q = self._q(tree, child, p)
+                if float(torch.rand((), generator=generator, dtype=torch.float64)) * float(q[x]) < float(p[x]):
+                    node = child  # accepted: u < p(x) / q(x)
+                    path.append(child)
+                    break
+                if self.residual:  # rejected: p <- normalise(max(p - q, 0))
+                    res = torch.clamp(p - q, min=0.0)
+                    total = float(res.sum())
+                    p = res / total if total > 0 else p
+            else:
+                # no child accepted (or a leaf): recovered token from the residual, or bonus from p
+                return Acceptance(path=torch.tensor(path), bonus=_draw(p, generator))
+
+    @staticmethod
+    def _q(tree: TokenTree, child: int, p: Tensor) -> Tensor:
+        """q for one child: its drafter's row in ``draft_probs``, or a point mass at its token."""
+        if tree.draft_probs is not None:
+            return tree.draft_probs[child].to(torch.float64)
+        q = torch.zeros_like(p)
+        q[int(tree.tokens[child])] = 1.0
+        return q
+
+
+class TypicalVerifier:
+    """Medusa's typical acceptance: lossy, selected explicitly with ``acceptance="typical"``.
+
+    A node x is plausible when p(x) > min(epsilon, delta * exp(-H(p))) under
+    its parent's p; the deepest node whose whole path is plausible is kept,
+    and the bonus token is sampled from p there.
+    """
+
+    def __init__(self, config: SamplingConfig, epsilon: float = 0.09, delta: float = 0.3) -> None:
+        if not 0 < epsilon <= 1 or delta <= 0:
+            raise ValueError(f"typical acceptance needs 0 < epsilon <= 1 and delta > 0, got {epsilon}, {delta}")
+        self.config, self.warp, self.epsilon, self.delta = config, Warper(config), epsilon, delta
+
+    def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, prefix_ids: Tensor | None = None) -> Acceptance:
+        p = self.warp(tree, logits, prefix_ids)  # [N, V]
+        entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [N]
+        threshold = torch.clamp(self.delta * torch.exp(-entropy), max=self.epsilon)  # [N]
+        ok = torch.ones(len(tree), dtype=torch.bool)
+        par = tree.parents[1:]
+        ok[1:] = p[par, tree.tokens[1:]] > threshold[par]
+        if tree.auxiliary is not None:
+            ok &= ~tree.auxiliary
+        whole = ~(tree.ancestor_mask & ~ok[None, :]).any(dim=1)
+        best = int(torch.argmax(torch.where(whole, tree.depths, -1)))
+        return Acceptance(path=tree.path_to(best), bonus=_draw(p[best], generator))
