@@ -30,6 +30,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--acceptance", choices=["exact", "typical"], default="exact", help="'exact' is lossless; 'typical' is Medusa's lossy typical acceptance (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="random seed, makes sampling reproducible")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--attn", choices=["auto", "torch", "triton"], default="auto", help="tree attention in the verifying forward: the Triton kernel, the torch dense-mask reference, or auto (triton on CUDA) (default: %(default)s)")
     p.add_argument("--compare", action="store_true", help="also run plain HF greedy generate and report the speed-up")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. float32 (default), bfloat16")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -37,7 +38,7 @@ def _add_generate(sub) -> None:
 
 
 def _sampling_options(args) -> dict:
-    opts = {}
+    opts = {"attn": args.attn}
     if args.top_p is not None:
         opts["top_p"] = args.top_p
     if args.top_k is not None:

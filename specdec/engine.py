@@ -16,6 +16,7 @@ The prefill runs the whole prompt and yields the first new token (as HF
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -27,6 +28,13 @@ from specdec.cache import TreeKVCache
 from specdec.drafters.base import DraftState, Drafter, StepResult, build_drafter
 from specdec.tree import TokenTree
 from specdec.tree_attention.reference import additive_tree_mask
+
+
+def pack_ancestor_mask(mask: Tensor) -> Tensor:
+    from specdec.tree_attention.triton_kernel import pack_ancestor_mask as pack
+
+    return pack(mask)
+from specdec.tree_attention.hf import resolve_backend, tree_attention_for
 from specdec.verifiers import make_verifier
 from specdec.verifiers.base import Verifier
 
@@ -175,12 +183,20 @@ class StepEvent:
     finish_reason: str | None
 
 
-def _forward(model, cache: TreeKVCache, tree: TokenTree, hidden: bool):
-    """One target forward over the tree; returns ([N, V] logits, [N, H] last hidden states or None)."""
+def _forward(model, cache: TreeKVCache, tree: TokenTree, hidden: bool, attn: str = "torch"):
+    """One target forward over the tree; returns ([N, V] logits, [N, H] last hidden states or None).
+
+    ``attn="torch"`` hands the model a dense 4-D additive mask (its own
+    attention runs it); ``"triton"`` hands the packed ancestor bits to the
+    tree kernel registered in transformers' attention interface.
+    """
     prefix_len = cache.get_seq_length()
     device = model.device
     kwargs = {}
-    if len(tree) > 1:  # a lone root is a plain causal step: no mask needed
+    if len(tree) > 1 and attn == "triton":
+        kwargs["specdec_tree_bits"] = pack_ancestor_mask(tree.ancestor_mask.to(device))
+        kwargs["specdec_ancestor_mask"] = tree.ancestor_mask.to(device)
+    elif len(tree) > 1:  # a lone root is a plain causal step: no mask needed
         kwargs["attention_mask"] = additive_tree_mask(prefix_len, tree.ancestor_mask, model.dtype).to(device)
     out = model(
         input_ids=tree.tokens[None].to(device),
@@ -210,6 +226,7 @@ def decode_steps(
     stop: _StopStrings | None = None,
     generator: torch.Generator | None = None,
     stats: GenerationStats | None = None,
+    attn: str = "torch",
 ) -> Iterator[StepEvent]:
     """The core generator: yields each step's emitted tokens until EOS, a stop string or the length limit.
 
@@ -261,7 +278,7 @@ def decode_steps(
 
         # 4. Verify: one target forward over the tree, then accept.
         prefix_len = cache.get_seq_length()
-        logits, hidden_all = _forward(model, cache, tree, hidden_needed)
+        logits, hidden_all = _forward(model, cache, tree, hidden_needed, attn)
         t3 = time.perf_counter()
         acceptance = verifier.accept(tree, logits, generator, ids[:-1])
         t4 = time.perf_counter()
@@ -296,7 +313,7 @@ def _forward_prefill(model, cache: TreeKVCache, ids: Tensor, hidden: bool):
 
 
 # --------------------------------------------------------------------------- public calls
-def _setup(model, tokenizer, prompt, drafter, max_new_tokens, temperature, stop, seed, **sampling):
+def _setup(model, tokenizer, prompt, drafter, max_new_tokens, temperature, stop, seed, attn="auto", **sampling):
     """Validate everything before any model work; return the pieces of a run."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -321,7 +338,8 @@ def _setup(model, tokenizer, prompt, drafter, max_new_tokens, temperature, stop,
     generator = None
     if seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    return input_ids, drafter_obj, verifier, stop_checker, generator
+    backend = resolve_backend(attn, model)
+    return input_ids, drafter_obj, verifier, stop_checker, generator, backend
 
 
 def stream(
@@ -361,19 +379,21 @@ def stream(
 
 
 def _run(model, tokenizer, prompt, drafter, max_new_tokens, temperature, stop, seed, holder, **sampling) -> Iterator[StepEvent]:
-    input_ids, drafter_obj, verifier, stop_checker, generator = _setup(
+    input_ids, drafter_obj, verifier, stop_checker, generator, backend = _setup(
         model, tokenizer, prompt, drafter, max_new_tokens, temperature, stop, seed, **sampling
     )
     stats = GenerationStats(prompt_tokens=input_ids.numel())
     new: list[int] = []
     reason = "length"
     t0 = time.perf_counter()
-    if max_new_tokens > 0:
-        for event in decode_steps(
+    routed = tree_attention_for(model, backend) if backend == "triton" else contextlib.nullcontext()
+    with routed:
+        steps = decode_steps(
             model, input_ids, drafter_obj, verifier,
             max_new_tokens=max_new_tokens, eos_ids=_eos_ids(model, tokenizer),
-            stop=stop_checker, generator=generator, stats=stats,
-        ):
+            stop=stop_checker, generator=generator, stats=stats, attn=backend,
+        ) if max_new_tokens > 0 else iter(())
+        for event in steps:
             new.extend(event.new_tokens)
             reason = event.finish_reason or reason
             stats.wall_time_s = time.perf_counter() - t0
@@ -406,6 +426,10 @@ def generate(
             :class:`~specdec.drafters.Drafter`.
         max_new_tokens: generation stops after exactly this many new tokens.
         temperature: 0 for greedy (exact); > 0 samples.
+        attn: tree attention in the verifying forward: ``"torch"`` (dense
+            mask through the model's own attention), ``"triton"`` (the tree
+            kernel inside the model's attention layers) or ``"auto"`` (triton
+            on CUDA, torch elsewhere). Passed through ``**sampling``.
         stop: stop string(s); generation stops once the new text contains one
             (the tokens that complete it are kept, as HF ``stop_strings`` does).
         seed: makes sampling reproducible.

@@ -1,0 +1,36 @@
+"""Generation through the tree kernel inside the model's own attention layers stays token-identical."""
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+import specdec
+from conftest import hf_greedy, tiny_model
+from drafters_for_tests import OracleDrafter
+
+
+def tiny_mistral():
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=1, max_position_embeddings=512, sliding_window=None)
+    m = MistralForCausalLM(cfg).to(torch.float32).eval()
+    m.generation_config.eos_token_id = None
+    return m
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model("llama", dtype=torch.float32), lambda: tiny_model("qwen2", dtype=torch.float32), tiny_mistral],
+                         ids=["llama", "qwen2", "mistral"])
+def test_triton_attention_generation_equals_greedy(make):
+    model = make()
+    ids = torch.tensor([5, 6, 7, 5, 6, 7, 5])
+    ref = hf_greedy(model, ids, 20, min_new_tokens=20)
+    before = model.config._attn_implementation
+    for drafter in ("prompt-lookup:adaptive=false", OracleDrafter(ids.numel(), ref, 4)):
+        out = specdec.generate(model, None, ids, drafter=drafter, max_new_tokens=20, attn="triton")
+        assert out.token_ids == ref
+    assert model.config._attn_implementation == before  # restored afterwards
+
+
+def test_bad_attn_option():
+    with pytest.raises(ValueError, match="attn"):
+        specdec.generate(tiny_model("llama"), None, torch.tensor([1, 2]), attn="flash")
