@@ -113,10 +113,58 @@ def _cmd_drafters(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="acceptance and speed-up report against HF generate",
+        description="Run drafters and the HF baselines (hf-greedy, hf-prompt-lookup) over a question.jsonl prompt set, "
+        "interleaved in one process, and write report.json, report.md and plots to --out.",
+    )
+    p.add_argument("--model", default="default", help="'default', a local HF model directory or a .gguf file (default: %(default)s)")
+    p.add_argument("--drafter", action="append", required=True, help="drafter spec to measure (repeatable)")
+    p.add_argument("--prompts", default="spec-bench", help="question.jsonl path, or a shipped set: spec-bench, mt-bench (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="first K questions of each category")
+    p.add_argument("--categories", default=None, help="comma-separated categories to keep")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per prompt and method; the median wall time counts (default: %(default)s)")
+    p.add_argument("--multi-turn", action="store_true", help="also run later turns, with HF-greedy answers as history")
+    p.add_argument("--profile", action="store_true", help="add the per-step time breakdown (draft, forward, accept, commit, other)")
+    p.add_argument("--dtype", default=None, help="model dtype (default float32)")
+    p.add_argument("--out", required=True, help="output directory for report.json, report.md and the plots")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    from specdec.bench import load_questions, run_bench
+    from specdec.drafters import build_drafter
+    from specdec.models import load_model
+
+    for spec in args.drafter:
+        build_drafter(spec)
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    questions = load_questions(args.prompts, limit=args.limit, categories=cats)
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    report = run_bench(
+        model, tokenizer, args.drafter, questions, out_dir=args.out, model_name=str(args.model),
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
+        profile=args.profile, multi_turn=args.multi_turn,
+    )
+    for e in report["runs"]:
+        m = e["overall"]
+        print(f"{e['drafter']:>24}: tau {m['mean_accepted_length']:.2f}  {m['tokens_per_s']:.1f} tok/s  "
+              f"speed-up {m['speedup_vs_hf_greedy']:.2f}x  identical {m['identical_to_greedy']}/{m['prompts']}")
+    print(f"report: {args.out}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_bench(sub)
     p = sub.add_parser("drafters", help="list the registered drafter names")
     p.set_defaults(func=_cmd_drafters)
     return parser

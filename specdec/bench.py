@@ -1,0 +1,364 @@
+"""``specdec bench``: acceptance and speed-up reports, side by side with HF ``generate``.
+
+For every prompt, in one process and interleaved: HF ``generate`` (the
+baseline, drafter name ``hf-greedy``), HF prompt lookup (``hf-prompt-lookup``,
+``prompt_lookup_num_tokens=10``), and every drafter asked for. Same prompt,
+same ``max_new_tokens``, same thread count; one warm-up run of each method
+before timing. With ``repeats`` > 1, each method's time on a prompt is the
+median of its repeats.
+
+Definitions (per drafter, overall and per category):
+
+* ``mean_accepted_length`` (τ) = new_tokens / target_forwards, where
+  target_forwards counts decode forwards after the prefill (for HF runs,
+  counted by a forward hook on the model);
+* ``speedup_vs_hf_greedy`` = Σ wall time of hf-greedy / Σ wall time of the
+  drafter, over the same prompts;
+* ``identical_to_greedy`` = prompts whose new tokens equal hf-greedy's exactly.
+
+``limit`` is per category. Ctrl-C stops early and writes the partial report.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from specdec.engine import generate, prepare_input_ids
+
+__all__ = ["load_questions", "run_bench", "BASELINES"]
+
+BASELINES = ("hf-greedy", "hf-prompt-lookup")
+NAMED_SETS = {"spec-bench": "spec_bench.jsonl", "mt-bench": "mt_bench.jsonl"}
+
+
+def load_questions(name_or_path: str, *, limit: int | None = None, categories: list[str] | None = None) -> list[dict]:
+    """Read question.jsonl (``question_id``, ``category``, ``turns``) by shipped name or path.
+
+    ``limit`` keeps the first K questions of each category.
+    """
+    if name_or_path in NAMED_SETS:
+        text = resources.files("specdec.data").joinpath(NAMED_SETS[name_or_path]).read_text()
+        source = name_or_path
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} does not exist; give a question.jsonl path or one of {', '.join(NAMED_SETS)}")
+        text, source = path.read_text(), str(path)
+    questions = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source} line {n} is not JSON: {err}") from err
+        if not isinstance(q.get("turns"), list) or not q["turns"] or "category" not in q:
+            raise ValueError(f"{source} line {n} needs 'category' and a non-empty 'turns' list (question.jsonl format)")
+        questions.append(q)
+    if categories:
+        known = {q["category"] for q in questions}
+        unknown = set(categories) - known
+        if unknown:
+            raise ValueError(f"unknown categories {sorted(unknown)}; {source} has {sorted(known)}")
+        questions = [q for q in questions if q["category"] in categories]
+    if limit is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for q in questions:
+            seen[q["category"]] = seen.get(q["category"], 0) + 1
+            if seen[q["category"]] <= limit:
+                kept.append(q)
+        questions = kept
+    if not questions:
+        raise ValueError(f"no questions selected from {source}")
+    return questions
+
+
+@dataclass
+class _Run:
+    """One method on one prompt."""
+
+    drafter: str
+    category: str
+    new_tokens: int
+    target_forwards: int
+    wall_time_s: float
+    token_ids: list[int]
+    accepted_lengths: list[int] = field(default_factory=list)
+    profile: dict = field(default_factory=dict)
+
+
+class _ForwardCounter:
+    """Counts the model's forward calls (for HF runs' target_forwards)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *args):
+        self.calls += 1
+
+
+def _hf(model, ids, max_new_tokens, temperature, lookup, seed, counter) -> _Run:
+    kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens)
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+        torch.manual_seed(seed)
+    if lookup:
+        kwargs["prompt_lookup_num_tokens"] = 10
+    counter.calls = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), **kwargs)
+    wall = time.perf_counter() - t0
+    new = out[0, ids.numel():].tolist()
+    forwards = max(counter.calls - 1, 1)
+    return _Run("hf-prompt-lookup" if lookup else "hf-greedy", "", len(new), forwards, wall, new)
+
+
+def _ours(model, tokenizer, ids, spec, max_new_tokens, temperature, seed) -> _Run:
+    r = generate(model, tokenizer, ids, drafter=spec, max_new_tokens=max_new_tokens, temperature=temperature,
+                 seed=seed if temperature > 0 else None)
+    s = r.stats
+    return _Run(spec, "", s.new_tokens, s.target_forwards, s.wall_time_s, r.token_ids, list(s.accepted_lengths), s.profile.as_dict())
+
+
+def _metrics(runs: list[_Run], base: dict[tuple, float], greedy_ids: dict[tuple, list[int]], keys: list[tuple]) -> dict:
+    new = sum(r.new_tokens for r in runs)
+    fwd = sum(r.target_forwards for r in runs)
+    wall = sum(r.wall_time_s for r in runs)
+    hist: dict[str, int] = {}
+    for r in runs:
+        for n in r.accepted_lengths:
+            hist[str(n)] = hist.get(str(n), 0) + 1
+    return {
+        "prompts": len(runs),
+        "new_tokens": new,
+        "target_forwards": fwd,
+        "mean_accepted_length": round(new / fwd, 4) if fwd else 0.0,
+        "tokens_per_s": round(new / wall, 3) if wall else 0.0,
+        "speedup_vs_hf_greedy": round(sum(base[k] for k in keys) / wall, 4) if wall else 0.0,
+        "identical_to_greedy": sum(1 for r, k in zip(runs, keys) if r.token_ids == greedy_ids[k]),
+        "accepted_length_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+        "wall_time_s": round(wall, 4),
+    }
+
+
+def _profile(runs: list[_Run]) -> dict:
+    total: dict[str, float] = {}
+    for r in runs:
+        for k, v in r.profile.items():
+            total[k] = total.get(k, 0.0) + v
+    s = sum(total.values()) or 1.0
+    return {k: {"seconds": round(v, 4), "fraction": round(v / s, 4)} for k, v in total.items()}
+
+
+def run_bench(
+    model, tokenizer, drafters: list[str], questions: list[dict], *, out_dir: str | Path, model_name: str,
+    max_new_tokens: int = 128, temperature: float = 0.0, repeats: int = 1, profile: bool = False,
+    multi_turn: bool = False, progress: bool = True,
+) -> dict:
+    """Run the benchmark and write ``report.json``, ``report.md`` and plots into ``out_dir``; return the report."""
+    from specdec.drafters import build_drafter
+
+    for spec in drafters:
+        build_drafter(spec)  # bad specs fail before any model work
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    items = _prompts(tokenizer, questions, multi_turn, model, max_new_tokens)
+    methods = list(BASELINES) + list(drafters)
+    counter = _ForwardCounter(model)
+    runs: dict[str, list[_Run]] = {m: [] for m in methods}
+    keys: list[tuple] = []
+    partial = False
+    try:
+        _warm_up(model, tokenizer, drafters, items[0][2], temperature, counter)
+        bar = _progress(len(items), progress)
+        for i, (key, category, ids) in enumerate(items):
+            order = methods[i % len(methods):] + methods[: i % len(methods)]  # rotate to spread drift
+            for method in order:
+                reps = [_one(model, tokenizer, method, ids, max_new_tokens, temperature, seed=1000 * i + r, counter=counter) for r in range(repeats)]
+                best = reps[0]
+                best.wall_time_s = statistics.median(r.wall_time_s for r in reps)
+                best.category = category
+                runs[method].append(best)
+            keys.append(key)
+            if bar is not None:
+                first = drafters[0] if drafters else "hf-prompt-lookup"
+                m = _metrics(runs[first], {k: r.wall_time_s for k, r in zip(keys, runs["hf-greedy"])},
+                             {k: r.token_ids for k, r in zip(keys, runs["hf-greedy"])}, keys)
+                bar.set_postfix_str(f"{first}: tau {m['mean_accepted_length']:.2f}, speed-up {m['speedup_vs_hf_greedy']:.2f}x")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    except KeyboardInterrupt:
+        partial = True
+        n = len(keys)
+        for m in methods:
+            runs[m] = runs[m][:n]
+        print(f"\ninterrupted: writing a partial report over the {n} prompts finished", flush=True)
+    finally:
+        counter.handle.remove()
+    report = _report(model, model_name, methods, runs, keys, max_new_tokens, temperature, profile, partial)
+    _write(report, out)
+    return report
+
+
+def _one(model, tokenizer, method, ids, max_new_tokens, temperature, seed, counter) -> _Run:
+    if method in BASELINES:
+        return _hf(model, ids, max_new_tokens, temperature, method == "hf-prompt-lookup", seed, counter)
+    return _ours(model, tokenizer, ids, method, max_new_tokens, temperature, seed)
+
+
+def _warm_up(model, tokenizer, drafters, ids, temperature, counter) -> None:
+    for method in list(BASELINES) + list(drafters):
+        _one(model, tokenizer, method, ids, 8, temperature, 0, counter)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="bench", unit="prompt")
+
+
+def _prompts(tokenizer, questions, multi_turn, model, max_new_tokens) -> list[tuple]:
+    """[(key, category, [T] ids)]; later turns carry the earlier turns' HF-greedy answers as history."""
+    items = []
+    for q in questions:
+        history: list[dict] = []
+        turns = q["turns"] if multi_turn else q["turns"][:1]
+        for t, turn in enumerate(turns):
+            history.append({"role": "user", "content": turn})
+            use_chat = getattr(tokenizer, "chat_template", None) is not None
+            ids = prepare_input_ids(tokenizer, list(history) if use_chat else turn)
+            items.append(((q.get("question_id"), t), q["category"], ids))
+            if t + 1 < len(turns):
+                with torch.inference_mode():
+                    ans = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), do_sample=False, max_new_tokens=max_new_tokens)
+                history.append({"role": "assistant", "content": tokenizer.decode(ans[0, ids.numel():], skip_special_tokens=True)})
+    return items
+
+
+def _report(model, model_name, methods, runs, keys, max_new_tokens, temperature, profile, partial) -> dict:
+    import specdec
+
+    base = {k: r.wall_time_s for k, r in zip(keys, runs["hf-greedy"])}
+    greedy_ids = {k: r.token_ids for k, r in zip(keys, runs["hf-greedy"])}
+    entries = []
+    for m in methods:
+        rs = runs[m]
+        cats: dict[str, list[int]] = {}
+        for i, r in enumerate(rs):
+            cats.setdefault(r.category, []).append(i)
+        entry = {
+            "drafter": m,
+            "overall": _metrics(rs, base, greedy_ids, keys[: len(rs)]),
+            "by_category": {c: _metrics([rs[i] for i in idx], base, greedy_ids, [keys[i] for i in idx]) for c, idx in cats.items()},
+        }
+        if profile and m not in BASELINES:
+            entry["profile"] = _profile(rs)
+        entries.append(entry)
+    return {
+        "model": model_name,
+        "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "max_new_tokens": max_new_tokens,
+        "temperature": float(temperature),
+        "specdec_version": specdec.__version__,
+        "partial": partial,
+        "runs": entries,
+    }
+
+
+def _write(report: dict, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plots = _plots(report, out)
+    (out / "report.md").write_text(_markdown(report, plots))
+
+
+def _markdown(report: dict, plots: list[str]) -> str:
+    lines = [
+        f"# specdec bench: {report['model']}",
+        "",
+        f"device {report['device']}, {report['dtype']}, {report['threads']} threads, max_new_tokens {report['max_new_tokens']}, "
+        f"temperature {report['temperature']}, specdec {report['specdec_version']}" + (" — **partial (interrupted)**" if report["partial"] else ""),
+        "",
+        "τ = new tokens per target forward; speed-up = Σ HF-greedy wall time / Σ wall time over the same prompts; "
+        "identical = prompts whose output equals HF greedy token for token.",
+        "",
+        "## Overall",
+        "",
+        "| drafter | prompts | τ | tokens/s | speed-up | identical |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in report["runs"]:
+        m = e["overall"]
+        lines.append(f"| {e['drafter']} | {m['prompts']} | {m['mean_accepted_length']:.2f} | {m['tokens_per_s']:.1f} | "
+                     f"{m['speedup_vs_hf_greedy']:.2f}× | {m['identical_to_greedy']}/{m['prompts']} |")
+    cats = sorted({c for e in report["runs"] for c in e["by_category"]})
+    lines += ["", "## By category (τ / speed-up / identical)", "", "| drafter | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+    for e in report["runs"]:
+        cells = []
+        for c in cats:
+            m = e["by_category"].get(c)
+            cells.append(f"{m['mean_accepted_length']:.2f} / {m['speedup_vs_hf_greedy']:.2f}× / {m['identical_to_greedy']}/{m['prompts']}" if m else "–")
+        lines.append(f"| {e['drafter']} | " + " | ".join(cells) + " |")
+    profiled = [e for e in report["runs"] if "profile" in e]
+    if profiled:
+        lines += ["", "## Where the decode time goes (share of decode-step time)", "", "| drafter | draft | forward | accept | commit | other |", "|---|---|---|---|---|---|"]
+        for e in profiled:
+            p = e["profile"]
+            lines.append(f"| {e['drafter']} | " + " | ".join(f"{p.get(k, {}).get('fraction', 0) * 100:.1f}%" for k in ("draft", "forward", "accept", "commit", "other")) + " |")
+    for name in plots:
+        lines += ["", f"![{name}]({name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [e for e in report["runs"] if e["drafter"] != "hf-greedy"]
+    cats = sorted({c for e in report["runs"] for c in e["by_category"]})
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cats) + 2), 4))
+    width = 0.8 / max(1, len(runs))
+    for j, e in enumerate(runs):
+        vals = [e["by_category"].get(c, {}).get("speedup_vs_hf_greedy", 0) for c in cats]
+        ax.bar([i + j * width for i in range(len(cats))], vals, width, label=e["drafter"])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], cats, rotation=30, ha="right")
+    ax.set_ylabel("speed-up vs HF greedy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=110)
+    plt.close(fig)
+
+    ours = [e for e in report["runs"] if e["overall"]["accepted_length_histogram"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for e in ours:
+        h = e["overall"]["accepted_length_histogram"]
+        total = sum(h.values())
+        xs = sorted(int(k) for k in h)
+        ax.plot(xs, [h[str(x)] / total for x in xs], marker="o", label=e["drafter"])
+    ax.set_xlabel("tokens emitted per target forward")
+    ax.set_ylabel("fraction of steps")
+    if ours:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accepted_lengths.png", dpi=110)
+    plt.close(fig)
+    return ["speedup.png", "accepted_lengths.png"]

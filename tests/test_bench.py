@@ -1,0 +1,97 @@
+"""specdec bench end to end on a tiny random model: schema and arithmetic of the report."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from specdec.bench import load_questions, run_bench
+from specdec.cli import main
+
+METRIC_KEYS = {"prompts", "new_tokens", "target_forwards", "mean_accepted_length", "tokens_per_s", "speedup_vs_hf_greedy",
+               "identical_to_greedy", "accepted_length_histogram"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, default_tokenizer):
+    path = tmp_path_factory.mktemp("tinybench")
+    model = tiny_model("qwen2", vocab_size=len(default_tokenizer), dtype=torch.float32, seed=4)
+    model.generation_config.eos_token_id = default_tokenizer.eos_token_id
+    model.save_pretrained(path)
+    default_tokenizer.save_pretrained(path)
+    return path
+
+
+def check_metrics(m):
+    assert METRIC_KEYS <= set(m)
+    assert m["mean_accepted_length"] == pytest.approx(m["new_tokens"] / m["target_forwards"], abs=1e-3)
+    assert m["tokens_per_s"] == pytest.approx(m["new_tokens"] / m["wall_time_s"], rel=1e-2)
+    assert 0 <= m["identical_to_greedy"] <= m["prompts"]
+
+
+def test_bench_report_schema_and_arithmetic(tiny_dir, tmp_path):
+    out = tmp_path / "report"
+    rc = main(["bench", "--model", str(tiny_dir), "--drafter", "prompt-lookup", "--drafter", "none", "--prompts", "mt-bench",
+               "--limit", "1", "--categories", "writing,coding,math", "--max-new-tokens", "12", "--profile", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    for key, typ in [("model", str), ("device", str), ("dtype", str), ("threads", int), ("max_new_tokens", int),
+                     ("temperature", float), ("specdec_version", str), ("runs", list)]:
+        assert isinstance(report[key], typ), key
+    names = [r["drafter"] for r in report["runs"]]
+    assert names == ["hf-greedy", "hf-prompt-lookup", "prompt-lookup", "none"]
+    runs = {r["drafter"]: r for r in report["runs"]}
+    for r in report["runs"]:
+        check_metrics(r["overall"])
+        assert set(r["by_category"]) == {"writing", "coding", "math"}
+        for m in r["by_category"].values():
+            check_metrics(m)
+        assert sum(m["new_tokens"] for m in r["by_category"].values()) == r["overall"]["new_tokens"]
+    greedy = runs["hf-greedy"]["overall"]
+    assert greedy["speedup_vs_hf_greedy"] == pytest.approx(1.0, abs=1e-3)
+    assert greedy["identical_to_greedy"] == greedy["prompts"] == 3
+    for name in ("prompt-lookup", "none"):  # lossless drafters reproduce HF greedy on every prompt
+        assert runs[name]["overall"]["identical_to_greedy"] == 3
+        m = runs[name]["overall"]
+        assert m["speedup_vs_hf_greedy"] == pytest.approx(greedy["wall_time_s"] / m["wall_time_s"], rel=1e-2)
+        # decode steps emit every token but the one each prefill gives
+        assert sum(int(k) * v for k, v in m["accepted_length_histogram"].items()) >= m["new_tokens"] - m["prompts"]
+        assert set(runs[name]["profile"]) == {"draft", "forward", "accept", "commit", "other"}
+    md = (out / "report.md").read_text()
+    assert "| prompt-lookup |" in md and "speedup.png" in md
+    assert (out / "speedup.png").stat().st_size > 1000 and (out / "accepted_lengths.png").stat().st_size > 1000
+
+
+def test_interrupt_writes_a_partial_report(tiny_dir, tmp_path, monkeypatch):
+    from specdec import bench, load_model
+
+    model, tok = load_model(tiny_dir)
+    calls = {"n": 0}
+    real = bench._ours
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3:  # warm-up (1) + two prompts, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench, "_ours", flaky)
+    qs = load_questions("mt-bench", limit=1)
+    report = run_bench(model, tok, ["prompt-lookup"], qs, out_dir=tmp_path, model_name="tiny", max_new_tokens=6, progress=False)
+    assert report["partial"] is True
+    assert all(r["overall"]["prompts"] == 2 for r in report["runs"])
+    assert json.loads((tmp_path / "report.json").read_text())["partial"] is True
+
+
+def test_question_loading_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_questions(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "turns": []}\n')
+    with pytest.raises(ValueError, match="turns"):
+        load_questions(str(bad))
+    with pytest.raises(ValueError, match="unknown categories"):
+        load_questions("spec-bench", categories=["nope"])
+    qs = load_questions("spec-bench", limit=2)
+    assert len(qs) == 2 * 13
