@@ -172,4 +172,4 @@ def config_from_options(cls, kwargs: dict[str, str], spec_name: str) -> Any:
 
 def _import_builtin_drafters() -> None:
     # Importing the modules registers them.
-    from specdec.drafters import prompt_lookup  # noqa: F401
+    from specdec.drafters import medusa, prompt_lookup  # noqa: F401

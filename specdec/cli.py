@@ -160,11 +160,76 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fit a drafter (Medusa-1 / Medusa-2 heads) from a recipe",
+        description="Train a drafter. A recipe is YAML whose keys are TrainConfig fields (see docs/training.md); "
+        "--model/--data/--output and trailing key=value pairs override it. A run killed mid-way resumes from its "
+        "last checkpoint when started again with the same --output.",
+    )
+    p.add_argument("--recipe", default=None, help="a shipped recipe name or a YAML path; see `specdec train --list`")
+    p.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
+    p.add_argument("--model", default=None, help="target model: 'default', an HF directory or a .gguf file")
+    p.add_argument("--data", default=None, help="'sharegpt' or a conversations .jsonl (e.g. from `specdec data distill`)")
+    p.add_argument("--output", default=None, help="output directory (checkpoints, and the drafter in OUTPUT/final)")
+    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. epochs=1 lr=5e-4 report_to=wandb")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from specdec.training import load_recipe, recipe_names, train
+
+    if args.list:
+        print("\n".join(recipe_names()))
+        return 0
+    overrides = list(args.overrides)
+    for key, value in (("model", args.model), ("data", args.data), ("output_dir", args.output)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    config = load_recipe(args.recipe, overrides)
+    final = train(config)
+    print(f"drafter written to {final}  (use it as --drafter medusa:{final})")
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="training data tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser(
+        "distill",
+        help="write the target's own answers to training prompts (self-distillation data)",
+        description="Generate the target's greedy answer to the first user turn of each conversation and write "
+        "{id, messages} lines. Batched, resumable (rerun the same command to continue), with a progress bar.",
+    )
+    d.add_argument("--model", default="default", help="target model (default: %(default)s)")
+    d.add_argument("--prompts", default="sharegpt", help="'sharegpt' or a conversations .jsonl (default: %(default)s)")
+    d.add_argument("--out", required=True, help="output .jsonl (appended to when resuming)")
+    d.add_argument("--limit", type=int, default=1000, help="conversations to answer (default: %(default)s)")
+    d.add_argument("--skip", type=int, default=0, help="skip the first N conversations (e.g. a held-out split)")
+    d.add_argument("--max-new-tokens", type=int, default=256, help="answer length cap (default: %(default)s)")
+    d.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: %(default)s)")
+    d.set_defaults(func=_cmd_distill)
+
+
+def _cmd_distill(args) -> int:
+    from specdec.models import load_model
+    from specdec.training.data import distill, load_conversations
+
+    convs = load_conversations(args.prompts, limit=args.limit, skip=args.skip)
+    model, tokenizer = load_model(args.model)
+    n = distill(model, tokenizer, convs, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(f"{n} conversations written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)
+    _add_train(sub)
+    _add_data(sub)
     p = sub.add_parser("drafters", help="list the registered drafter names")
     p.set_defaults(func=_cmd_drafters)
     return parser

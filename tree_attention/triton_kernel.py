@@ -44,6 +44,19 @@ def pack_ancestor_mask(ancestor_mask: Tensor) -> Tensor:
 
 
 @triton.jit
+def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale):
+    """Fold one key block into the running max m_i, sum l_i and output acc (flash-attention update)."""
+    s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _tree_attn_fwd(
     Q, K, V, Bits, Out,
     sqb, sqh, sqn, sqd,
@@ -81,14 +94,7 @@ def _tree_attn_fwd(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, col_ok[None, :], m_i, l_i, acc, scale)
 
     # 2. The tree: node i sees node j iff bit j of its packed ancestor row is set.
     for start in range(0, N, BLOCK_N):
@@ -101,14 +107,7 @@ def _tree_attn_fwd(
             v = v.to(tl.float32)
         word = tl.load(Bits + rows[:, None] * W + (cols // 32)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
         visible = ((word >> (cols % 32)[None, :]) & 1) != 0
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i = 0 only on rows past N, never stored
     tl.store(Out + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod, out.to(Out.dtype.element_ty), mask=row_ok[:, None])

@@ -1,0 +1,211 @@
+"""The training subsystem on a tiny model: data, Medusa-1, Medusa-2, resume, wandb, recipes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from specdec.drafters.medusa import MedusaHeads
+from specdec.training import load_recipe, recipe_names, train
+from specdec.training.data import iter_sharegpt, load_conversations
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = ["cats", "the sea", "bread", "trains", "winter", "music", "chess", "rivers", "clocks", "gardens", "rain", "bees"]
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory, default_tokenizer):
+    path = tmp_path_factory.mktemp("target")
+    model = tiny_model("llama", vocab_size=len(default_tokenizer), dtype=torch.float32, seed=7)
+    model.save_pretrained(path)
+    default_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def convs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "convs.jsonl"
+    with path.open("w") as f:
+        for i, t in enumerate(TOPICS * 2):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Tell me about {t}, please ({i})."},
+                                             {"role": "assistant", "content": f"Here is a short note about {t}. " * 3}]}) + "\n")
+    return path
+
+
+def settings(target, data, out, **extra):
+    base = dict(model=str(target), data=str(data), output_dir=str(out), num_conversations=20, heldout=4, max_len=48,
+                num_heads=3, draft_vocab_size=256, batch_size=4, max_steps=6, epochs=1, lr=3e-3, save_steps=100,
+                logging_steps=2, progress=False)
+    base.update(extra)
+    return base
+
+
+def test_medusa1_trains_logs_head_accuracy_and_ships_a_drafter(tiny_target, convs, tmp_path):
+    import specdec
+
+    cfg = load_recipe("medusa1-smollm2-cpu", settings(tiny_target, convs, tmp_path / "run"))
+    final = train(cfg)
+    heads = MedusaHeads.from_pretrained(final)
+    assert heads.config.num_heads == 3 and heads.config.draft_vocab_size == 256
+    acc = heads.config.extra["heldout_accuracy"]
+    assert len(acc) == 3 and all(len(row) == 5 for row in acc)
+    assert heads.config.tree and all(len(p) <= 3 for p in heads.config.tree)
+    model, tok = specdec.load_model(tiny_target)
+    out = specdec.generate(model, tok, "Tell me about cats", drafter=f"medusa:{final}", max_new_tokens=16)
+    ref = model.generate(**tok("Tell me about cats", return_tensors="pt"), do_sample=False, max_new_tokens=16)
+    assert out.token_ids == ref[0, -len(out.token_ids):].tolist()
+
+
+def test_medusa1_loss_falls_and_per_head_metrics_are_logged(tiny_target, convs, tmp_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Grab(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen.append(dict(logs or {}))
+
+    from specdec.training import trainer as tr
+
+    class Tracked(tr.DrafterTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.add_callback(Grab())
+
+    import specdec.training.trainer as trainer_mod
+
+    real = trainer_mod.DrafterTrainer
+    trainer_mod.DrafterTrainer = Tracked
+    try:
+        train(load_recipe(None, settings(tiny_target, convs, tmp_path / "run", max_steps=20, epochs=5)))
+    finally:
+        trainer_mod.DrafterTrainer = real
+    losses = [l["loss"] for l in seen if "loss" in l]
+    assert losses[-1] < losses[0]
+    assert any("head0_top1" in l and "head2_top5" in l for l in seen)
+
+
+def run_cli(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "specdec.cli", *args], env={**os.environ, **(env or {})}, cwd=ROOT, **kw)
+
+
+def overrides(target, data, out, **extra):
+    return [f"{k}={v}" for k, v in settings(target, data, out, **extra).items()]
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_with_nothing_lost(tiny_target, convs, tmp_path):
+    args = ["train", "--recipe", "medusa1-smollm2-cpu"]
+    extra = dict(max_steps=30, save_steps=5, epochs=10, save_total_limit=10)
+    whole = run_cli(args + overrides(tiny_target, convs, tmp_path / "whole", **extra))
+    assert whole.wait(timeout=600) == 0
+    proc = run_cli(args + overrides(tiny_target, convs, tmp_path / "killed", **extra))
+    deadline = time.time() + 600
+    while not list((tmp_path / "killed").glob("checkpoint-10/trainer_state.json")):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists()
+    again = run_cli(args + overrides(tiny_target, convs, tmp_path / "killed", **extra))
+    assert again.wait(timeout=600) == 0
+    a = MedusaHeads.from_pretrained(tmp_path / "whole" / "final").state_dict()
+    b = MedusaHeads.from_pretrained(tmp_path / "killed" / "final").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_medusa2_trains_lora_and_heads_and_merges(tiny_target, convs, tmp_path):
+    import specdec
+
+    final = train(load_recipe(None, settings(tiny_target, convs, tmp_path / "m2", method="medusa2", max_steps=4, lora_r=4,
+                                             head_warmup_steps=2, lora_targets="q_proj,v_proj")))
+    merged, tok = specdec.load_model(final / "target")
+    base, _ = specdec.load_model(tiny_target)
+    ids = torch.tensor(tok("Tell me about rain")["input_ids"])
+    assert not torch.allclose(merged(ids[None]).logits, base(ids[None]).logits)  # the LoRA moved the target
+    out = specdec.generate(merged, tok, ids, drafter=f"medusa:{final}", max_new_tokens=12)
+    ref = merged.generate(ids[None], attention_mask=torch.ones_like(ids[None]), do_sample=False, max_new_tokens=12)
+    assert out.token_ids == ref[0, ids.numel():].tolist()
+
+
+def test_medusa2_merged_model_equals_the_adapter_model(tiny_target):
+    from peft import LoraConfig, get_peft_model
+
+    import specdec
+
+    model, _ = specdec.load_model(tiny_target)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        adapted = peft_model(ids).logits
+        merged = peft_model.merge_and_unload()(ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_wandb_offline_run_is_recorded(tiny_target, convs, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(load_recipe(None, settings(tiny_target, convs, tmp_path / "w", max_steps=3, report_to="wandb", run_name="specdec-test")))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].glob("*.wandb"))
+
+
+def test_recipes_parse_and_gpu_deepspeed_config_validates():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    names = recipe_names()
+    assert {"medusa1-smollm2-cpu", "medusa1-vicuna7b-gpu", "medusa2-vicuna7b-gpu"} <= set(names)
+    for name in names:
+        cfg = load_recipe(name)
+        ds = cfg.deepspeed_config()
+        if ds:
+            resolved = json.loads(json.dumps(ds).replace('"auto"', "1"))
+            resolved["bf16"] = {"enabled": True}
+            parsed = DeepSpeedConfig(resolved)
+            assert parsed.zero_optimization_stage == 2
+    with pytest.raises(ValueError, match="stage"):
+        DeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 7}})
+
+
+@pytest.mark.parametrize("bad, match", [(["epochz=1"], "unknown setting"), (["lr=fast"], "number"), (["method=eagle"], "method"),
+                                        (["shuffle=maybe"], "true or false"), (["batch_size=0"], "batch_size")])
+def test_bad_settings_are_clear_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        load_recipe("medusa1-smollm2-cpu", bad)
+    with pytest.raises(FileNotFoundError, match="no recipe"):
+        load_recipe("no-such-recipe")
+
+
+def test_truncated_sharegpt_is_parsed_up_to_the_break(tmp_path):
+    rec = {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    text = "[" + ",\n".join(json.dumps(dict(rec, id=str(i))) for i in range(5)) + ',\n{"id": "cut", "conversations": [{"from": "hu'
+    path = tmp_path / "sg.json"
+    path.write_text(text)
+    convs = list(iter_sharegpt(path))
+    assert len(convs) == 5 and convs[0] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def test_real_sharegpt_file_yields_its_conversations():
+    convs = load_conversations("sharegpt", limit=50, skip=10)
+    assert len(convs) == 50 and all(c[0]["role"] == "user" for c in convs)
+
+
+def test_distill_is_resumable(tiny_target, convs, tmp_path):
+    from specdec import load_model
+    from specdec.training.data import distill
+
+    model, tok = load_model(tiny_target)
+    data = load_conversations(str(convs), limit=5)
+    out = tmp_path / "d.jsonl"
+    out.write_text(json.dumps({"id": 1, "messages": []}) + "\n" + '{"id": 3, "mess')  # one done, one cut by a kill
+    assert distill(model, tok, data, out, max_new_tokens=6, batch_size=2, progress=False) == 4
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines() if line.startswith('{"id"') and line.endswith("}")]
+    assert sorted(ids) == [0, 1, 2, 3, 4]

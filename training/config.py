@@ -1,0 +1,161 @@
+"""One typed configuration for ``specdec train``; the CLI and the YAML recipes parse into it.
+
+A recipe is YAML whose keys are :class:`TrainConfig` fields; ``specdec train
+--recipe NAME key=value ...`` loads the shipped recipe ``NAME`` (or a path),
+then applies the overrides. Unknown keys and bad values are errors that say
+which key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["TrainConfig", "load_recipe", "recipe_names"]
+
+METHODS = ("medusa1", "medusa2")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a drafter training run needs.
+
+    Data: ``num_conversations`` training conversations are read after the
+    first ``heldout`` ones (which are kept for evaluation), chat-templated and
+    cut at ``max_len`` tokens. Labels are the target's own greedy next tokens
+    (``label_source="self"``, self-distillation) or the data's tokens
+    (``"data"``). Head k's loss weight is ``loss_decay ** k``.
+
+    Medusa-2 (``method="medusa2"``) adds a LoRA on the target (``lora_*``),
+    the target's own loss (KL to the adapter-disabled model), a head learning
+    rate ``head_lr_multiplier`` × ``lr``, and a head-loss weight that ramps
+    linearly from 0 to 1 over ``head_warmup_steps``.
+    """
+
+    method: str = "medusa1"
+    model: str = "default"
+    data: str = "sharegpt"
+    output_dir: str = "runs/medusa"
+    num_conversations: int = 600
+    heldout: int = 60
+    max_len: int = 256
+    label_source: str = "self"
+    # heads
+    num_heads: int = 4
+    num_layers: int = 1
+    draft_vocab_size: int | None = 8192
+    own_projection: bool = False
+    tree_size: int = 16
+    # optimisation
+    epochs: float = 3.0
+    max_steps: int = -1
+    lr: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    loss_decay: float = 0.8
+    shuffle: bool = True
+    seed: int = 0
+    dtype: str = "float32"
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    # medusa-2
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    head_lr_multiplier: float = 4.0
+    head_warmup_steps: int = 50
+    target_loss_weight: float = 1.0
+    # bookkeeping
+    save_steps: int = 200
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    run_name: str | None = None
+    deepspeed: Any = None  # path to a DeepSpeed JSON, or the config itself (dict)
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.label_source not in ("self", "data"):
+            raise ValueError(f"label_source must be 'self' or 'data', got {self.label_source!r}")
+        for name in ("num_conversations", "max_len", "num_heads", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.heldout < 0 or self.num_layers < 0:
+            raise ValueError("heldout and num_layers must be >= 0")
+        if self.lr <= 0 or not 0 < self.loss_decay <= 1:
+            raise ValueError("lr must be > 0 and loss_decay in (0, 1]")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set epochs > 0 or max_steps > 0")
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [t.strip() for t in self.lora_targets.split(",")]
+
+    def deepspeed_config(self) -> dict | None:
+        if self.deepspeed is None or isinstance(self.deepspeed, dict):
+            return self.deepspeed
+        return json.loads(Path(self.deepspeed).read_text())
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("specdec.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def _coerce(name: str, raw: str) -> Any:
+    f = TrainConfig.__dataclass_fields__[name]
+    default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    if isinstance(default, bool):
+        if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{name} takes true or false, got {raw!r}")
+        return raw.lower() in ("true", "1", "yes")
+    if isinstance(default, list):
+        return [x.strip() for x in raw.split(",") if x.strip()]
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return type(default)(raw) if not (isinstance(default, int) and "." in raw) else float(raw)
+        except ValueError as err:
+            raise ValueError(f"{name} takes a number, got {raw!r}") from err
+    return yaml.safe_load(raw)
+
+
+def load_recipe(name_or_path: str | None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Load a shipped recipe by name (or a YAML path), apply ``key=value`` overrides, validate."""
+    values: dict = {}
+    if name_or_path:
+        path = Path(name_or_path)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            text = path.read_text()
+        elif name_or_path in recipe_names():
+            text = resources.files("specdec.recipes").joinpath(f"{name_or_path}.yaml").read_text()
+        else:
+            raise FileNotFoundError(f"no recipe {name_or_path!r}: give a YAML path or one of {', '.join(recipe_names())}")
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"recipe {name_or_path} must be a YAML mapping of TrainConfig fields")
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides or []]
+    for key, raw in items:
+        if key not in TrainConfig.__dataclass_fields__:
+            raise ValueError(f"unknown setting {key!r}; valid settings: {', '.join(TrainConfig.__dataclass_fields__)}")
+        values[key] = _coerce(key, raw) if isinstance(raw, str) else raw
+    unknown = set(values) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)} in recipe {name_or_path}")
+    return TrainConfig(**values)
+
+
+def _split(item: str) -> tuple[str, str]:
+    key, eq, value = item.partition("=")
+    if not eq:
+        raise ValueError(f"override {item!r} must look like key=value")
+    return key.strip(), value.strip()

@@ -1,0 +1,316 @@
+"""Fitting Medusa heads: Medusa-1 (frozen target) and Medusa-2 (joint, with a LoRA on the target).
+
+Head k (0-based) at position t is trained on the label at position t + k + 1:
+with self-distillation labels (the target's own greedy next token at each
+position, teacher-forced), that is the target's guess of the token k + 1
+places past the one it predicts itself, exactly what the drafter asks of
+head k at inference. Loss: Σ_k λ^k · CE_k. Labels outside the draft
+vocabulary are ignored by the loss and count as misses in the accuracies.
+
+Medusa-1 runs the frozen target once over the data and reuses its hidden
+states across epochs (cached in ``output_dir/features.pt``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from specdec.drafters.medusa import MedusaConfig, MedusaHeads, tree_from_accuracies
+from specdec.training.config import TrainConfig
+from specdec.training.data import load_conversations, tokenize_conversation
+
+__all__ = ["MedusaLoss", "Medusa1Module", "Medusa2Module", "train_medusa", "heldout_accuracy", "extract_features"]
+
+log = logging.getLogger(__name__)
+TOPK = 5
+
+
+class MedusaLoss(nn.Module):
+    """Weighted per-head cross-entropy and per-head top-1 / top-5 accuracies."""
+
+    def __init__(self, vocab_size: int, draft_vocab: Tensor, decay: float) -> None:
+        super().__init__()
+        lookup = torch.full((vocab_size,), -100, dtype=torch.long)
+        lookup[draft_vocab] = torch.arange(draft_vocab.numel())
+        self.register_buffer("lookup", lookup, persistent=False)  # token id -> draft index (-100: not in it)
+        self.decay = decay
+
+    def forward(self, logits: Tensor, labels: Tensor, num_items: Tensor | int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """
+        Args:
+            logits: [K, B, T, V'] head logits.
+            labels: [B, T] next-token labels per position (-100: padding).
+            num_items: if given, each head's summed cross-entropy is divided by this count (the
+                Trainer's label count over the whole global batch, so that one process and N
+                processes compute the same loss); otherwise each head's loss is a mean.
+        """
+        num_heads, _, seq, _ = logits.shape
+        loss = logits.new_zeros(())
+        metrics = {}
+        for k in range(num_heads):
+            shift = k + 1
+            if seq <= shift:
+                break
+            target = labels[:, shift:]  # [B, T - k - 1]
+            valid = target >= 0
+            mapped = torch.where(valid, self.lookup[target.clamp(min=0)], torch.full_like(target, -100))
+            lg = logits[k, :, : seq - shift]
+            ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), mapped.reshape(-1), ignore_index=-100,
+                                 reduction="mean" if num_items is None else "sum")
+            loss = loss + self.decay**k * (ce if num_items is None else ce / num_items)
+            with torch.no_grad():
+                n = valid.sum().clamp(min=1)
+                top = lg.topk(TOPK, dim=-1).indices  # [B, T', 5]
+                hit = (top == mapped[..., None]) & (mapped[..., None] >= 0)
+                metrics[f"head{k}_top1"] = (hit[..., 0] & valid).sum() / n
+                metrics[f"head{k}_top5"] = (hit.any(-1) & valid).sum() / n
+        return loss, metrics
+
+
+class Medusa1Module(nn.Module):
+    """Trainable heads over cached hidden states of a frozen target."""
+
+    accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch
+
+    def __init__(self, heads: MedusaHeads, loss: MedusaLoss) -> None:
+        super().__init__()
+        self.heads, self.loss_fn = heads, loss
+
+    def forward(self, hidden: Tensor, labels: Tensor, num_items_in_batch=None) -> dict:
+        loss, metrics = self.loss_fn(self.heads(hidden), labels, num_items_in_batch)
+        return {"loss": loss, "metrics": metrics}
+
+
+class Medusa2Module(nn.Module):
+    """Joint training: a peft LoRA target (self-distillation KL to its adapter-free self) plus the heads."""
+
+    def __init__(self, peft_model, heads: MedusaHeads, loss: MedusaLoss, config: TrainConfig) -> None:
+        super().__init__()
+        self.target, self.heads, self.loss_fn, self.cfg = peft_model, heads, loss, config
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def head_weight(self) -> float:
+        """Head-loss warm-up: 0 → 1 linearly over ``head_warmup_steps`` forward passes."""
+        w = self.cfg.head_warmup_steps
+        return 1.0 if w <= 0 else min(1.0, float(self.steps) / w)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> dict:
+        with torch.no_grad(), self.target.disable_adapter():
+            ref = self.target(input_ids=input_ids, attention_mask=attention_mask).logits
+        out = self.target(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        mask = attention_mask.bool()
+        kl = F.kl_div(F.log_softmax(out.logits.float(), -1), F.log_softmax(ref.float(), -1), log_target=True, reduction="none").sum(-1)
+        target_loss = (kl * mask).sum() / mask.sum().clamp(min=1)
+        if self.cfg.label_source == "self":
+            labels = torch.where(mask, ref.argmax(-1), torch.full_like(labels, -100))
+        head_loss, metrics = self.loss_fn(self.heads(out.hidden_states[-1]), labels)
+        if self.training:
+            self.steps += 1
+        loss = self.cfg.target_loss_weight * target_loss + self.head_weight() * head_loss
+        metrics.update(target_kl=target_loss.detach(), head_loss=head_loss.detach())
+        return {"loss": loss, "metrics": metrics}
+
+    def param_groups(self, lr: float) -> list[dict]:
+        lora = [p for p in self.target.parameters() if p.requires_grad]
+        return [{"params": lora, "lr": lr}, {"params": list(self.heads.parameters()), "lr": lr * self.cfg.head_lr_multiplier}]
+
+
+# ---------------------------------------------------------------------- data
+@torch.inference_mode()
+def extract_features(model, tokenizer, conversations, cfg: TrainConfig, desc: str = "features") -> list[dict]:
+    """Run the frozen target once: per conversation, [T, H] last hidden states and [T] labels."""
+    from tqdm.auto import tqdm
+
+    items = []
+    for conv in tqdm(conversations, desc=desc, unit="conv", disable=not cfg.progress):
+        ids = tokenize_conversation(tokenizer, conv, cfg.max_len)
+        if ids.numel() < cfg.num_heads + 2:
+            continue
+        out = model(input_ids=ids[None].to(model.device), output_hidden_states=True)
+        if cfg.label_source == "self":
+            labels = out.logits[0].argmax(-1).cpu()
+        else:
+            labels = torch.cat([ids[1:], torch.tensor([-100])])
+        items.append({"hidden": out.hidden_states[-1][0].float().cpu(), "labels": labels})
+    return items
+
+
+def _collate_features(batch: list[dict]) -> dict:
+    seq = max(b["labels"].numel() for b in batch)
+    hidden = torch.zeros(len(batch), seq, batch[0]["hidden"].shape[-1])
+    labels = torch.full((len(batch), seq), -100, dtype=torch.long)
+    for i, b in enumerate(batch):
+        t = b["labels"].numel()
+        hidden[i, :t], labels[i, :t] = b["hidden"], b["labels"]
+    return {"hidden": hidden, "labels": labels}
+
+
+def _collate_tokens(pad_id: int):
+    def collate(batch: list[dict]) -> dict:
+        seq = max(b["input_ids"].numel() for b in batch)
+        ids = torch.full((len(batch), seq), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(batch), seq, dtype=torch.long)
+        labels = torch.full((len(batch), seq), -100, dtype=torch.long)
+        for i, b in enumerate(batch):
+            t = b["input_ids"].numel()
+            ids[i, :t], mask[i, :t] = b["input_ids"], 1
+            labels[i, : t - 1] = b["input_ids"][1:]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+def draft_vocabulary(label_sets: list[Tensor], vocab_size: int, size: int | None) -> Tensor:
+    """The ``size`` most frequent labels (sorted ids); the full vocabulary when size is None."""
+    if size is None or size >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for labels in label_sets:
+        lab = labels[labels >= 0]
+        counts += torch.bincount(lab, minlength=vocab_size)
+    return torch.sort(torch.topk(counts, size).indices).values
+
+
+@torch.inference_mode()
+def heldout_accuracy(heads: MedusaHeads, loss: MedusaLoss, items: list[dict]) -> list[list[float]]:
+    """acc[k][i]: share of held-out positions where head k's i-th choice is the label (OOV = miss)."""
+    k_heads = heads.config.num_heads
+    hits = torch.zeros(k_heads, TOPK)
+    total = torch.zeros(k_heads)
+    for item in items:
+        logits = heads(item["hidden"][None])  # [K, 1, T, V']
+        labels = item["labels"][None]
+        for k in range(k_heads):
+            shift = k + 1
+            target = labels[:, shift:]
+            if target.numel() == 0:
+                continue
+            valid = target >= 0
+            mapped = torch.where(valid, loss.lookup[target.clamp(min=0)], torch.full_like(target, -100))
+            top = logits[k, :, : target.shape[1]].topk(TOPK, dim=-1).indices
+            hit = (top == mapped[..., None]) & valid[..., None] & (mapped[..., None] >= 0)
+            hits[k] += hit.sum(dim=(0, 1)).float()
+            total[k] += valid.sum()
+    return (hits / total.clamp(min=1)[:, None]).tolist()
+
+
+# ---------------------------------------------------------------------- the run
+def _training_args(cfg: TrainConfig, out: Path):
+    from transformers import TrainingArguments
+
+    use_cpu = not torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=cfg.report_to,
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing and cfg.method == "medusa2",
+        deepspeed=cfg.deepspeed_config(),
+        remove_unused_columns=False,
+        disable_tqdm=not cfg.progress,
+        dataloader_num_workers=0,
+        use_cpu=use_cpu,
+    )
+
+
+def _features_cached(model, tokenizer, convs, cfg: TrainConfig, path: Path, desc: str) -> list[dict]:
+    key = hashlib.sha1(json.dumps([cfg.model, cfg.data, cfg.num_conversations, cfg.heldout, cfg.max_len, cfg.label_source, desc, len(convs)]).encode()).hexdigest()[:10]
+    file = path / f"{desc}-{key}.pt"
+    if file.is_file():
+        return torch.load(file)
+    items = extract_features(model, tokenizer, convs, cfg, desc=desc)
+    tmp = file.with_suffix(".tmp")
+    torch.save(items, tmp)
+    os.replace(tmp, file)
+    return items
+
+
+def train_medusa(cfg: TrainConfig) -> Path:
+    """Train Medusa heads as ``cfg`` says; returns the directory of the final drafter."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from specdec.models import load_model
+    from specdec.training.trainer import DrafterTrainer, PermutedDataset
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=str))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.num_conversations)
+    heldout_convs, train_convs = convs[: cfg.heldout], convs[cfg.heldout :]
+    if not train_convs:
+        raise ValueError(f"{cfg.data} holds {len(convs)} conversations, all used for held-out evaluation; lower heldout")
+    lm_head = model.get_output_embeddings().weight.detach()
+    vocab = lm_head.shape[0]
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    held_feats = _features_cached(model, tokenizer, heldout_convs, cfg, out, "heldout") if heldout_convs else []
+    if cfg.method == "medusa1":  # the frozen target's features, computed once and reused every epoch
+        train_feats = _features_cached(model, tokenizer, train_convs, cfg, out, "train")
+        label_sets = [f["labels"] for f in train_feats]
+    else:  # the target changes while training: count the data's own tokens for the draft vocabulary
+        seqs = [tokenize_conversation(tokenizer, c, cfg.max_len) for c in train_convs]
+        label_sets = seqs
+    draft_vocab = draft_vocabulary(label_sets, vocab, cfg.draft_vocab_size)
+    mcfg = MedusaConfig(hidden_size=lm_head.shape[1], vocab_size=vocab, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
+                        own_projection=cfg.own_projection, draft_vocab_size=None if cfg.draft_vocab_size is None else draft_vocab.numel(),
+                        target_model=str(cfg.model), medusa_version=1 if cfg.method == "medusa1" else 2)
+    heads = MedusaHeads(mcfg, lm_head_weight=lm_head, draft_vocab=draft_vocab)
+    loss = MedusaLoss(vocab, draft_vocab, cfg.loss_decay)
+
+    if cfg.method == "medusa1":
+        module = Medusa1Module(heads, loss)
+        dataset = PermutedDataset(train_feats, cfg.seed, cfg.shuffle)
+        collate = _collate_features
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, lora_dropout=0.0))
+        if cfg.gradient_checkpointing:
+            peft_model.enable_input_require_grads()
+        module = Medusa2Module(peft_model, heads, loss, cfg)
+        dataset = PermutedDataset([{"input_ids": s} for s in seqs if s.numel() > cfg.num_heads + 1], cfg.seed, cfg.shuffle)
+        collate = _collate_tokens(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+    trainer = DrafterTrainer(model=module, args=_training_args(cfg, out), train_dataset=dataset, data_collator=collate)
+    last = get_last_checkpoint(str(out)) if cfg.resume and any(out.glob("checkpoint-*")) else None
+    if last:
+        log.warning("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+
+    final = out / "final"
+    if trainer.is_world_process_zero():
+        heads.eval()
+        if held_feats:
+            acc = heldout_accuracy(heads, loss, held_feats)
+            heads.config.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in acc]
+            heads.config.tree = [list(p) for p in tree_from_accuracies(acc, cfg.tree_size)]
+        heads.save_pretrained(final)
+        if cfg.method == "medusa2":
+            merged = module.target.merge_and_unload()
+            merged.save_pretrained(final / "target")
+            tokenizer.save_pretrained(final / "target")
+    return final
