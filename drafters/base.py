@@ -7,6 +7,7 @@ registered drafter and its options::
     prompt-lookup                          defaults
     prompt-lookup:max_ngram=4,num_tokens=8 keyword options
     medusa:PATH                            one positional argument (a path)
+    medusa+prompt-lookup                   several drafters fused into one tree
     none                                   no drafting: plain decoding
 
 The options parse into the drafter's config dataclass, so a typo is an error
@@ -144,6 +145,10 @@ def build_drafter(spec: "str | Drafter | None") -> Drafter:
     if not isinstance(spec, str):
         raise TypeError(f"drafter must be a spec string or a Drafter, not {type(spec).__name__}")
     _import_builtin_drafters()
+    if "+" in spec:
+        from specdec.drafters.fused import FusedDrafter
+
+        return FusedDrafter([build_drafter(part) for part in spec.split("+")])
     name, args, kwargs = parse_spec(spec)
     factory = _REGISTRY.get(name)
     if factory is None:

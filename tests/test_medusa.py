@@ -109,3 +109,23 @@ def test_heads_for_another_model_are_a_clear_error(tmp_path):
         specdec.generate(model, None, torch.tensor([1, 2]), drafter=f"medusa:{tmp_path / 'wide'}")
     with pytest.raises(FileNotFoundError, match="not a Medusa drafter"):
         specdec.generate(model, None, torch.tensor([1, 2]), drafter=f"medusa:{tmp_path}")
+
+
+def test_fused_medusa_and_prompt_lookup_is_lossless_and_credits_each_drafter(tiny, tmp_path):
+    from specdec.drafters import build_drafter
+    from specdec.drafters.fused import FusedDrafter, _own_path
+    from specdec.tree import TokenTree
+
+    heads = random_heads(tiny)
+    heads.save_pretrained(tmp_path / "h")
+    drafter = build_drafter(f"medusa:{tmp_path / 'h'}+prompt-lookup:adaptive=false")
+    assert isinstance(drafter, FusedDrafter) and drafter.needs_hidden_states
+    ids = torch.tensor([4, 5, 6, 7, 4, 5, 6, 7, 4, 5])
+    ref = hf_greedy(tiny, ids, 30, min_new_tokens=30)
+    out = specdec.generate(tiny, None, ids, drafter=drafter, max_new_tokens=30)
+    assert out.token_ids == ref
+    # a drafter hears only the part of the accepted path that lies in its own tree
+    own = TokenTree.from_sequences(1, [[2, 3], [9]])
+    assert _own_path(own, [2, 3, 4]).tolist() == [0, 1, 2]
+    assert _own_path(own, [2, 8]).tolist() == [0, 1]
+    assert _own_path(own, [7]).tolist() == [0]

@@ -7,7 +7,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["specdec", "specdec.drafters", "specdec.verifiers", "specdec.tree_attention", "specdec.training", "specdec.recipes"]
+SUBPACKAGES = ["specdec", "specdec.drafters", "specdec.verifiers", "specdec.tree_attention", "specdec.training", "specdec.recipes",
+               "specdec.data"]
 
 
 def test_wheel_installs_into_a_fresh_venv_and_imports_every_subpackage(tmp_path):
@@ -19,6 +20,9 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_every_subpackage(tmp_path)
     for pkg in SUBPACKAGES:
         assert f"{pkg.replace('.', '/')}/__init__.py" in names, pkg
     assert not any(n.startswith(("drafters/", "verifiers/", "tests/")) for n in names)
+    for data in ("specdec/data/spec_bench.jsonl", "specdec/data/mt_bench.jsonl", "specdec/recipes/medusa1-smollm2-cpu.yaml",
+                 "specdec/tree_attention/triton_kernel.py"):
+        assert data in names, data
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

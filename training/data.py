@@ -82,7 +82,7 @@ def load_conversations(source: str, limit: int | None = None, skip: int = 0) -> 
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"training data {path} does not exist; give 'sharegpt' or a conversations .jsonl")
-        it = (m for m in (_normalise(json.loads(line)) for line in path.read_text().splitlines() if line.strip()) if m)
+        it = (m for m in (_normalise(r) for r in _read_jsonl(path)) if m)
     out = []
     for i, msgs in enumerate(it):
         if i < skip:
@@ -93,6 +93,16 @@ def load_conversations(source: str, limit: int | None = None, skip: int = 0) -> 
     if not out:
         raise ValueError(f"no conversations in {source}")
     return out
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    """Records of a .jsonl file, through ``datasets`` (Arrow cache, reused on later runs) when installed."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        yield from (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        return
+    yield from load_dataset("json", data_files=str(path), split="train")
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> torch.Tensor:
