@@ -209,3 +209,19 @@ def test_distill_is_resumable(tiny_target, convs, tmp_path):
     assert distill(model, tok, data, out, max_new_tokens=6, batch_size=2, progress=False) == 4
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines() if line.startswith('{"id"') and line.endswith("}")]
     assert sorted(ids) == [0, 1, 2, 3, 4]
+
+
+def test_kl_loss_equals_cross_entropy_against_one_hot_targets_and_trains(tiny_target, convs, tmp_path):
+    from specdec.training.medusa import MedusaLoss
+
+    torch.manual_seed(0)
+    vocab = torch.arange(10)
+    loss = MedusaLoss(10, vocab, decay=0.5)
+    logits = torch.randn(2, 1, 6, 10)
+    labels = torch.randint(0, 10, (1, 6))
+    onehot = torch.full((1, 6, 10), -1e4).scatter(-1, labels[..., None], 0.0)  # target puts all mass on the label
+    ce, _ = loss(logits, labels)
+    kl, _ = loss(logits, labels, target_logits=onehot)
+    torch.testing.assert_close(kl, ce, rtol=1e-4, atol=1e-4)
+    final = train(load_recipe(None, settings(tiny_target, convs, tmp_path / "kl", loss_type="kl", max_steps=3)))
+    assert MedusaHeads.from_pretrained(final).config.num_heads == 3

@@ -39,6 +39,7 @@ CASES = [  # (B, Hq, Hkv, P, N, D, tree)
     (1, 8, 1, 40, 9, 128, "star"),
     (2, 4, 4, 64, 33, 32, "chain"),
     (1, 2, 2, 3, 70, 16, "random"),
+    (1, 1, 1, 8, 256, 16, "random"),  # the largest tree the contract promises
 ]
 
 

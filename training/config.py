@@ -30,7 +30,9 @@ class TrainConfig:
     first ``heldout`` ones (which are kept for evaluation), chat-templated and
     cut at ``max_len`` tokens. Labels are the target's own greedy next tokens
     (``label_source="self"``, self-distillation) or the data's tokens
-    (``"data"``). Head k's loss weight is ``loss_decay ** k``.
+    (``"data"``). Head k's loss weight is ``loss_decay ** k``; ``loss_type="kl"``
+    replaces the cross-entropy by the KL divergence to the target's own
+    distribution at that position (over the draft vocabulary).
 
     Medusa-2 (``method="medusa2"``) adds a LoRA on the target (``lora_*``),
     the target's own loss (KL to the adapter-disabled model), a head learning
@@ -46,6 +48,7 @@ class TrainConfig:
     heldout: int = 60
     max_len: int = 256
     label_source: str = "self"
+    loss_type: str = "ce"  # "ce": cross-entropy on the labels; "kl": KL to the target's own distribution (Medusa-1)
     # heads
     num_heads: int = 4
     num_layers: int = 1
@@ -86,6 +89,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.loss_type not in ("ce", "kl"):
+            raise ValueError(f"loss_type must be 'ce' or 'kl', got {self.loss_type!r}")
         if self.label_source not in ("self", "data"):
             raise ValueError(f"label_source must be 'self' or 'data', got {self.label_source!r}")
         for name in ("num_conversations", "max_len", "num_heads", "batch_size", "grad_accum", "save_steps", "logging_steps"):

@@ -43,7 +43,8 @@ class MedusaLoss(nn.Module):
         self.register_buffer("lookup", lookup, persistent=False)  # token id -> draft index (-100: not in it)
         self.decay = decay
 
-    def forward(self, logits: Tensor, labels: Tensor, num_items: Tensor | int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, logits: Tensor, labels: Tensor, num_items: Tensor | int | None = None,
+                target_logits: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """
         Args:
             logits: [K, B, T, V'] head logits.
@@ -51,6 +52,9 @@ class MedusaLoss(nn.Module):
             num_items: if given, each head's summed cross-entropy is divided by this count (the
                 Trainer's label count over the whole global batch, so that one process and N
                 processes compute the same loss); otherwise each head's loss is a mean.
+            target_logits: [B, T, V'] the target's own logits over the draft vocabulary; when given,
+                head k's loss is KL(target distribution at position t + k + 1 || head k at t)
+                instead of cross-entropy on the labels.
         """
         num_heads, _, seq, _ = logits.shape
         loss = logits.new_zeros(())
@@ -63,9 +67,15 @@ class MedusaLoss(nn.Module):
             valid = target >= 0
             mapped = torch.where(valid, self.lookup[target.clamp(min=0)], torch.full_like(target, -100))
             lg = logits[k, :, : seq - shift]
-            ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), mapped.reshape(-1), ignore_index=-100,
-                                 reduction="mean" if num_items is None else "sum")
-            loss = loss + self.decay**k * (ce if num_items is None else ce / num_items)
+            if target_logits is None:
+                per = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), mapped.reshape(-1), ignore_index=-100,
+                                      reduction="sum")
+                count = (mapped >= 0).sum()
+            else:
+                logp = F.log_softmax(target_logits[:, shift:].float(), -1)
+                kl = F.kl_div(F.log_softmax(lg.float(), -1), logp, log_target=True, reduction="none").sum(-1)
+                per, count = (kl * valid).sum(), valid.sum()
+            loss = loss + self.decay**k * per / (count.clamp(min=1) if num_items is None else num_items)
             with torch.no_grad():
                 n = valid.sum().clamp(min=1)
                 top = lg.topk(TOPK, dim=-1).indices  # [B, T', 5]
@@ -80,12 +90,18 @@ class Medusa1Module(nn.Module):
 
     accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch
 
-    def __init__(self, heads: MedusaHeads, loss: MedusaLoss) -> None:
+    def __init__(self, heads: MedusaHeads, loss: MedusaLoss, target_rows: Tensor | None = None) -> None:
         super().__init__()
         self.heads, self.loss_fn = heads, loss
+        # [V', H] the target's lm_head rows of the draft vocabulary: with them the loss is KL to the target
+        self.register_buffer("target_rows", target_rows, persistent=False)
 
     def forward(self, hidden: Tensor, labels: Tensor, num_items_in_batch=None) -> dict:
-        loss, metrics = self.loss_fn(self.heads(hidden), labels, num_items_in_batch)
+        target = None
+        if self.target_rows is not None:
+            with torch.no_grad():
+                target = hidden @ self.target_rows.T.to(hidden.dtype)
+        loss, metrics = self.loss_fn(self.heads(hidden), labels, num_items_in_batch, target)
         return {"loss": loss, "metrics": metrics}
 
 
@@ -280,7 +296,7 @@ def train_medusa(cfg: TrainConfig) -> Path:
     loss = MedusaLoss(vocab, draft_vocab, cfg.loss_decay)
 
     if cfg.method == "medusa1":
-        module = Medusa1Module(heads, loss)
+        module = Medusa1Module(heads, loss, lm_head[draft_vocab].float().clone() if cfg.loss_type == "kl" else None)
         dataset = PermutedDataset(train_feats, cfg.seed, cfg.shuffle)
         collate = _collate_features
     else:
