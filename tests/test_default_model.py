@@ -39,3 +39,13 @@ def test_prompt_lookup_accepts_long_runs_on_copy_heavy_prompts(default_model):
     out = specdec.generate(model, tok, msgs, drafter="prompt-lookup", max_new_tokens=64)
     assert out.token_ids == hf_greedy(model, prepare_input_ids(tok, msgs), 64)
     assert out.stats.mean_accepted_length > 1.5, out.stats.as_dict()
+
+
+def test_shipped_medusa_heads_are_lossless_and_accept_tokens(default_model):
+    model, tok = default_model
+    msgs = [{"role": "user", "content": "Explain what a hash table is in two sentences."}]
+    ref = hf_greedy(model, prepare_input_ids(tok, msgs), 48)
+    for drafter in ("medusa", "medusa+prompt-lookup"):
+        out = specdec.generate(model, tok, msgs, drafter=drafter, max_new_tokens=48)
+        assert out.token_ids == ref
+        assert out.stats.mean_accepted_length > 1.2, out.stats.as_dict()
