@@ -254,7 +254,7 @@ def _features_cached(model, tokenizer, convs, cfg: TrainConfig, path: Path, desc
     if file.is_file():
         return torch.load(file)
     items = extract_features(model, tokenizer, convs, cfg, desc=desc)
-    tmp = file.with_suffix(".tmp")
+    tmp = file.with_suffix(f".{os.getpid()}.tmp")  # every process of a multi-process run writes its own, then renames
     torch.save(items, tmp)
     os.replace(tmp, file)
     return items
