@@ -102,14 +102,15 @@ def overrides(target, data, out, **extra):
 
 def test_a_killed_run_resumes_from_its_checkpoint_with_nothing_lost(tiny_target, convs, tmp_path):
     args = ["train", "--recipe", "medusa1-smollm2-cpu"]
-    extra = dict(max_steps=30, save_steps=5, epochs=10, save_total_limit=10)
+    # long enough that the run is still going when its second checkpoint appears, even on a fast machine
+    extra = dict(max_steps=200, save_steps=5, epochs=100, save_total_limit=3)
     whole = run_cli(args + overrides(tiny_target, convs, tmp_path / "whole", **extra))
     assert whole.wait(timeout=600) == 0
     proc = run_cli(args + overrides(tiny_target, convs, tmp_path / "killed", **extra))
     deadline = time.time() + 600
     while not list((tmp_path / "killed").glob("checkpoint-10/trainer_state.json")):
         assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "final").exists()
