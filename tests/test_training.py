@@ -226,3 +226,16 @@ def test_kl_loss_equals_cross_entropy_against_one_hot_targets_and_trains(tiny_ta
     torch.testing.assert_close(kl, ce, rtol=1e-4, atol=1e-4)
     final = train(load_recipe(None, settings(tiny_target, convs, tmp_path / "kl", loss_type="kl", max_steps=3)))
     assert MedusaHeads.from_pretrained(final).config.num_heads == 3
+
+
+def test_resume_skips_a_checkpoint_cut_by_the_kill(tmp_path):
+    from specdec.training.medusa import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path) is None
+    for step, state in ((5, "{}"), (10, "{}"), (15, None), (20, '{"cut')):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")

@@ -260,10 +260,24 @@ def _features_cached(model, tokenizer, convs, cfg: TrainConfig, path: Path, desc
     return items
 
 
+def last_complete_checkpoint(out: Path) -> str | None:
+    """The newest ``checkpoint-N`` whose trainer_state.json (the Trainer writes it last) exists and parses.
+
+    A run killed while writing a checkpoint leaves that folder incomplete; resuming skips it.
+    """
+    steps = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("skipping incomplete checkpoint %s", path)
+            continue
+        return str(path)
+    return None
+
+
 def train_medusa(cfg: TrainConfig) -> Path:
     """Train Medusa heads as ``cfg`` says; returns the directory of the final drafter."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     from specdec.models import load_model
     from specdec.training.trainer import DrafterTrainer, PermutedDataset
 
@@ -312,7 +326,7 @@ def train_medusa(cfg: TrainConfig) -> Path:
         collate = _collate_tokens(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
     trainer = DrafterTrainer(model=module, args=_training_args(cfg, out), train_dataset=dataset, data_collator=collate)
-    last = get_last_checkpoint(str(out)) if cfg.resume and any(out.glob("checkpoint-*")) else None
+    last = last_complete_checkpoint(out) if cfg.resume else None
     if last:
         log.warning("resuming from %s", last)
     trainer.train(resume_from_checkpoint=last)
