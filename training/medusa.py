@@ -43,6 +43,12 @@ class MedusaLoss(nn.Module):
         self.register_buffer("lookup", lookup, persistent=False)  # token id -> draft index (-100: not in it)
         self.decay = decay
 
+    def targets(self, labels: Tensor, shift: int) -> tuple[Tensor, Tensor]:
+        """Labels ``shift`` places ahead: ([B, T - shift] bool real label, [B, T - shift] draft index or -100)."""
+        target = labels[:, shift:]
+        valid = target >= 0
+        return valid, torch.where(valid, self.lookup[target.clamp(min=0)], torch.full_like(target, -100))
+
     def forward(self, logits: Tensor, labels: Tensor, num_items: Tensor | int | None = None,
                 target_logits: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """
@@ -63,9 +69,7 @@ class MedusaLoss(nn.Module):
             shift = k + 1
             if seq <= shift:
                 break
-            target = labels[:, shift:]  # [B, T - k - 1]
-            valid = target >= 0
-            mapped = torch.where(valid, self.lookup[target.clamp(min=0)], torch.full_like(target, -100))
+            valid, mapped = self.targets(labels, shift)  # [B, T - k - 1] each
             lg = logits[k, :, : seq - shift]
             if target_logits is None:
                 per = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), mapped.reshape(-1), ignore_index=-100,
@@ -206,12 +210,10 @@ def heldout_accuracy(heads: MedusaHeads, loss: MedusaLoss, items: list[dict]) ->
         labels = item["labels"][None]
         for k in range(k_heads):
             shift = k + 1
-            target = labels[:, shift:]
-            if target.numel() == 0:
+            if labels.shape[1] <= shift:
                 continue
-            valid = target >= 0
-            mapped = torch.where(valid, loss.lookup[target.clamp(min=0)], torch.full_like(target, -100))
-            top = logits[k, :, : target.shape[1]].topk(TOPK, dim=-1).indices
+            valid, mapped = loss.targets(labels, shift)
+            top = logits[k, :, : mapped.shape[1]].topk(TOPK, dim=-1).indices
             hit = (top == mapped[..., None]) & valid[..., None] & (mapped[..., None] >= 0)
             hits[k] += hit.sum(dim=(0, 1)).float()
             total[k] += valid.sum()
