@@ -161,18 +161,10 @@ def build_drafter(spec: "str | Drafter | None") -> Drafter:
 
 
 def config_from_options(cls, kwargs: dict[str, str], spec_name: str) -> Any:
-    """Parse string options into the dataclass ``cls``, with errors that name the valid fields."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, raw in kwargs.items():
-        if key not in fields:
-            raise ValueError(f"unknown option {key!r} for drafter {spec_name!r}; valid options: {', '.join(fields)}")
-        typ = type(fields[key].default) if fields[key].default is not dataclasses.MISSING else str
-        try:
-            values[key] = (raw.lower() in ("1", "true", "yes")) if typ is bool else typ(raw)
-        except ValueError as err:
-            raise ValueError(f"option {key}={raw!r} for drafter {spec_name!r} is not a valid {typ.__name__}") from err
-    return cls(**values)
+    """Parse string options into the dataclass ``cls``; a bad name or value is an error naming the valid ones."""
+    from specdec.config import options_into
+
+    return options_into(cls, kwargs, what=f"option for drafter {spec_name!r}:")
 
 
 def _import_builtin_drafters() -> None:

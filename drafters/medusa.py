@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from specdec.drafters.base import DraftState, Drafter, config_from_options, register_drafter
+from specdec.drafters.base import DraftState, Drafter, StepResult, config_from_options, register_drafter
+from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree, parents_from_paths
 
 __all__ = ["MedusaConfig", "MedusaHeads", "MedusaDrafter", "DEFAULT_TREES", "tree_from_accuracies", "export_medusa_checkpoint", "import_medusa_checkpoint"]
@@ -70,7 +71,7 @@ def tree_from_accuracies(acc: list[list[float]], size: int) -> list[tuple[int, .
 
 # Per-head top-k accuracies measured in PLATFORM.md's first calibration (head 0 top-1 .31, cumulative top-5 .52).
 _CALIBRATION = [[0.31, 0.09, 0.05, 0.04, 0.03], [0.21, 0.07, 0.04, 0.03, 0.02], [0.18, 0.06, 0.03, 0.02, 0.02], [0.15, 0.05, 0.03, 0.02, 0.01]]
-DEFAULT_TREES = {n: tree_from_accuracies(_CALIBRATION, n) for n in (4, 8, 16, 32)}
+DEFAULT_TREES = {n: tree_from_accuracies(_CALIBRATION, n) for n in (4, 8, 16, 32, 64)}
 
 
 @dataclass
@@ -84,7 +85,7 @@ class MedusaConfig:
     own_projection: bool = False
     draft_vocab_size: int | None = None  # None: the full vocabulary
     target_model: str = ""
-    tree: list[list[int]] | None = None  # default static tree (path tuples); None: DEFAULT_TREES[16]
+    tree: list[list[int]] | None = None  # static tree (path tuples) used when the checkpoint has no held-out accuracies
     medusa_version: int = 1
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
@@ -179,12 +180,19 @@ class MedusaHeads(nn.Module):
 
 @dataclass
 class MedusaDrafterConfig:
-    """Spec options: ``medusa:PATH,tree=16`` (static tree of 16 nodes), ``medusa:PATH,budget=24`` (dynamic)."""
+    """Spec options: ``medusa:PATH,tree=32`` (static candidate tree of 32 nodes), ``medusa:PATH,budget=24`` (dynamic)."""
 
     path: str = ""
-    tree: int = 0  # size of a default static tree; 0: the checkpoint's tree (or DEFAULT_TREES[16])
-    budget: int = 0  # > 0: dynamic tree of this many draft nodes
+    tree: int = 0  # size of the static candidate tree; 0: 64 nodes (trimmed by the engine to what pays)
+    budget: int = 0  # > 0: dynamic candidate tree of this many draft nodes, scored by the heads' probabilities
     topk: int = 8  # candidates per head in the dynamic tree
+    decay: float = 0.9  # weight of the past in the running acceptance estimates
+
+    def __post_init__(self) -> None:
+        if self.tree < 0 or self.budget < 0 or self.topk < 1:
+            raise ValueError("medusa options need tree >= 0, budget >= 0 and topk >= 1")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
 
 
 def _shipped_heads_path() -> Path:
@@ -195,22 +203,35 @@ def _shipped_heads_path() -> Path:
 
 @register_drafter("medusa")
 class MedusaDrafter(Drafter):
-    """Drafts a tree from the Medusa heads' top-k (static paths or a dynamic budget)."""
+    """Drafts a tree from the Medusa heads' top-k (a static candidate tree, or a dynamic budget).
+
+    Every node carries a score, the estimated probability that it is accepted,
+    so the engine trims the candidates to the tree that pays on this machine.
+    Static trees: the product along the path of running estimates of
+    P(choice i of head d is right | its parent was), starting from the
+    heads' held-out accuracies and learnt from the target's verdicts. Dynamic
+    trees: the product of the heads' own probabilities.
+    """
 
     name = "medusa"
     needs_hidden_states = True
 
-    def __init__(self, heads: MedusaHeads, *, paths: list[tuple[int, ...]] | None = None, budget: int = 0, topk: int = 8) -> None:
+    def __init__(self, heads: MedusaHeads, *, paths: list[tuple[int, ...]] | None = None, budget: int = 0, topk: int = 8,
+                 decay: float = 0.9) -> None:
         self.heads = heads.eval()
         self.vocab_size = heads.config.vocab_size
-        self.budget, self.topk = budget, topk
-        if paths is None:
-            paths = [tuple(p) for p in heads.config.tree] if heads.config.tree else DEFAULT_TREES[16]
+        self.budget, self.topk, self.decay = budget, topk, decay
+        self.accuracy = heads.config.extra.get("heldout_accuracy") or _CALIBRATION
+        if paths is None:  # a wide candidate tree; the engine keeps what pays
+            has_acc = "heldout_accuracy" in heads.config.extra
+            paths = tree_from_accuracies(self.accuracy, 64) if has_acc or not heads.config.tree else [tuple(p) for p in heads.config.tree]
         paths = [p for p in paths if len(p) <= heads.config.num_heads]
         self.parents, choices = parents_from_paths(paths)
         self.depths = TokenTree(torch.zeros_like(self.parents), self.parents).depths
         self.choices = choices.clamp(min=0)
         self.k_needed = int(self.choices.max()) + 1
+        self.node_keys = list(zip(self.depths.tolist(), self.choices.tolist()))  # (depth, choice) per node
+        self.reset(torch.empty(0, dtype=torch.long))
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "MedusaDrafter":
@@ -221,10 +242,18 @@ class MedusaDrafter(Drafter):
         if not args and not (path / "config.json").is_file():
             raise FileNotFoundError("no Medusa heads ship with this installation; give one: medusa:PATH")
         heads = MedusaHeads.from_pretrained(path)
-        paths = DEFAULT_TREES[opts.tree] if opts.tree else None
-        if opts.tree and opts.tree not in DEFAULT_TREES:
-            raise ValueError(f"tree must be one of {sorted(DEFAULT_TREES)}")
-        return cls(heads, paths=paths, budget=opts.budget, topk=opts.topk)
+        accuracy = heads.config.extra.get("heldout_accuracy") or _CALIBRATION
+        paths = tree_from_accuracies(accuracy, opts.tree) if opts.tree else None
+        return cls(heads, paths=paths, budget=opts.budget, topk=opts.topk, decay=opts.decay)
+
+    def _prior(self, key: tuple[int, int]) -> float:
+        depth, choice = key
+        acc = self.accuracy
+        return acc[depth - 1][choice] if depth - 1 < len(acc) and choice < len(acc[depth - 1]) else 0.01
+
+    def reset(self, prompt_ids: Tensor) -> None:
+        self.rates = AcceptanceRates(self._prior, self.decay)
+        self._keys: dict[tuple[int, ...], tuple[int, int]] = {}
 
     def bind(self, model, tokenizer=None) -> None:
         super().bind(model, tokenizer)
@@ -244,28 +273,37 @@ class MedusaDrafter(Drafter):
         h = state.hidden_states[-1]  # [H] the state that predicted the root
         logits = self.heads(h)  # [K, V_out]
         if self.budget > 0:
+            self._keys = {}
             return self._dynamic(state.root, logits)
         top = torch.topk(logits, self.k_needed, dim=-1).indices  # [K, k]
         vocab = self.heads.draft_vocab
         tokens = vocab[top[(self.depths - 1).clamp(min=0), self.choices]].cpu()
         tokens[0] = state.root
-        return TokenTree(tokens, self.parents)
+        tree = TokenTree(tokens, self.parents)
+        self._keys = dict(zip(tree.token_paths[1:], self.node_keys[1:]))
+        tree.scores = torch.tensor(self.rates.path_scores(self.parents.tolist(), self.node_keys))
+        return tree
+
+    def observe(self, result: StepResult) -> None:
+        if self._keys:
+            learn(self.rates, self._keys, result.tree, result.path)
 
     def _dynamic(self, root: int, logits: Tensor) -> TokenTree:
         """Keep the ``budget`` nodes with the highest path probability (heads treated as independent)."""
         logp, idx = torch.log_softmax(logits.float(), -1).topk(self.topk, dim=-1)  # [K, topk]
         logp, idx = logp.cpu().tolist(), self.heads.draft_vocab[idx].cpu().tolist()
         heap = [(-logp[0][i], 0, i, 0) for i in range(self.topk)]  # (-score, depth, choice, parent node)
-        tokens, parents = [root], [-1]
+        tokens, parents, scores = [root], [-1], [0.0]
         while heap and len(tokens) <= self.budget:
             neg, depth, choice, parent = heapq.heappop(heap)
             tokens.append(idx[depth][choice])
             parents.append(parent)
+            scores.append(-neg)
             node = len(tokens) - 1
             if depth + 1 < len(logp):
                 for i in range(self.topk):
                     heapq.heappush(heap, (neg - logp[depth + 1][i], depth + 1, i, node))
-        return TokenTree(torch.tensor(tokens), torch.tensor(parents))
+        return TokenTree(torch.tensor(tokens), torch.tensor(parents), scores=torch.tensor(scores).exp())
 
 
 # ---------------------------------------------------------------------- original Medusa checkpoints

@@ -8,20 +8,13 @@ last few tokens is a cheap, often correct draft.
 Differences from HF's version:
 
 * several matches give several candidate continuations, merged into one tree;
-* the draft length adapts. For each match size n we keep running estimates
-  of ``r[n][d]`` = P(draft token at depth d accepted | depth d - 1 accepted),
-  so the expected number of accepted tokens of a draft cut at depth L is
-  ``G(L) = sum_{d<=L} prod(r[n][:d])``. A verifying forward over N nodes
-  costs ``1 + fixed_cost + cost_per_token * N`` plain decode steps, so the
-  draft is cut at the L that maximises ``(1 + G(L)) / (1 + fixed_cost +
-  cost_per_token * N(L))``, and nothing is drafted (a plain step) when no L
-  beats 1. Measured on this CPU with the default model (fp32, 2 threads):
-  one node costs 1 step, two nodes ~1.5 steps (MKL leaves its fast
-  matrix-vector path), then ~0.02 step per extra node up to 32; hence the
-  defaults ``fixed_cost=0.45``, ``cost_per_token=0.02``. On a GPU a small
-  tree costs almost nothing more than one token: use ``fixed_cost=0``.
-  Where a match size stops paying, it probes again with a single-token draft
-  every ``probe_every`` matches, so its estimate can recover.
+* every node carries a score, the estimated probability that it is accepted,
+  and the engine trims the tree to the size that pays on this machine
+  (:mod:`specdec.sizing`, from the measured cost of a forward over n nodes):
+  short or no drafts where copying has not been working, long ones where it has.
+  The estimates are running averages of P(node accepted | parent accepted)
+  per (match size n, depth, candidate rank), learnt from the target's verdicts
+  (:class:`~specdec.sizing.AcceptanceRates`).
 """
 
 from __future__ import annotations
@@ -32,6 +25,7 @@ import torch
 from torch import Tensor
 
 from specdec.drafters.base import DraftState, Drafter, StepResult, config_from_options, register_drafter
+from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree
 
 __all__ = ["PromptLookupConfig", "PromptLookupDrafter", "find_candidates"]
@@ -46,12 +40,12 @@ class PromptLookupConfig:
         min_ngram: shortest suffix n-gram to match.
         num_tokens: longest draft per candidate.
         max_candidates: distinct continuations merged into the tree.
-        adaptive: cut drafts by the running acceptance estimates (see module doc).
-        fixed_cost: extra cost of any drafted forward, in decode steps.
-        cost_per_token: cost of one extra tree node, in decode steps.
-        prior: starting estimate of each per-depth acceptance rate.
+        adaptive: score nodes by learnt acceptance rates so the engine sizes
+            the tree; False proposes every candidate in full (no trimming).
+        prior_first: starting estimate of P(first draft token accepted) for the
+            most recent match (scaled by n / max_ngram: longer matches are surer).
+        prior_next: starting estimate of P(next token accepted | previous accepted).
         decay: weight of the past in the running estimates (0..1).
-        probe_every: while a match size is switched off, draft one token every this many matches.
     """
 
     max_ngram: int = 3
@@ -59,19 +53,17 @@ class PromptLookupConfig:
     num_tokens: int = 10
     max_candidates: int = 3
     adaptive: bool = True
-    fixed_cost: float = 0.45
-    cost_per_token: float = 0.02
-    prior: float = 0.6
+    prior_first: float = 0.5
+    prior_next: float = 0.8
     decay: float = 0.9
-    probe_every: int = 8
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, max_ngram={self.max_ngram}")
         if self.num_tokens < 1 or self.max_candidates < 1:
             raise ValueError("num_tokens and max_candidates must be at least 1")
-        if not 0.0 <= self.decay < 1.0 or not 0.0 < self.prior <= 1.0:
-            raise ValueError("decay must be in [0, 1) and prior in (0, 1]")
+        if not 0.0 <= self.decay < 1.0 or not 0.0 < self.prior_first <= 1.0 or not 0.0 < self.prior_next <= 1.0:
+            raise ValueError("decay must be in [0, 1), prior_first and prior_next in (0, 1]")
 
 
 def find_candidates(ids: Tensor, n: int, num_tokens: int, max_candidates: int) -> list[list[int]]:
@@ -103,7 +95,7 @@ def find_candidates(ids: Tensor, n: int, num_tokens: int, max_candidates: int) -
 
 @register_drafter("prompt-lookup")
 class PromptLookupDrafter(Drafter):
-    """n-gram copy drafter over prompt + generated text, with adaptive draft length."""
+    """n-gram copy drafter over prompt + generated text; nodes scored by learnt acceptance rates."""
 
     name = "prompt-lookup"
 
@@ -117,54 +109,44 @@ class PromptLookupDrafter(Drafter):
             raise ValueError(f"prompt-lookup takes key=value options only, got {args}")
         return cls(config_from_options(PromptLookupConfig, kwargs, cls.name))
 
-    def reset(self, prompt_ids: Tensor) -> None:
+    def _prior(self, key: tuple[int, int, int]) -> float:
+        """Key (n, depth, rank): the first token of the newest match is the uncertain one; later ranks are less likely."""
+        n, depth, rank = key
         c = self.config
-        # rates[n][d]: running P(depth d + 1 accepted | depth d accepted), per match size n.
-        self.rates = {n: torch.full((c.num_tokens,), c.prior) for n in range(c.min_ngram, c.max_ngram + 1)}
-        self.skipped = {n: 0 for n in self.rates}
-        self._last_n: int | None = None
+        base = c.prior_first * n / c.max_ngram if depth == 1 else c.prior_next
+        return base * 0.5**rank
 
-    def _cut(self, n: int, cands: list[list[int]]) -> int:
-        """Draft depth for match size n under the gain/cost rule (0: draft nothing)."""
-        c = self.config
-        if not c.adaptive:
-            return c.num_tokens
-        gain = torch.cumsum(torch.cumprod(self.rates[n], 0), 0)  # [num_tokens] G(L)
-        best, best_ratio = 0, 1.0
-        for depth in range(1, max(len(x) for x in cands) + 1):
-            nodes = len({tuple(x[:d]) for x in cands for d in range(1, min(depth, len(x)) + 1)})
-            ratio = (1.0 + float(gain[depth - 1])) / (1.0 + c.fixed_cost + c.cost_per_token * nodes)
-            if ratio > best_ratio:
-                best, best_ratio = depth, ratio
-        if best == 0:
-            self.skipped[n] += 1
-            if self.skipped[n] >= c.probe_every:
-                self.skipped[n] = 0
-                return 1
-        return best
+    def reset(self, prompt_ids: Tensor) -> None:
+        self.rates = AcceptanceRates(self._prior, self.config.decay)
+        self._keys: dict[tuple[int, ...], tuple[int, int, int]] = {}
 
     def propose(self, state: DraftState) -> TokenTree:
         c = self.config
-        self._last_n = None
+        self._keys = {}
         for n in range(c.max_ngram, c.min_ngram - 1, -1):
             cands = find_candidates(state.token_ids, n, c.num_tokens, c.max_candidates)
             if cands:
-                depth = self._cut(n, cands)
-                if depth == 0:
-                    break
-                self._last_n = n
-                return TokenTree.from_sequences(state.root, [x[:depth] for x in cands])
+                return self._scored_tree(state.root, n, cands)
         return TokenTree.root_only(state.root)
 
+    def _scored_tree(self, root: int, n: int, cands: list[list[int]]) -> TokenTree:
+        """The trie of the candidates; each node's key is (n, depth, rank of the candidate that created it)."""
+        keys: dict[tuple[int, ...], tuple[int, int, int]] = {}
+        for rank, cand in enumerate(cands):
+            for d in range(1, len(cand) + 1):
+                keys.setdefault(tuple(cand[:d]), (n, min(d, 8), min(rank, 2)))
+        self._keys = keys
+        if not self.config.adaptive:
+            return TokenTree.from_sequences(root, cands)
+        scores = [[self._path_score(tuple(c[:d]), keys) for d in range(1, len(c) + 1)] for c in cands]
+        return TokenTree.from_sequences(root, cands, scores=scores)
+
+    def _path_score(self, path: tuple[int, ...], keys: dict) -> float:
+        score = 1.0
+        for d in range(1, len(path) + 1):
+            score *= self.rates[keys[path[:d]]]
+        return score
+
     def observe(self, result: StepResult) -> None:
-        n = self._last_n
-        if n is None or result.tree.num_drafts == 0:
-            return
-        c = self.config
-        accepted = result.path.numel() - 1
-        drafted = int(result.tree.depths.max())
-        # Depths 0..accepted-1 were accepted; depth `accepted` (if drafted) was the first rejection.
-        seen = min(accepted + 1, drafted)
-        hits = torch.zeros(seen)
-        hits[:accepted] = 1.0
-        self.rates[n][:seen] = c.decay * self.rates[n][:seen] + (1 - c.decay) * hits
+        if self._keys:
+            learn(self.rates, self._keys, result.tree, result.path)

@@ -1,20 +1,30 @@
-"""``specdec bench``: acceptance and speed-up reports, side by side with HF ``generate``.
+"""``specdec bench``: acceptance and speed-up reports, side by side with HF ``generate`` and specdec's plain decoding.
 
-For every prompt, in one process and interleaved: HF ``generate`` (the
-baseline, drafter name ``hf-greedy``), HF prompt lookup (``hf-prompt-lookup``,
-``prompt_lookup_num_tokens=10``), and every drafter asked for. Same prompt,
-same ``max_new_tokens``, same thread count; one warm-up run of each method
-before timing. With ``repeats`` > 1, each method's time on a prompt is the
-median of its repeats.
+For every prompt, in one process and interleaved (the order rotates from
+prompt to prompt): HF ``generate`` (``hf-greedy``, what a user has today),
+HF prompt lookup (``hf-prompt-lookup``, ``prompt_lookup_num_tokens=10``),
+specdec's own plain decoding (``none``: the same fast forward as every
+drafter, no drafts; added when not asked for) and every drafter asked for.
+Same prompt, same ``max_new_tokens``, same thread count, same dtype (HF runs
+the very model object specdec runs); one warm-up of each method first. With
+``repeats`` > 1, each method's time on a prompt is the median of its repeats.
 
-Definitions (per drafter, overall and per category):
+Definitions (per method, overall and per category):
 
 * ``mean_accepted_length`` (τ) = new_tokens / target_forwards, where
   target_forwards counts decode forwards after the prefill (for HF runs,
   counted by a forward hook on the model);
 * ``speedup_vs_hf_greedy`` = Σ wall time of hf-greedy / Σ wall time of the
-  drafter, over the same prompts;
-* ``identical_to_greedy`` = prompts whose new tokens equal hf-greedy's exactly.
+  method, over the same prompts; ``speedup_vs_none`` likewise against
+  specdec's plain decoding, so the gain of the engine and the gain of
+  speculation show separately;
+* ``identical_to_greedy`` = prompts whose new tokens equal hf-greedy's exactly;
+  ``identical_to_plain`` = prompts equal to specdec's plain decoding (the
+  definition of lossless: the same engine with and without drafts);
+* ``mismatches`` (overall only, greedy runs): for each prompt that differs
+  from hf-greedy, ``{"question_id", "turn", "position", "margin"}``: the first
+  differing position and HF's own top-1 minus top-2 logit there (a near-tie
+  is a small margin: the fast kernels sum in another order than HF's).
 
 ``limit`` is per category. Ctrl-C stops early and writes the partial report.
 """
@@ -30,11 +40,12 @@ from pathlib import Path
 
 import torch
 
-from specdec.engine import generate, prepare_input_ids
+from specdec.engine import generate, histogram, prepare_input_ids
 
-__all__ = ["load_questions", "run_bench", "BASELINES"]
+__all__ = ["load_questions", "run_bench", "BASELINES", "PLAIN"]
 
 BASELINES = ("hf-greedy", "hf-prompt-lookup")
+PLAIN = "none"
 NAMED_SETS = {"spec-bench": "spec_bench.jsonl", "mt-bench": "mt_bench.jsonl"}
 
 
@@ -91,7 +102,7 @@ class _Run:
     target_forwards: int
     wall_time_s: float
     token_ids: list[int]
-    accepted_lengths: list[int] = field(default_factory=list)
+    tokens_per_step: list[int] = field(default_factory=list)
     profile: dict = field(default_factory=dict)
 
 
@@ -123,30 +134,30 @@ def _hf(model, ids, max_new_tokens, temperature, lookup, seed, counter) -> _Run:
     return _Run("hf-prompt-lookup" if lookup else "hf-greedy", "", len(new), forwards, wall, new)
 
 
-def _ours(model, tokenizer, ids, spec, max_new_tokens, temperature, seed) -> _Run:
+def _ours(model, tokenizer, ids, spec, max_new_tokens, temperature, seed, options) -> _Run:
     r = generate(model, tokenizer, ids, drafter=spec, max_new_tokens=max_new_tokens, temperature=temperature,
-                 seed=seed if temperature > 0 else None)
+                 seed=seed if temperature > 0 else None, **options)
     s = r.stats
-    return _Run(spec, "", s.new_tokens, s.target_forwards, s.wall_time_s, r.token_ids, list(s.accepted_lengths), s.profile.as_dict())
+    return _Run(spec, "", s.new_tokens, s.target_forwards, s.wall_time_s, r.token_ids, list(s.tokens_per_step), s.profile.as_dict())
 
 
-def _metrics(runs: list[_Run], base: dict[tuple, float], greedy_ids: dict[tuple, list[int]], keys: list[tuple]) -> dict:
+def _metrics(runs: list[_Run], base: dict[str, dict[tuple, _Run]], keys: list[tuple]) -> dict:
+    """Totals and ratios of one method over some prompts; ``base`` holds the baselines' runs by prompt key."""
     new = sum(r.new_tokens for r in runs)
     fwd = sum(r.target_forwards for r in runs)
     wall = sum(r.wall_time_s for r in runs)
-    hist: dict[str, int] = {}
-    for r in runs:
-        for n in r.accepted_lengths:
-            hist[str(n)] = hist.get(str(n), 0) + 1
+    hf, plain = base["hf-greedy"], base.get(PLAIN, {})
     return {
         "prompts": len(runs),
         "new_tokens": new,
         "target_forwards": fwd,
         "mean_accepted_length": round(new / fwd, 4) if fwd else 0.0,
         "tokens_per_s": round(new / wall, 3) if wall else 0.0,
-        "speedup_vs_hf_greedy": round(sum(base[k] for k in keys) / wall, 4) if wall else 0.0,
-        "identical_to_greedy": sum(1 for r, k in zip(runs, keys) if r.token_ids == greedy_ids[k]),
-        "accepted_length_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+        "speedup_vs_hf_greedy": round(sum(hf[k].wall_time_s for k in keys) / wall, 4) if wall else 0.0,
+        "speedup_vs_none": round(sum(plain[k].wall_time_s for k in keys) / wall, 4) if wall and plain else None,
+        "identical_to_greedy": sum(1 for r, k in zip(runs, keys) if r.token_ids == hf[k].token_ids),
+        "identical_to_plain": sum(1 for r, k in zip(runs, keys) if r.token_ids == plain[k].token_ids) if plain else None,
+        "tokens_per_step_histogram": histogram([n for r in runs for n in r.tokens_per_step]),
         "wall_time_s": round(wall, 4),
     }
 
@@ -160,10 +171,26 @@ def _profile(runs: list[_Run]) -> dict:
     return {k: {"seconds": round(v, 4), "fraction": round(v / s, 4)} for k, v in total.items()}
 
 
+@torch.inference_mode()
+def _mismatches(model, runs: list[_Run], hf: dict[tuple, _Run], keys: list[tuple], prompts: dict[tuple, torch.Tensor]) -> list[dict]:
+    """First difference from HF greedy per differing prompt, with HF's own top-1 / top-2 logit margin there."""
+    out = []
+    for r, k in zip(runs, keys):
+        ref = hf[k].token_ids
+        if r.token_ids == ref:
+            continue
+        pos = next((i for i, (a, b) in enumerate(zip(r.token_ids, ref)) if a != b), min(len(r.token_ids), len(ref)))
+        context = torch.cat([prompts[k], torch.tensor(ref[:pos], dtype=torch.long)])
+        logits = model(context[None].to(model.device)).logits[0, -1].float()
+        top = torch.topk(logits, 2).values
+        out.append({"question_id": k[0], "turn": k[1], "position": pos, "margin": round(float(top[0] - top[1]), 6)})
+    return out
+
+
 def run_bench(
     model, tokenizer, drafters: list[str], questions: list[dict], *, out_dir: str | Path, model_name: str,
     max_new_tokens: int = 128, temperature: float = 0.0, repeats: int = 1, profile: bool = False,
-    multi_turn: bool = False, progress: bool = True,
+    multi_turn: bool = False, progress: bool = True, fast: bool = True,
 ) -> dict:
     """Run the benchmark and write ``report.json``, ``report.md`` and plots into ``out_dir``; return the report."""
     from specdec.drafters import build_drafter
@@ -174,29 +201,34 @@ def run_bench(
         raise ValueError("repeats must be >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    options = {"fast": fast}
+    cost = _cost_profile(model, fast)
     items = _prompts(tokenizer, questions, multi_turn, model, max_new_tokens)
-    methods = list(BASELINES) + list(drafters)
+    ours = list(drafters) if PLAIN in drafters else [PLAIN] + list(drafters)
+    methods = list(BASELINES) + ours
     counter = _ForwardCounter(model)
     runs: dict[str, list[_Run]] = {m: [] for m in methods}
     keys: list[tuple] = []
     partial = False
     try:
-        _warm_up(model, tokenizer, drafters, items[0][2], temperature, counter)
+        _warm_up(model, tokenizer, methods, items[0][2], temperature, counter, options)
         bar = _progress(len(items), progress)
         for i, (key, category, ids) in enumerate(items):
             order = methods[i % len(methods):] + methods[: i % len(methods)]  # rotate to spread drift
             for method in order:
-                reps = [_one(model, tokenizer, method, ids, max_new_tokens, temperature, seed=1000 * i + r, counter=counter) for r in range(repeats)]
+                reps = [_one(model, tokenizer, method, ids, max_new_tokens, temperature, 1000 * i + r, counter, options)
+                        for r in range(repeats)]
                 best = reps[0]
                 best.wall_time_s = statistics.median(r.wall_time_s for r in reps)
                 best.category = category
                 runs[method].append(best)
             keys.append(key)
             if bar is not None:
-                first = drafters[0] if drafters else "hf-prompt-lookup"
-                m = _metrics(runs[first], {k: r.wall_time_s for k, r in zip(keys, runs["hf-greedy"])},
-                             {k: r.token_ids for k, r in zip(keys, runs["hf-greedy"])}, keys)
-                bar.set_postfix_str(f"{first}: tau {m['mean_accepted_length']:.2f}, speed-up {m['speedup_vs_hf_greedy']:.2f}x")
+                first = drafters[0] if drafters else PLAIN
+                base = {b: dict(zip(keys, runs[b])) for b in ("hf-greedy", PLAIN)}
+                m = _metrics(runs[first], base, keys)
+                bar.set_postfix_str(f"{first}: tau {m['mean_accepted_length']:.2f}, {m['speedup_vs_hf_greedy']:.2f}x HF, "
+                                    f"{m['speedup_vs_none']:.2f}x none")
                 bar.update(1)
         if bar is not None:
             bar.close()
@@ -208,20 +240,31 @@ def run_bench(
         print(f"\ninterrupted: writing a partial report over the {n} prompts finished", flush=True)
     finally:
         counter.handle.remove()
-    report = _report(model, model_name, methods, runs, keys, max_new_tokens, temperature, profile, partial)
+    prompts = {k: ids for k, _, ids in items}
+    report = _report(model, model_name, methods, runs, keys, prompts, max_new_tokens, temperature, profile, partial, fast, cost)
     _write(report, out)
     return report
 
 
-def _one(model, tokenizer, method, ids, max_new_tokens, temperature, seed, counter) -> _Run:
+def _cost_profile(model, fast: bool) -> dict | None:
+    """The cost profile the engine sizes trees with (measured now if this machine has none cached)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    from specdec.profile import get_profile
+    from specdec.tree_attention.hf import resolve_backend
+
+    return get_profile(model, fast=fast, attn=resolve_backend("auto", model.device)).as_dict()
+
+
+def _one(model, tokenizer, method, ids, max_new_tokens, temperature, seed, counter, options) -> _Run:
     if method in BASELINES:
         return _hf(model, ids, max_new_tokens, temperature, method == "hf-prompt-lookup", seed, counter)
-    return _ours(model, tokenizer, ids, method, max_new_tokens, temperature, seed)
+    return _ours(model, tokenizer, ids, method, max_new_tokens, temperature, seed, options)
 
 
-def _warm_up(model, tokenizer, drafters, ids, temperature, counter) -> None:
-    for method in list(BASELINES) + list(drafters):
-        _one(model, tokenizer, method, ids, 8, temperature, 0, counter)
+def _warm_up(model, tokenizer, methods, ids, temperature, counter, options) -> None:
+    for method in methods:
+        _one(model, tokenizer, method, ids, 8, temperature, 0, counter, options)
 
 
 def _progress(total: int, enabled: bool):
@@ -250,21 +293,23 @@ def _prompts(tokenizer, questions, multi_turn, model, max_new_tokens) -> list[tu
     return items
 
 
-def _report(model, model_name, methods, runs, keys, max_new_tokens, temperature, profile, partial) -> dict:
+def _report(model, model_name, methods, runs, keys, prompts, max_new_tokens, temperature, profile, partial, fast, cost) -> dict:
     import specdec
 
-    base = {k: r.wall_time_s for k, r in zip(keys, runs["hf-greedy"])}
-    greedy_ids = {k: r.token_ids for k, r in zip(keys, runs["hf-greedy"])}
+    base = {b: dict(zip(keys, runs[b])) for b in ("hf-greedy", PLAIN)}
     entries = []
     for m in methods:
         rs = runs[m]
         cats: dict[str, list[int]] = {}
         for i, r in enumerate(rs):
             cats.setdefault(r.category, []).append(i)
+        overall = _metrics(rs, base, keys[: len(rs)])
+        if temperature == 0:
+            overall["mismatches"] = _mismatches(model, rs, base["hf-greedy"], keys[: len(rs)], prompts)
         entry = {
             "drafter": m,
-            "overall": _metrics(rs, base, greedy_ids, keys[: len(rs)]),
-            "by_category": {c: _metrics([rs[i] for i in idx], base, greedy_ids, [keys[i] for i in idx]) for c, idx in cats.items()},
+            "overall": overall,
+            "by_category": {c: _metrics([rs[i] for i in idx], base, [keys[i] for i in idx]) for c, idx in cats.items()},
         }
         if profile and m not in BASELINES:
             entry["profile"] = _profile(rs)
@@ -277,6 +322,8 @@ def _report(model, model_name, methods, runs, keys, max_new_tokens, temperature,
         "max_new_tokens": max_new_tokens,
         "temperature": float(temperature),
         "specdec_version": specdec.__version__,
+        "fast": fast,
+        "cost_profile": cost,
         "partial": partial,
         "runs": entries,
     }
@@ -288,32 +335,43 @@ def _write(report: dict, out: Path) -> None:
     (out / "report.md").write_text(_markdown(report, plots))
 
 
+def _fmt(x, spec: str, suffix: str = "") -> str:
+    return "–" if x is None else f"{x:{spec}}{suffix}"
+
+
 def _markdown(report: dict, plots: list[str]) -> str:
     lines = [
         f"# specdec bench: {report['model']}",
         "",
         f"device {report['device']}, {report['dtype']}, {report['threads']} threads, max_new_tokens {report['max_new_tokens']}, "
-        f"temperature {report['temperature']}, specdec {report['specdec_version']}" + (" — **partial (interrupted)**" if report["partial"] else ""),
+        f"temperature {report['temperature']}, fast kernels {'on' if report['fast'] else 'off'}, specdec {report['specdec_version']}"
+        + (" — **partial (interrupted)**" if report["partial"] else ""),
         "",
-        "τ = new tokens per target forward; speed-up = Σ HF-greedy wall time / Σ wall time over the same prompts; "
-        "identical = prompts whose output equals HF greedy token for token.",
+        "τ = new tokens per target forward; speed-up = Σ baseline wall time / Σ wall time over the same prompts "
+        "(baselines: HF `generate` greedy, and specdec's own plain decoding `none`); identical = prompts whose output "
+        "equals HF greedy / specdec's plain decoding token for token; near-ties = prompts that differ from HF greedy, "
+        "with the largest HF top-1 − top-2 logit margin at a first difference.",
         "",
         "## Overall",
         "",
-        "| drafter | prompts | τ | tokens/s | speed-up | identical |",
-        "|---|---|---|---|---|---|",
+        "| drafter | prompts | τ | tokens/s | vs HF greedy | vs none | identical HF | identical plain | differ from HF (max margin) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in report["runs"]:
         m = e["overall"]
+        mism = m.get("mismatches")
+        differ = "–" if mism is None else (f"{len(mism)} ({max(x['margin'] for x in mism):.3g})" if mism else "0")
         lines.append(f"| {e['drafter']} | {m['prompts']} | {m['mean_accepted_length']:.2f} | {m['tokens_per_s']:.1f} | "
-                     f"{m['speedup_vs_hf_greedy']:.2f}× | {m['identical_to_greedy']}/{m['prompts']} |")
+                     f"{m['speedup_vs_hf_greedy']:.2f}× | {_fmt(m['speedup_vs_none'], '.2f', '×')} | "
+                     f"{m['identical_to_greedy']}/{m['prompts']} | {_fmt(m['identical_to_plain'], 'd')}/{m['prompts']} | {differ} |")
     cats = sorted({c for e in report["runs"] for c in e["by_category"]})
-    lines += ["", "## By category (τ / speed-up / identical)", "", "| drafter | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+    lines += ["", "## By category (τ / speed-up vs HF greedy / speed-up vs none)", "",
+              "| drafter | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
     for e in report["runs"]:
         cells = []
         for c in cats:
             m = e["by_category"].get(c)
-            cells.append(f"{m['mean_accepted_length']:.2f} / {m['speedup_vs_hf_greedy']:.2f}× / {m['identical_to_greedy']}/{m['prompts']}" if m else "–")
+            cells.append(f"{m['mean_accepted_length']:.2f} / {m['speedup_vs_hf_greedy']:.2f}× / {_fmt(m['speedup_vs_none'], '.2f', '×')}" if m else "–")
         lines.append(f"| {e['drafter']} | " + " | ".join(cells) + " |")
     profiled = [e for e in report["runs"] if "profile" in e]
     if profiled:
@@ -321,6 +379,13 @@ def _markdown(report: dict, plots: list[str]) -> str:
         for e in profiled:
             p = e["profile"]
             lines.append(f"| {e['drafter']} | " + " | ".join(f"{p.get(k, {}).get('fraction', 0) * 100:.1f}%" for k in ("draft", "forward", "accept", "commit", "other")) + " |")
+    cost = report.get("cost_profile")
+    if cost:
+        ns = sorted(cost["v"], key=int)
+        lines += ["", f"## Cost profile used (plain step {cost['step_ms']:.1f} ms)", "",
+                  "| n nodes | " + " | ".join(ns) + " |", "|---|" + "---|" * len(ns),
+                  "| v(n) | " + " | ".join(f"{cost['v'][n]:.2f}" for n in ns) + " |",
+                  "| linear kernel | " + " | ".join(cost["linear_plan"].get(n, "torch") for n in ns) + " |"]
     for name in plots:
         lines += ["", f"![{name}]({name})"]
     return "\n".join(lines) + "\n"
@@ -347,10 +412,10 @@ def _plots(report: dict, out: Path) -> list[str]:
     fig.savefig(out / "speedup.png", dpi=110)
     plt.close(fig)
 
-    ours = [e for e in report["runs"] if e["overall"]["accepted_length_histogram"]]
+    ours = [e for e in report["runs"] if e["overall"]["tokens_per_step_histogram"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for e in ours:
-        h = e["overall"]["accepted_length_histogram"]
+        h = e["overall"]["tokens_per_step_histogram"]
         total = sum(h.values())
         xs = sorted(int(k) for k in h)
         ax.plot(xs, [h[str(x)] / total for x in xs], marker="o", label=e["drafter"])

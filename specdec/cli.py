@@ -1,6 +1,9 @@
 """The ``specdec`` command line.
 
     specdec generate --model default --drafter prompt-lookup --prompt "..."
+    specdec bench --model default --drafter prompt-lookup --prompts spec-bench --out DIR
+    specdec profile --model default       the measured cost of a forward over n tree nodes
+    specdec train --recipe NAME           fit a drafter
     specdec drafters                      list the registered drafters
 """
 
@@ -10,6 +13,8 @@ import argparse
 import json
 import sys
 import time
+
+from specdec.config import DTYPES
 
 
 def _add_generate(sub) -> None:
@@ -32,20 +37,19 @@ def _add_generate(sub) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--attn", choices=["auto", "torch", "triton"], default="auto", help="tree attention in the verifying forward: the Triton kernel, the torch dense-mask reference, or auto (triton on CUDA) (default: %(default)s)")
     p.add_argument("--compare", action="store_true", help="also run plain HF greedy generate and report the speed-up")
-    p.add_argument("--dtype", default=None, help="model dtype, e.g. float32 (default), bfloat16")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="load the model in this dtype (default float32); bfloat16 halves the weights' memory traffic")
+    p.add_argument("--no-fast", dest="fast", action="store_false", help="run the model's own kernels instead of the measured fast ones (the reference path)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=_cmd_generate)
 
 
-def _sampling_options(args) -> dict:
-    opts = {"attn": args.attn}
-    if args.top_p is not None:
-        opts["top_p"] = args.top_p
-    if args.top_k is not None:
-        opts["top_k"] = args.top_k
-    if args.acceptance != "exact":
-        opts["acceptance"] = args.acceptance
-    return opts
+def _generation_config(args):
+    from specdec.config import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        acceptance=args.acceptance, seed=args.seed, stop=tuple(args.stop or ()), attn=args.attn, fast=args.fast,
+    )
 
 
 def _cmd_generate(args) -> int:
@@ -59,17 +63,13 @@ def _cmd_generate(args) -> int:
     if not prompt_text.strip():
         raise ValueError("the prompt is empty; pass --prompt 'some text'")
     build_drafter(args.drafter)  # fail on a bad spec before loading the model
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    config = _generation_config(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     use_chat = not args.raw and getattr(tokenizer, "chat_template", None)
     prompt = [{"role": "user", "content": prompt_text}] if use_chat else prompt_text
     if args.compare:  # warm both paths up so neither timing pays first-call costs
-        generate(model, tokenizer, prompt, drafter=args.drafter, max_new_tokens=4)
-    result = generate(
-        model, tokenizer, prompt, drafter=args.drafter, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, stop=args.stop, seed=args.seed, **_sampling_options(args),
-    )
+        generate(model, tokenizer, prompt, config, drafter=args.drafter, max_new_tokens=4)
+    result = generate(model, tokenizer, prompt, config, drafter=args.drafter)
     out = {"text": result.text, "finish_reason": result.finish_reason, "drafter": args.drafter, "stats": result.stats.as_dict()}
     if args.compare:
         ids = prepare_input_ids(tokenizer, prompt)[None]
@@ -130,7 +130,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per prompt and method; the median wall time counts (default: %(default)s)")
     p.add_argument("--multi-turn", action="store_true", help="also run later turns, with HF-greedy answers as history")
     p.add_argument("--profile", action="store_true", help="add the per-step time breakdown (draft, forward, accept, commit, other)")
-    p.add_argument("--dtype", default=None, help="model dtype (default float32)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="model dtype (default float32); HF generate runs the same model, so the same dtype")
+    p.add_argument("--no-fast", dest="fast", action="store_false", help="specdec runs with the model's own kernels instead of the measured fast ones")
     p.add_argument("--out", required=True, help="output directory for report.json, report.md and the plots")
     p.set_defaults(func=_cmd_bench)
 
@@ -150,12 +151,13 @@ def _cmd_bench(args) -> int:
     report = run_bench(
         model, tokenizer, args.drafter, questions, out_dir=args.out, model_name=str(args.model),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
-        profile=args.profile, multi_turn=args.multi_turn,
+        profile=args.profile, multi_turn=args.multi_turn, fast=args.fast,
     )
     for e in report["runs"]:
         m = e["overall"]
+        vs_none = "" if m["speedup_vs_none"] is None else f"  {m['speedup_vs_none']:.2f}x none"
         print(f"{e['drafter']:>24}: tau {m['mean_accepted_length']:.2f}  {m['tokens_per_s']:.1f} tok/s  "
-              f"speed-up {m['speedup_vs_hf_greedy']:.2f}x  identical {m['identical_to_greedy']}/{m['prompts']}")
+              f"{m['speedup_vs_hf_greedy']:.2f}x HF{vs_none}  identical HF {m['identical_to_greedy']}/{m['prompts']}")
     print(f"report: {args.out}/report.md")
     return 0
 
@@ -223,6 +225,76 @@ def _cmd_distill(args) -> int:
     return 0
 
 
+def _add_profile(sub) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="measure the cost of a forward over n tree nodes on this machine",
+        description="Measure (or show the cached) cost of one target forward over n = 1, 2, 4, ..., 64 tree nodes, as "
+        "multiples of a plain single-token step, through the engine's own forward; and the linear kernels chosen for it. "
+        "Every drafter sizes its tree from this curve. Cached under $SPECDEC_CACHE/profiles, keyed by model, dtype, "
+        "device, threads, fast on/off and versions.",
+    )
+    p.add_argument("--model", default="default", help="'default', a local HF model directory or a .gguf file (default: %(default)s)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="model dtype (default float32)")
+    p.add_argument("--no-fast", dest="fast", action="store_false", help="profile the model's own kernels instead of the fast ones")
+    p.add_argument("--attn", choices=["auto", "torch", "triton"], default="auto", help="tree attention backend (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--remeasure", action="store_true", help="measure again even if a cached profile fits")
+    p.add_argument("--plot", default=None, help="also write a plot of v(n) to this PNG file")
+    p.add_argument("--json", action="store_true", help='print {"step_ms": ..., "v": {"1": 1.0, ...}, ...} instead of a table')
+    p.set_defaults(func=_cmd_profile)
+
+
+def _cmd_profile(args) -> int:
+    import torch
+
+    from specdec.models import load_model
+    from specdec.profile import get_profile, measure_profile, profile_key, save_profile
+    from specdec.tree_attention.hf import resolve_backend
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model, _ = load_model(args.model, dtype=args.dtype)
+    attn = resolve_backend(args.attn, model.device)
+    if args.remeasure:
+        profile = measure_profile(model, fast=args.fast, attn=attn)
+        save_profile(profile)
+    else:
+        profile = get_profile(model, fast=args.fast, attn=attn, progress=not args.json)
+    if args.plot:
+        _plot_profile(profile, args.plot)
+    if args.json:
+        print(json.dumps(profile.as_dict(), indent=2))
+        return 0
+    key = profile_key(model, fast=args.fast, attn=attn)
+    print(f"{key['model']} ({key['dtype']}, {key['device']}, {key['threads']} threads, fast kernels {'on' if args.fast else 'off'})")
+    print(f"plain step: {profile.step_ms:.1f} ms")
+    print(profile.table())
+    print("linear kernels by rows: " + ", ".join(f"{k}: {v}" for k, v in profile.linear_plan.items()))
+    return 0
+
+
+def _plot_profile(profile, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = sorted(profile.v)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ns, [profile.v[n] for n in ns], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tree nodes in one forward")
+    ax.set_ylabel("cost (plain steps)")
+    ax.set_title(f"plain step {profile.step_ms:.1f} ms")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_train(sub)
     _add_data(sub)
+    _add_profile(sub)
     p = sub.add_parser("drafters", help="list the registered drafter names")
     p.set_defaults(func=_cmd_drafters)
     return parser

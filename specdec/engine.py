@@ -3,6 +3,7 @@
 One step, in the words of ARCHITECTURE.md::
 
     tree = drafter.propose(state)                       # root = last committed token
+    tree = trim(tree, cost)                             # the size that pays on this machine
     logits = target(tree, positions = P + depth,        # P = committed prefix length
                     mask = prefix ∪ ancestors)
     acceptance = verifier.accept(tree, logits)          # accepted path + bonus token
@@ -16,25 +17,19 @@ The prefill runs the whole prompt and yields the first new token (as HF
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from specdec.cache import TreeKVCache
+from specdec.config import GenerationConfig, options_into
 from specdec.drafters.base import DraftState, Drafter, StepResult, build_drafter
+from specdec.kernels import FastLinears
+from specdec.runner import TreeRunner
+from specdec.sizing import trim
 from specdec.tree import TokenTree
-from specdec.tree_attention.reference import additive_tree_mask
-
-
-def pack_ancestor_mask(mask: Tensor) -> Tensor:
-    from specdec.tree_attention.triton_kernel import pack_ancestor_mask as pack
-
-    return pack(mask)
-from specdec.tree_attention.hf import resolve_backend, tree_attention_for
 from specdec.verifiers import make_verifier
 from specdec.verifiers.base import Verifier
 
@@ -55,13 +50,26 @@ class StepProfile:
         return {k: round(v, 6) for k, v in self.__dict__.items()}
 
 
+class _Clock:
+    """Adds the time since the previous lap to a named phase of a :class:`StepProfile`."""
+
+    def __init__(self, profile: StepProfile) -> None:
+        self.profile, self.t = profile, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        setattr(self.profile, phase, getattr(self.profile, phase) + now - self.t)
+        self.t = now
+
+
 @dataclass
 class GenerationStats:
     """Counters of one generation.
 
     ``mean_accepted_length`` (τ) is ``new_tokens / target_forwards``: tokens
     emitted per decode forward; plain decoding gives ~1 (slightly above,
-    since the prefill emits the first token).
+    since the prefill emits the first token). ``tokens_per_step`` lists, per
+    decode step, the tokens it emitted: accepted drafts plus the bonus token.
     """
 
     new_tokens: int = 0
@@ -70,7 +78,7 @@ class GenerationStats:
     wall_time_s: float = 0.0
     prefill_time_s: float = 0.0
     drafted_tokens: int = 0
-    accepted_lengths: list[int] = field(default_factory=list)  # tokens emitted per decode step
+    tokens_per_step: list[int] = field(default_factory=list)
     profile: StepProfile = field(default_factory=StepProfile)
 
     @property
@@ -91,7 +99,7 @@ class GenerationStats:
             "prompt_tokens": self.prompt_tokens,
             "prefill_time_s": round(self.prefill_time_s, 4),
             "drafted_tokens": self.drafted_tokens,
-            "accepted_length_histogram": _histogram(self.accepted_lengths),
+            "tokens_per_step_histogram": histogram(self.tokens_per_step),
             "profile": self.profile.as_dict(),
         }
 
@@ -106,9 +114,10 @@ class GenerationResult:
     finish_reason: str  # "eos" | "stop" | "length"
 
 
-def _histogram(lengths: Sequence[int]) -> dict[str, int]:
+def histogram(counts: Sequence[int]) -> dict[str, int]:
+    """``{"1": how many steps emitted 1 token, "2": ..., ...}`` in increasing order."""
     hist: dict[str, int] = {}
-    for n in lengths:
+    for n in counts:
         hist[str(n)] = hist.get(str(n), 0) + 1
     return dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
 
@@ -164,8 +173,6 @@ class _StopStrings:
     def __init__(self, tokenizer, stops: Sequence[str]) -> None:
         if tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        if any(not s for s in stops):
-            raise ValueError("stop strings must be non-empty")
         self.tokenizer, self.stops = tokenizer, list(stops)
         self.window = max(len(s) for s in stops) + 2  # a token decodes to >= 1 character, mostly
 
@@ -183,37 +190,6 @@ class StepEvent:
     finish_reason: str | None
 
 
-def _forward(model, cache: TreeKVCache, tree: TokenTree, hidden: bool, attn: str = "torch"):
-    """One target forward over the tree; returns ([N, V] logits, [N, H] last hidden states or None).
-
-    ``attn="torch"`` hands the model a dense 4-D additive mask (its own
-    attention runs it); ``"triton"`` hands the packed ancestor bits to the
-    tree kernel registered in transformers' attention interface.
-    """
-    prefix_len = cache.get_seq_length()
-    device = model.device
-    kwargs = {}
-    if len(tree) > 1 and attn == "triton":
-        kwargs["specdec_tree_bits"] = pack_ancestor_mask(tree.ancestor_mask.to(device))
-        kwargs["specdec_ancestor_mask"] = tree.ancestor_mask.to(device)
-    elif len(tree) > 1:  # a lone root is a plain causal step: no mask needed
-        kwargs["attention_mask"] = additive_tree_mask(prefix_len, tree.ancestor_mask, model.dtype).to(device)
-    out = model(
-        input_ids=tree.tokens[None].to(device),
-        position_ids=tree.position_ids(prefix_len)[None].to(device),
-        cache=cache,
-        use_cache=True,
-        output_hidden_states=hidden,
-        **kwargs,
-    )
-    return _upcast(out.logits[0]), (out.hidden_states[-1][0] if hidden else None)
-
-
-def _upcast(logits: Tensor) -> Tensor:
-    """Half-precision logits go to float32 for acceptance; float32/64 stay as they are."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
-
 @torch.inference_mode()
 def decode_steps(
     model,
@@ -227,134 +203,171 @@ def decode_steps(
     generator: torch.Generator | None = None,
     stats: GenerationStats | None = None,
     attn: str = "torch",
+    fast: FastLinears | None = None,
+    cost: Callable[[int], float] | None = None,
+    max_nodes: int = 64,
 ) -> Iterator[StepEvent]:
     """The core generator: yields each step's emitted tokens until EOS, a stop string or the length limit.
 
     Args:
         input_ids: [T] long prompt ids (T >= 1).
+        fast: fast linear kernels for the target's forwards (None: the model's own).
+        cost: v(n), the measured cost of a forward over n nodes; with it, trees
+            that carry scores are trimmed to the size that pays (None: as proposed).
+        max_nodes: the most nodes one forward may hold.
     """
     stats = stats if stats is not None else GenerationStats()
-    prof = stats.profile
     hidden_needed = drafter.needs_hidden_states
     ids = input_ids.clone()
     new: list[int] = []
-    cache = TreeKVCache()
     drafter.reset(ids)
+    with TreeRunner(model, attn=attn, fast=fast) as runner:
+        # 1. Prefill: the whole prompt; its last logits give the first token.
+        t0 = time.perf_counter()
+        out = runner.prefill(ids, hidden=hidden_needed)
+        first = verifier.accept(TokenTree.root_only(int(ids[-1])), out.logits[-1:], generator, ids[:-1]).bonus
+        stats.prefill_time_s += time.perf_counter() - t0
+        hidden = out.hidden_states[-1:] if hidden_needed else None
+        pending = [first]
 
-    # 1. Prefill: the whole prompt; its last logits give the first token.
-    t0 = time.perf_counter()
-    logits, hidden = _forward_prefill(model, cache, ids, hidden_needed)
-    first = verifier.accept(TokenTree.root_only(int(ids[-1])), logits[-1:], generator, ids[:-1]).bonus
-    stats.prefill_time_s += time.perf_counter() - t0
-    hidden = hidden[-1:] if hidden is not None else None
-    pending = [first]
-
-    while True:
-        # 2. Emit what the last step accepted, cut at EOS / stop / length exactly where plain decoding stops.
-        emitted, reason = [], None
-        for tok in pending:
-            emitted.append(tok)
-            new.append(tok)
-            if tok in eos_ids:
-                reason = "eos"
-            elif stop is not None and stop.hit(new):
-                reason = "stop"
-            elif len(new) >= max_new_tokens:
-                reason = "length"
+        while True:
+            # 2. Emit what the last step accepted, cut at EOS / stop / length exactly where plain decoding stops.
+            emitted, reason = _emit(pending, new, eos_ids, stop, max_new_tokens)
+            stats.new_tokens = len(new)
+            ids = torch.cat([ids, torch.tensor(emitted, dtype=torch.long)])
+            yield StepEvent(emitted, reason)
             if reason:
-                break
-        stats.new_tokens = len(new)
-        ids = torch.cat([ids, torch.tensor(emitted, dtype=torch.long)])
-        yield StepEvent(emitted, reason)
-        if reason:
-            return
+                return
 
-        # 3. Draft.
-        t1 = time.perf_counter()
-        tree = drafter.propose(DraftState(ids, input_ids.numel(), hidden))
-        if int(tree.tokens[0]) != int(ids[-1]):
-            raise RuntimeError(f"drafter {drafter.name!r} proposed a tree whose root is not the last committed token")
-        t2 = time.perf_counter()
+            # 3. Draft, and size the tree for this machine.
+            clock = _Clock(stats.profile)
+            tree = drafter.propose(DraftState(ids, input_ids.numel(), hidden))
+            if int(tree.tokens[0]) != int(ids[-1]):
+                raise RuntimeError(f"drafter {drafter.name!r} proposed a tree whose root is not the last committed token")
+            if cost is not None:
+                tree = trim(tree, cost, max_nodes)
+            clock.lap("draft")
 
-        # 4. Verify: one target forward over the tree, then accept.
-        prefix_len = cache.get_seq_length()
-        logits, hidden_all = _forward(model, cache, tree, hidden_needed, attn)
-        t3 = time.perf_counter()
-        acceptance = verifier.accept(tree, logits, generator, ids[:-1])
-        t4 = time.perf_counter()
+            # 4. Verify: one target forward over the tree, then accept.
+            prefix_len = runner.prefix_len
+            out = runner.forward(tree, hidden=hidden_needed)
+            clock.lap("forward")
+            acceptance = verifier.accept(tree, out.logits, generator, ids[:-1])
+            clock.lap("accept")
 
-        # 5. Commit the accepted path's KV; hand its hidden states to the drafter.
-        cache.commit(prefix_len, acceptance.path)
-        hidden = hidden_all[acceptance.path] if hidden_all is not None else None
-        t5 = time.perf_counter()
-        pending = acceptance.new_tokens(tree)
-        drafter.observe(StepResult(tree, acceptance.path, pending, hidden))
-        stats.target_forwards += 1
-        stats.drafted_tokens += tree.num_drafts
-        stats.accepted_lengths.append(len(pending))
-        t6 = time.perf_counter()
-        prof.draft += t2 - t1
-        prof.forward += t3 - t2
-        prof.accept += t4 - t3
-        prof.commit += t5 - t4
-        prof.other += t6 - t5
+            # 5. Commit the accepted path's KV; hand its hidden states to the drafter.
+            runner.commit(prefix_len, acceptance.path)
+            hidden = out.hidden_states[acceptance.path] if hidden_needed else None
+            clock.lap("commit")
+            pending = acceptance.new_tokens(tree)
+            drafter.observe(StepResult(tree, acceptance.path, pending, hidden))
+            stats.target_forwards += 1
+            stats.drafted_tokens += tree.num_drafts
+            stats.tokens_per_step.append(len(pending))
+            clock.lap("other")
 
 
-def _forward_prefill(model, cache: TreeKVCache, ids: Tensor, hidden: bool):
-    """Causal forward over the prompt: [T, V] logits (only the last row is used) and hidden states."""
-    out = model(
-        input_ids=ids[None].to(model.device),
-        cache=cache,
-        use_cache=True,
-        output_hidden_states=hidden,
-        logits_to_keep=1,
-    )
-    return _upcast(out.logits[0]), (out.hidden_states[-1][0] if hidden else None)
+def _emit(pending: list[int], new: list[int], eos_ids: set[int], stop: _StopStrings | None, limit: int) -> tuple[list[int], str | None]:
+    """Append ``pending`` to ``new`` token by token, stopping at EOS, a stop string or the length limit."""
+    emitted: list[int] = []
+    for tok in pending:
+        emitted.append(tok)
+        new.append(tok)
+        if tok in eos_ids:
+            return emitted, "eos"
+        if stop is not None and stop.hit(new):
+            return emitted, "stop"
+        if len(new) >= limit:
+            return emitted, "length"
+    return emitted, None
 
 
 # --------------------------------------------------------------------------- public calls
-def _setup(model, tokenizer, prompt, drafter, max_new_tokens, temperature, stop, seed, attn="auto", **sampling):
+@dataclass
+class _Run:
+    """Everything a generation needs, validated before any model work."""
+
+    input_ids: Tensor
+    drafter: Drafter
+    verifier: Verifier
+    config: GenerationConfig
+    stop: _StopStrings | None
+    generator: torch.Generator | None
+    attn: str
+    fast: FastLinears | None
+    cost: Callable[[int], float] | None
+
+
+def _setup(model, tokenizer, prompt, drafter, config: GenerationConfig | None, options: dict) -> _Run:
     """Validate everything before any model work; return the pieces of a run."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    config = options_into(GenerationConfig, options, what="generation option", base=config or GenerationConfig())
     input_ids = prepare_input_ids(tokenizer, prompt)
     if input_ids.numel() == 0:
         raise ValueError("the prompt has no tokens; give a non-empty prompt")
     ctx = _context_length(model)
     if ctx is not None and input_ids.numel() >= ctx:
-        raise ValueError(
-            f"the prompt has {input_ids.numel()} tokens but the model's context is {ctx}; shorten the prompt"
-        )
+        raise ValueError(f"the prompt has {input_ids.numel()} tokens but the model's context is {ctx}; shorten the prompt")
     vocab = model.get_output_embeddings().weight.shape[0]
     if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
         raise ValueError(f"prompt token ids must lie in [0, {vocab}) for this model")
+    model_dtype = str(getattr(model, "dtype", "")).replace("torch.", "")
+    if config.dtype is not None and config.dtype != model_dtype:
+        raise ValueError(f"dtype={config.dtype!r} but the model is {model_dtype}; specdec never converts your model: "
+                         f"load it with load_model(..., dtype={config.dtype!r})")
     drafter_obj = build_drafter(drafter)
     drafter_obj.bind(model, tokenizer)
-    verifier = make_verifier(model, temperature=temperature, **sampling)
-    if temperature > 0 and seed is None:
+    verifier = make_verifier(config)
+    stop_checker = _StopStrings(tokenizer, config.stop) if config.stop else None
+    seed = config.seed
+    if config.temperature > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, ()))
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    stop_checker = _StopStrings(tokenizer, stops) if stops else None
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    backend = resolve_backend(attn, model)
-    return input_ids, drafter_obj, verifier, stop_checker, generator, backend
+    generator = torch.Generator(device="cpu").manual_seed(int(seed)) if seed is not None else None
+    from specdec.tree_attention.hf import resolve_backend
+
+    attn = resolve_backend(config.attn, getattr(model, "device", "cpu"))
+    fast, cost = _hardware(model, config, attn)
+    return _Run(input_ids, drafter_obj, verifier, config, stop_checker, generator, attn, fast, cost)
 
 
-def stream(
-    model,
-    tokenizer,
-    prompt,
-    *,
-    drafter: "str | Drafter | None" = "prompt-lookup",
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    stop: "str | Sequence[str] | None" = None,
-    seed: int | None = None,
-    result: dict | None = None,
-    **sampling,
-) -> Iterator[str]:
+def _hardware(model, config: GenerationConfig, attn: str) -> tuple[FastLinears | None, Callable[[int], float] | None]:
+    """The fast kernels and the cost curve for this model on this machine (measured once, then cached)."""
+    if not isinstance(model, torch.nn.Module) or not (config.fast or config.size_trees):
+        return None, None
+    from specdec.profile import fast_linears_for, get_profile
+
+    profile = get_profile(model, fast=config.fast, attn=attn)
+    fast = fast_linears_for(model, profile) if config.fast else None
+    return fast, (profile.cost if config.size_trees else None)
+
+
+def _events(model, tokenizer, run: _Run, stats: GenerationStats) -> Iterator[StepEvent]:
+    if run.config.max_new_tokens == 0:
+        return iter(())
+    return decode_steps(
+        model, run.input_ids, run.drafter, run.verifier, max_new_tokens=run.config.max_new_tokens,
+        eos_ids=_eos_ids(model, tokenizer), stop=run.stop, generator=run.generator, stats=stats,
+        attn=run.attn, fast=run.fast, cost=run.cost, max_nodes=run.config.max_tree_nodes,
+    )
+
+
+def _generate_events(model, tokenizer, prompt, drafter, config, options, holder: dict) -> Iterator[StepEvent]:
+    run = _setup(model, tokenizer, prompt, drafter, config, options)
+    stats = GenerationStats(prompt_tokens=run.input_ids.numel())
+    new: list[int] = []
+    reason = "length"
+    t0 = time.perf_counter()
+    for event in _events(model, tokenizer, run, stats):
+        new.extend(event.new_tokens)
+        reason = event.finish_reason or reason
+        stats.wall_time_s = time.perf_counter() - t0
+        yield event
+    stats.wall_time_s = time.perf_counter() - t0
+    text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
+    holder["result"] = GenerationResult(text=text, token_ids=new, stats=stats, finish_reason=reason)
+
+
+def stream(model, tokenizer, prompt, config: GenerationConfig | None = None, *,
+           drafter: "str | Drafter | None" = "prompt-lookup", result: dict | None = None, **options) -> Iterator[str]:
     """Speculative generation that yields text as it is accepted.
 
     Takes the same arguments as :func:`generate`. Yields text pieces (never a
@@ -366,7 +379,7 @@ def stream(
     sent = 0
     ids: list[int] = []
     holder: dict = {}
-    for event in _run(model, tokenizer, prompt, drafter, max_new_tokens, temperature, stop, seed, holder, **sampling):
+    for event in _generate_events(model, tokenizer, prompt, drafter, config, options, holder):
         ids.extend(event.new_tokens)
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if event.finish_reason is None and text.endswith("\ufffd"):
@@ -378,68 +391,32 @@ def stream(
         result["result"] = holder["result"]
 
 
-def _run(model, tokenizer, prompt, drafter, max_new_tokens, temperature, stop, seed, holder, **sampling) -> Iterator[StepEvent]:
-    input_ids, drafter_obj, verifier, stop_checker, generator, backend = _setup(
-        model, tokenizer, prompt, drafter, max_new_tokens, temperature, stop, seed, **sampling
-    )
-    stats = GenerationStats(prompt_tokens=input_ids.numel())
-    new: list[int] = []
-    reason = "length"
-    t0 = time.perf_counter()
-    routed = tree_attention_for(model, backend) if backend == "triton" else contextlib.nullcontext()
-    with routed:
-        steps = decode_steps(
-            model, input_ids, drafter_obj, verifier,
-            max_new_tokens=max_new_tokens, eos_ids=_eos_ids(model, tokenizer),
-            stop=stop_checker, generator=generator, stats=stats, attn=backend,
-        ) if max_new_tokens > 0 else iter(())
-        for event in steps:
-            new.extend(event.new_tokens)
-            reason = event.finish_reason or reason
-            stats.wall_time_s = time.perf_counter() - t0
-            yield event
-    stats.wall_time_s = time.perf_counter() - t0
-    text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
-    holder["result"] = GenerationResult(text=text, token_ids=new, stats=stats, finish_reason=reason)
-
-
-def generate(
-    model,
-    tokenizer,
-    prompt,
-    *,
-    drafter: "str | Drafter | None" = "prompt-lookup",
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    stop: "str | Sequence[str] | None" = None,
-    seed: int | None = None,
-    **sampling,
-) -> GenerationResult:
-    """Generate with speculative decoding; greedy output equals the model's own greedy output.
+def generate(model, tokenizer, prompt, config: GenerationConfig | None = None, *,
+             drafter: "str | Drafter | None" = "prompt-lookup", **options) -> GenerationResult:
+    """Generate with speculative decoding; greedy output equals the engine's own plain greedy output.
 
     Args:
         model: a HF causal LM (see :func:`specdec.load_model`).
         tokenizer: its tokenizer; may be None when ``prompt`` is token ids.
         prompt: a string (used as is), a list of chat messages (chat template
             applied with the generation prompt), or token ids ([T] or [1, T]).
+        config: a :class:`~specdec.config.GenerationConfig`; keyword
+            ``options`` (its field names: ``max_new_tokens``, ``temperature``,
+            ``top_p``, ``top_k``, ``repetition_penalty``, ``acceptance``,
+            ``stop``, ``seed``, ``attn``, ``fast``, ``dtype``, ``size_trees``,
+            ``max_tree_nodes``, ...) override it field by field.
         drafter: a spec string (``"prompt-lookup"``, ``"none"``, ...) or a
             :class:`~specdec.drafters.Drafter`.
-        max_new_tokens: generation stops after exactly this many new tokens.
-        temperature: 0 for greedy (exact); > 0 samples.
-        attn: tree attention in the verifying forward: ``"torch"`` (dense
-            mask through the model's own attention), ``"triton"`` (the tree
-            kernel inside the model's attention layers) or ``"auto"`` (triton
-            on CUDA, torch elsewhere). Passed through ``**sampling``.
-        stop: stop string(s); generation stops once the new text contains one
-            (the tokens that complete it are kept, as HF ``stop_strings`` does).
-        seed: makes sampling reproducible.
-        **sampling: verifier options (see :func:`specdec.verifiers.make_verifier`).
 
     Returns:
         :class:`GenerationResult` with ``text``, ``token_ids`` (new only),
         ``stats`` and ``finish_reason``.
+
+    The first call on a model measures this machine's forward cost (a few
+    seconds; cached under ``$SPECDEC_CACHE``, see :mod:`specdec.profile`).
     """
     holder: dict = {}
-    for _ in _run(model, tokenizer, prompt, drafter, max_new_tokens, temperature, stop, seed, holder, **sampling):
+    for _ in _generate_events(model, tokenizer, prompt, drafter, config, options, holder):
         pass
     return holder["result"]
+

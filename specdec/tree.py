@@ -29,6 +29,8 @@ from torch import Tensor
 
 __all__ = ["TokenTree", "parents_from_paths"]
 
+_NODE_FIELDS = ("draft_probs", "sources", "auxiliary", "scores")  # per-node data beside tokens/parents
+
 
 @dataclass(eq=False)
 class TokenTree:
@@ -37,9 +39,6 @@ class TokenTree:
     Attributes:
         tokens: [N] long, token id of each node; ``tokens[0]`` is the root.
         parents: [N] long, parent index of each node; ``parents[0] == -1``.
-        draft_logprobs: optional [N] float, log q(token | ancestors) under the
-            drafter that proposed the node (0 for the root and for
-            deterministic drafters). Speculative sampling needs it.
         draft_probs: optional [N, V] float, the drafter's full distribution q at
             each node's *parent* position, for drafters that have one; lets the
             sampler form the exact residual max(p - q, 0).
@@ -47,14 +46,19 @@ class TokenTree:
             (fused trees); -1 for the root.
         auxiliary: optional [N] bool, nodes that ride along in the forward pass
             (e.g. PPD prompt tokens) but are never accepted and never committed.
+        scores: optional [N] float, the drafter's estimate of the probability
+            that each node is accepted (its whole path matches the target);
+            1 for the root. With scores, the engine trims the tree to the size
+            that pays on this machine (:mod:`specdec.sizing`); without, the
+            tree is verified as proposed.
     """
 
     tokens: Tensor
     parents: Tensor
-    draft_logprobs: Tensor | None = None
     draft_probs: Tensor | None = None
     sources: Tensor | None = None
     auxiliary: Tensor | None = None
+    scores: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.tokens = torch.as_tensor(self.tokens, dtype=torch.long).reshape(-1)
@@ -69,7 +73,7 @@ class TokenTree:
         idx = torch.arange(n)
         if n > 1 and not bool(((self.parents[1:] >= 0) & (self.parents[1:] < idx[1:])).all()):
             raise ValueError("parents must be topologically ordered: 0 <= parents[i] < i for i > 0")
-        for name in ("draft_logprobs", "sources", "auxiliary"):
+        for name in _NODE_FIELDS:
             value = getattr(self, name)
             if value is not None and value.shape[0] != n:
                 raise ValueError(f"{name} has {value.shape[0]} entries for {n} nodes")
@@ -85,7 +89,7 @@ class TokenTree:
         cls,
         root: int,
         sequences: Sequence[Sequence[int]],
-        logprobs: Sequence[Sequence[float]] | None = None,
+        scores: Sequence[Sequence[float]] | None = None,
         source: int | Sequence[int] | None = None,
     ) -> "TokenTree":
         """Merge candidate continuations of ``root`` into a trie.
@@ -94,12 +98,12 @@ class TokenTree:
             root: the last committed token.
             sequences: candidate draft continuations (root excluded); shared
                 prefixes become shared nodes.
-            logprobs: optional per-token draft log-probabilities, same ragged
-                shape as ``sequences``; the first sequence to create a node
-                sets its value.
+            scores: optional per-token acceptance estimates (see ``scores``),
+                same ragged shape as ``sequences``; a node several sequences
+                share keeps the largest.
             source: optional drafter index, one for all or one per sequence.
         """
-        tokens, parents, lps, srcs = [root], [-1], [0.0], [-1]
+        tokens, parents, est, srcs = [root], [-1], [1.0], [-1]
         children: dict[tuple[int, int], int] = {}
         for s, seq in enumerate(sequences):
             node = 0
@@ -107,34 +111,71 @@ class TokenTree:
             for d, tok in enumerate(seq):
                 key = (node, int(tok))
                 child = children.get(key)
+                score = float(scores[s][d]) if scores is not None else 0.0
                 if child is None:
                     child = len(tokens)
                     children[key] = child
                     tokens.append(int(tok))
                     parents.append(node)
-                    lps.append(float(logprobs[s][d]) if logprobs is not None else 0.0)
+                    est.append(score)
                     srcs.append(-1 if src is None else int(src))
+                else:
+                    est[child] = max(est[child], score)
                 node = child
         return cls(
             torch.tensor(tokens),
             torch.tensor(parents),
-            draft_logprobs=torch.tensor(lps) if logprobs is not None else None,
+            scores=torch.tensor(est) if scores is not None else None,
             sources=torch.tensor(srcs) if source is not None else None,
         )
 
     def merge(self, other: "TokenTree") -> "TokenTree":
-        """Fuse two trees with the same root: the union of their paths, as a trie."""
+        """Fuse two trees with the same root: the union of their nodes, as a trie.
+
+        A node of ``other`` whose parent maps to a node of ``self`` with the same
+        token becomes that node (``sources`` and ``draft_probs`` of ``self`` win,
+        ``scores`` take the larger estimate); auxiliary nodes are never merged
+        with anything. Every per-node field survives: a field only one tree has
+        is filled for the other's nodes (scores 1: a drafter without estimates
+        asks for its nodes to be verified; sources -1; auxiliary False;
+        draft_probs a point mass at the node's own token, which is exactly a
+        deterministic drafter's q).
+        """
         if int(self.tokens[0]) != int(other.tokens[0]):
             raise ValueError("only trees with the same root token can be merged")
-        seqs, lps, srcs = [], [], []
-        for tree in (self, other):
-            for path in tree.leaf_path_list():
-                nodes = path[1:]
-                seqs.append(tree.tokens[nodes].tolist())
-                lp = tree.draft_logprobs
-                lps.append(lp[nodes].tolist() if lp is not None else [0.0] * len(nodes))
-                srcs.append(int(tree.sources[nodes[-1]]) if tree.sources is not None and len(nodes) else -1)
-        return TokenTree.from_sequences(int(self.tokens[0]), seqs, logprobs=lps, source=srcs)
+        index = {(p, t): i for i, (p, t, a) in enumerate(zip(self.parents.tolist(), self.tokens.tolist(), self._aux_list())) if i and not a}
+        mapping = [0]
+        tokens, parents = self.tokens.tolist(), self.parents.tolist()
+        fresh: list[int] = []  # nodes of other appended to the union
+        for i, (p, t, a) in enumerate(zip(other.parents.tolist(), other.tokens.tolist(), other._aux_list())):
+            if i == 0:
+                continue
+            parent = mapping[p]
+            hit = None if a else index.get((parent, t))
+            if hit is None:
+                hit = len(tokens)
+                tokens.append(t)
+                parents.append(parent)
+                fresh.append(i)
+                if not a:
+                    index[(parent, t)] = hit
+            mapping.append(hit)
+        fields = {name: _merge_field(name, self, other, torch.tensor(mapping), fresh, tokens) for name in _NODE_FIELDS}
+        return TokenTree(torch.tensor(tokens), torch.tensor(parents), **fields)
+
+    def subtree(self, keep: Tensor) -> "TokenTree":
+        """The tree of nodes ``keep`` ([K] long, sorted, containing 0 and every kept node's parent)."""
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        new_index = torch.full((len(self),), -1, dtype=torch.long)
+        new_index[keep] = torch.arange(keep.numel())
+        parents = torch.where(self.parents[keep] >= 0, new_index[self.parents[keep].clamp(min=0)], -1)
+        if bool((parents[1:] < 0).any()) or int(keep[0]) != 0:
+            raise ValueError("subtree needs the root and every kept node's parent")
+        fields = {name: (getattr(self, name)[keep] if getattr(self, name) is not None else None) for name in _NODE_FIELDS}
+        return TokenTree(self.tokens[keep], parents, **fields)
+
+    def _aux_list(self) -> list[bool]:
+        return self.auxiliary.tolist() if self.auxiliary is not None else [False] * len(self)
 
     # ------------------------------------------------------------------ derived
     def __len__(self) -> int:
@@ -192,6 +233,22 @@ class TokenTree:
         """Leaf paths as a list of unpadded index tensors."""
         return [row[row >= 0] for row in self.leaf_paths]
 
+    @cached_property
+    def children(self) -> list[list[int]]:
+        """``children[i]``: node indices whose parent is i, in index order (auxiliary nodes included)."""
+        kids: list[list[int]] = [[] for _ in range(len(self))]
+        for i, p in enumerate(self.parents.tolist()[1:], start=1):
+            kids[p].append(i)
+        return kids
+
+    @cached_property
+    def token_paths(self) -> list[tuple[int, ...]]:
+        """``token_paths[i]``: the draft tokens from the root down to node i (root excluded; ``()`` for the root)."""
+        paths: list[tuple[int, ...]] = [()]
+        for i, (p, t) in enumerate(zip(self.parents.tolist()[1:], self.tokens.tolist()[1:]), start=1):
+            paths.append(paths[p] + (t,))
+        return paths
+
     def path_to(self, node: int) -> Tensor:
         """[depth(node) + 1] long: node indices from the root to ``node``."""
         nodes = torch.nonzero(self.ancestor_mask[node]).flatten()
@@ -223,3 +280,35 @@ def parents_from_paths(paths: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
         parents.append(index[p[:-1]])
         choices.append(p[-1])
     return torch.tensor(parents), torch.tensor(choices)
+
+
+def _merge_field(name: str, a: TokenTree, b: TokenTree, mapping: Tensor, fresh: list[int], tokens: list[int]) -> Tensor | None:
+    """One per-node field of ``a.merge(b)``: a's values, then the values of b's appended nodes (see merge)."""
+    va, vb = getattr(a, name), getattr(b, name)
+    if va is None and vb is None:
+        return None
+    n = len(tokens)
+    fill = {"scores": 1.0, "sources": -1, "auxiliary": False}
+    if name == "draft_probs":
+        vocab = (va if va is not None else vb).shape[-1]
+        ref = va if va is not None else vb
+        out = torch.zeros(n, vocab, dtype=ref.dtype)
+        out[torch.arange(n), torch.tensor(tokens)] = 1.0  # point masses, then overwritten where a drafter gave q
+        if va is not None:
+            out[: len(a)] = va
+        if vb is not None and fresh:
+            out[mapping[fresh]] = vb[fresh]
+        return out
+    ref = va if va is not None else vb
+    out = torch.full((n,), fill[name], dtype=ref.dtype)
+    if va is not None:
+        out[: len(a)] = va
+    if vb is not None:
+        if fresh:
+            out[mapping[fresh]] = vb[fresh]
+        if name == "scores":  # a node both trees proposed keeps the larger estimate
+            shared = mapping[1:][mapping[1:] < len(a)]
+            out[shared] = torch.maximum(out[shared], vb[1:][mapping[1:] < len(a)])
+    if name == "scores":
+        out[0] = 1.0
+    return out

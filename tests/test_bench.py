@@ -10,7 +10,7 @@ from specdec.bench import load_questions, run_bench
 from specdec.cli import main
 
 METRIC_KEYS = {"prompts", "new_tokens", "target_forwards", "mean_accepted_length", "tokens_per_s", "speedup_vs_hf_greedy",
-               "identical_to_greedy", "accepted_length_histogram"}
+               "speedup_vs_none", "identical_to_greedy", "identical_to_plain", "tokens_per_step_histogram"}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def check_metrics(m):
     assert METRIC_KEYS <= set(m)
     assert m["mean_accepted_length"] == pytest.approx(m["new_tokens"] / m["target_forwards"], abs=1e-3)
     assert m["tokens_per_s"] == pytest.approx(m["new_tokens"] / m["wall_time_s"], rel=1e-2)
-    assert 0 <= m["identical_to_greedy"] <= m["prompts"]
+    assert 0 <= m["identical_to_greedy"] <= m["prompts"] and 0 <= m["identical_to_plain"] <= m["prompts"]
 
 
 def test_bench_report_schema_and_arithmetic(tiny_dir, tmp_path):
@@ -37,8 +37,9 @@ def test_bench_report_schema_and_arithmetic(tiny_dir, tmp_path):
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     for key, typ in [("model", str), ("device", str), ("dtype", str), ("threads", int), ("max_new_tokens", int),
-                     ("temperature", float), ("specdec_version", str), ("runs", list)]:
+                     ("temperature", float), ("specdec_version", str), ("runs", list), ("fast", bool), ("cost_profile", dict)]:
         assert isinstance(report[key], typ), key
+    assert report["cost_profile"]["v"]["1"] == 1.0 and set(report["cost_profile"]["v"]) >= {"1", "2", "8", "64"}
     names = [r["drafter"] for r in report["runs"]]
     assert names == ["hf-greedy", "hf-prompt-lookup", "prompt-lookup", "none"]
     runs = {r["drafter"]: r for r in report["runs"]}
@@ -50,16 +51,22 @@ def test_bench_report_schema_and_arithmetic(tiny_dir, tmp_path):
         assert sum(m["new_tokens"] for m in r["by_category"].values()) == r["overall"]["new_tokens"]
     greedy = runs["hf-greedy"]["overall"]
     assert greedy["speedup_vs_hf_greedy"] == pytest.approx(1.0, abs=1e-3)
-    assert greedy["identical_to_greedy"] == greedy["prompts"] == 3
-    for name in ("prompt-lookup", "none"):  # lossless drafters reproduce HF greedy on every prompt
-        assert runs[name]["overall"]["identical_to_greedy"] == 3
+    assert greedy["identical_to_greedy"] == greedy["prompts"] == 3 and greedy["mismatches"] == []
+    plain = runs["none"]["overall"]
+    assert plain["speedup_vs_none"] == pytest.approx(1.0, abs=1e-3) and plain["identical_to_plain"] == 3
+    for name in ("prompt-lookup", "none"):
         m = runs[name]["overall"]
+        assert m["identical_to_plain"] == 3  # lossless: equal to the engine's own plain decoding on every prompt
+        assert len(m["mismatches"]) == 3 - m["identical_to_greedy"]  # every difference from HF is listed
+        for x in m["mismatches"]:
+            assert set(x) == {"question_id", "turn", "position", "margin"} and x["margin"] >= 0
         assert m["speedup_vs_hf_greedy"] == pytest.approx(greedy["wall_time_s"] / m["wall_time_s"], rel=1e-2)
+        assert m["speedup_vs_none"] == pytest.approx(plain["wall_time_s"] / m["wall_time_s"], rel=1e-2)
         # decode steps emit every token but the one each prefill gives
-        assert sum(int(k) * v for k, v in m["accepted_length_histogram"].items()) >= m["new_tokens"] - m["prompts"]
+        assert sum(int(k) * v for k, v in m["tokens_per_step_histogram"].items()) >= m["new_tokens"] - m["prompts"]
         assert set(runs[name]["profile"]) == {"draft", "forward", "accept", "commit", "other"}
     md = (out / "report.md").read_text()
-    assert "| prompt-lookup |" in md and "speedup.png" in md
+    assert "| prompt-lookup |" in md and "speedup.png" in md and "Cost profile used" in md
     assert (out / "speedup.png").stat().st_size > 1000 and (out / "accepted_lengths.png").stat().st_size > 1000
 
 
@@ -72,7 +79,7 @@ def test_interrupt_writes_a_partial_report(tiny_dir, tmp_path, monkeypatch):
 
     def flaky(*a, **k):
         calls["n"] += 1
-        if calls["n"] > 3:  # warm-up (1) + two prompts, then Ctrl-C
+        if calls["n"] > 6:  # warm-up (2: none + prompt-lookup) + two prompts, then Ctrl-C
             raise KeyboardInterrupt
         return real(*a, **k)
 

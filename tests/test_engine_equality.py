@@ -49,7 +49,7 @@ def test_self_drafting_accepts_everything(tiny):
     assert out.token_ids == ref
     # 1 token from the prefill, then k + 1 per step: 40 / 5 = 8 forwards
     assert out.stats.target_forwards == 8
-    assert out.stats.accepted_lengths == [k + 1] * 8
+    assert out.stats.tokens_per_step == [k + 1] * 8
 
 
 def test_random_drafting_accepts_almost_nothing_and_stays_exact(tiny):

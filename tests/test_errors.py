@@ -41,7 +41,7 @@ class ForeignDrafter(Drafter):
         (dict(prompt=torch.tensor([1, 2]), drafter=ForeignDrafter()), "vocabulary of 12345"),
         (dict(prompt=torch.tensor([1, 999])), r"\[0, 96\)"),
         (dict(prompt=torch.tensor([1, 2]), temperature=-1.0), "temperature"),
-        (dict(prompt=torch.tensor([1, 2]), bogus_option=3), "unknown generation options"),
+        (dict(prompt=torch.tensor([1, 2]), bogus_option=3), "unknown generation option"),
         (dict(prompt="hello"), "tokenizer"),
     ],
 )

@@ -4,6 +4,7 @@ import torch
 from specdec.drafters import PromptLookupConfig, PromptLookupDrafter, build_drafter
 from specdec.drafters.base import DraftState, StepResult
 from specdec.drafters.prompt_lookup import find_candidates
+from specdec.sizing import trim
 
 
 @pytest.mark.parametrize(
@@ -38,8 +39,14 @@ def test_no_match_drafts_nothing():
     assert d.propose(state([1, 2, 3, 4])).num_drafts == 0
 
 
+def cpu_like_cost(n):
+    """A cost curve shaped like a CPU's: a second node costs 0.2 step, each further one 0.03."""
+    return 1.0 if n == 1 else 1.2 + 0.03 * (n - 2)
+
+
 def feed(d, ids, accepted):
-    tree = d.propose(state(ids))
+    """One step: propose, trim for the cost curve, accept the first ``accepted`` drafts of the first path."""
+    tree = trim(d.propose(state(ids)), cpu_like_cost)
     path = tree.path_to(0)
     if tree.num_drafts and accepted:
         leaf = tree.leaf_path_list()[0]
@@ -48,29 +55,36 @@ def feed(d, ids, accepted):
     return tree
 
 
-def test_adaptive_length_shrinks_to_nothing_when_drafts_fail_and_grows_when_they_hit():
-    ids = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2]
-    bad = PromptLookupDrafter(PromptLookupConfig(probe_every=1000))
-    sizes = [feed(bad, ids, 0).num_drafts for _ in range(30)]
-    assert sizes[0] > 0 and sizes[-1] == 0  # stops drafting where drafts never land
+def test_sized_drafts_shrink_to_nothing_when_they_fail_and_grow_when_they_land():
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2]
+    bad = PromptLookupDrafter()
+    sizes = [feed(bad, ids, 0).num_drafts for _ in range(40)]
+    assert sizes[0] > 0 and sizes[20:].count(0) >= 15  # (almost) stops drafting where drafts never land
     good = PromptLookupDrafter()
     sizes = [feed(good, ids, 10).num_drafts for _ in range(30)]
-    assert sizes[-1] > sizes[0]  # drafts lengthen where they always land
+    assert sizes[-1] > sizes[0] and sizes[-1] == 10  # drafts lengthen to the whole continuation where they land
 
 
-def test_switched_off_match_size_probes_again():
+def test_a_match_size_switched_off_is_tried_again():
+    """Estimates of candidates that were trimmed away relax toward the prior, so drafting resumes now and then."""
     ids = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2]
-    d = PromptLookupDrafter(PromptLookupConfig(probe_every=4))
-    sizes = [feed(d, ids, 0).num_drafts for _ in range(60)]
-    assert 1 in sizes[20:]
+    d = PromptLookupDrafter()
+    sizes = [feed(d, ids, 0).num_drafts for _ in range(120)]
+    assert sizes[10:].count(0) > 80 and any(sizes[40:])
 
 
-@pytest.mark.parametrize("spec", ["prompt-lookup:max_ngram=0", "prompt-lookup:nope=1", "prompt-lookup:num_tokens=x", "prompt-lookup:foo"])
+def test_unscored_trees_are_verified_as_proposed():
+    d = PromptLookupDrafter(PromptLookupConfig(adaptive=False, num_tokens=4))
+    tree = d.propose(state([1, 2, 3, 4, 5, 6, 7, 8, 1, 2]))
+    assert tree.scores is None and trim(tree, cpu_like_cost) is tree and tree.num_drafts == 4
+
+
+@pytest.mark.parametrize("spec", ["prompt-lookup:max_ngram=0", "prompt-lookup:nope=1", "prompt-lookup:num_tokens=x", "prompt-lookup:foo", "prompt-lookup:adaptive=ture"])
 def test_bad_specs_are_clear_errors(spec):
     with pytest.raises(ValueError):
         build_drafter(spec)
 
 
 def test_spec_options_reach_the_config():
-    d = build_drafter("prompt-lookup:max_ngram=5,adaptive=false,cost_per_token=0.1")
-    assert d.config.max_ngram == 5 and d.config.adaptive is False and d.config.cost_per_token == 0.1
+    d = build_drafter("prompt-lookup:max_ngram=5,adaptive=false,prior_first=0.25")
+    assert d.config.max_ngram == 5 and d.config.adaptive is False and d.config.prior_first == 0.25

@@ -1,39 +1,80 @@
-"""Plug tree attention into the target's own attention layers through transformers' attention interface.
+"""Tree attention inside the target's own attention layers, through transformers' attention interface.
 
-``with tree_attention_for(model, "triton"):`` switches the model to the
-registered implementation ``"specdec_tree"``. Its attention function runs the
-tree kernel when the forward carries ``specdec_tree_bits`` (the packed
-ancestor mask, from :func:`pack_ancestor_mask`) and plain SDPA otherwise
-(prefill, single-token steps). Its mask function returns no mask at all: the
-tree's visibility travels only as the packed bits.
+The engine switches the model (for the length of one generation) to the
+registered implementation ``"specdec_tree"`` and passes each tree forward's
+visibility as one keyword argument, ``specdec_tree`` (a :class:`TreeAttention`),
+which transformers hands down to every attention call. With it, the
+attention function runs:
+
+* ``backend="torch"``: SDPA over the grouped key/value heads (no
+  ``repeat_kv`` copy) with the additive mask ``[1, 1, N, P + N]``;
+* ``backend="triton"``: the tree kernel, with the packed ancestor bits.
+
+Without it (prefill, plain single-token steps) it is transformers' own SDPA
+path, so a model left switched (an abandoned stream) still computes exactly
+what ``"sdpa"`` computes. The mask function returns no mask: a tree forward's
+visibility travels only in ``specdec_tree``.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from specdec.tree_attention.reference import tree_attention_torch
+from specdec.tree_attention.reference import additive_tree_mask
 
-__all__ = ["IMPLEMENTATION", "tree_attention_for", "resolve_backend"]
+__all__ = ["IMPLEMENTATION", "BACKENDS", "TreeAttention", "resolve_backend", "routed", "can_route"]
 
 IMPLEMENTATION = "specdec_tree"
-_backend = {"name": "triton"}
+BACKENDS = ("auto", "torch", "triton")
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, specdec_tree_bits=None, specdec_ancestor_mask=None, **kwargs):
+@dataclass
+class TreeAttention:
+    """One tree forward's visibility, as the attention layers receive it.
+
+    Attributes:
+        backend: ``"torch"`` or ``"triton"``.
+        ancestor_mask: [N, N] bool, node i sees node j.
+        mask: [1, 1, N, P + N] additive float mask (torch backend), else None.
+        bits: [N, ceil(N / 32)] int32 packed ancestor rows (triton backend), else None.
+    """
+
+    backend: str
+    ancestor_mask: Tensor
+    mask: Tensor | None = None
+    bits: Tensor | None = None
+
+    @classmethod
+    def build(cls, backend: str, prefix_len: int, ancestor_mask: Tensor, dtype: torch.dtype) -> "TreeAttention":
+        if backend == "triton":
+            from specdec.tree_attention.triton_kernel import pack_ancestor_mask
+
+            return cls(backend, ancestor_mask, bits=pack_ancestor_mask(ancestor_mask))
+        return cls(backend, ancestor_mask, mask=additive_tree_mask(prefix_len, ancestor_mask, dtype))
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, specdec_tree: TreeAttention | None = None, **kwargs):
     """query [B, Hq, N, D], key/value [B, Hkv, P + N, D] → ([B, N, Hq, D], None)."""
-    if specdec_tree_bits is None:
+    if specdec_tree is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if _backend["name"] == "triton":
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("tree attention does not implement logit soft-capping; run this model with fast=False")
+    if specdec_tree.backend == "triton":
         from specdec.tree_attention.triton_kernel import tree_attention_triton
 
-        out = tree_attention_triton(query, key, value, packed_mask=specdec_tree_bits, scale=scaling)
+        out = tree_attention_triton(query, key, value, packed_mask=specdec_tree.bits, scale=scaling)
     else:
-        out = tree_attention_torch(query, key, value, specdec_ancestor_mask, scale=scaling)
+        gqa = query.shape[1] != key.shape[1]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=specdec_tree.mask.to(query.dtype), scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -45,16 +86,19 @@ AttentionInterface.register(IMPLEMENTATION, _attention)
 AttentionMaskInterface.register(IMPLEMENTATION, _no_mask)
 
 
-def resolve_backend(attn: str, model) -> str:
-    """'auto' → 'triton' for a CUDA model with triton installed, else 'torch'."""
-    if attn not in ("auto", "torch", "triton"):
-        raise ValueError(f"attn must be 'auto', 'torch' or 'triton', got {attn!r}")
+def resolve_backend(attn: str, device: torch.device | str) -> str:
+    """The one backend resolver: ``'auto'`` → ``'triton'`` on CUDA with triton installed, else ``'torch'``."""
+    if attn not in BACKENDS:
+        raise ValueError(f"attn must be one of {', '.join(BACKENDS)}, got {attn!r}")
+    device_type = torch.device(device).type
     if attn == "auto":
+        if device_type != "cuda":
+            return "torch"
         try:
             import triton  # noqa: F401
         except ImportError:
             return "torch"
-        return "triton" if model.device.type == "cuda" else "torch"
+        return "triton"
     if attn == "triton":
         try:
             import triton  # noqa: F401
@@ -63,11 +107,16 @@ def resolve_backend(attn: str, model) -> str:
     return attn
 
 
+def can_route(model) -> bool:
+    """Whether the model takes an attention implementation through transformers' attention interface."""
+    can = getattr(type(model), "_can_set_attn_implementation", None)
+    return callable(can) and bool(can()) and hasattr(model, "set_attn_implementation")
+
+
 @contextmanager
-def tree_attention_for(model, backend: str = "triton"):
-    """Route the model's attention through the tree kernel for the duration of the block."""
+def routed(model) -> Iterator[None]:
+    """Switch the model's attention to ``specdec_tree`` for the block; restore it after."""
     previous = model.config._attn_implementation
-    _backend["name"] = backend
     model.set_attn_implementation(IMPLEMENTATION)
     try:
         yield

@@ -1,0 +1,316 @@
+"""Linear kernels for the engine's own forwards, chosen by measurement, and the scope that routes to them.
+
+Why: on a CPU the target's forward is a few hundred matrix products of a
+handful of rows (the tree's nodes) by large weights. ``F.linear`` is tuned
+for one row (MKL's matrix-vector path) and for many rows, not for 2–64: on
+the machines we measured, a forward over 8 tree nodes cost 2× a single step
+through ``F.linear``, and 1.2× through MKL's packed GEMM. Which kernel wins
+depends on the CPU (Intel or AMD, with or without native bf16), so the engine
+measures the candidates on the model itself once (:func:`measure_plan`,
+cached with the cost profile) and uses the fastest for each row count.
+
+Candidates (each is the same product ``x @ Wᵀ + b``; only the summation
+order inside the kernel differs):
+
+* ``torch``: ``F.linear`` (what the model does by itself);
+* ``mkl-packed``: fp32 weights packed once for MKL's ``cblas_sgemm_compute``
+  (``torch.ops.mkl._mkl_linear``; the packing is done for 64 rows and used for
+  any row count, which we check numerically when a plan is measured);
+* ``mkl-packed-upcast``: for bf16/fp16 models on CPUs without native bf16
+  arithmetic: the weights upcast once to fp32 (exact) and packed; products are
+  formed in fp32 and rounded back to the model's dtype, as a bf16 GEMM with
+  fp32 accumulation does;
+* ``onednn-packed``: oneDNN inner product with weights reordered once
+  (bf16 on CPUs with avx512_bf16 / AMX).
+* ``wxt``: ``W @ xᵀ`` (BLAS picks its GEMM path from W's side; one row is
+  padded to two).
+
+:class:`FastLinears` routes the model's ``nn.Linear`` calls to the chosen
+kernels only inside ``with fast.scope():``, by setting each module's
+``forward`` in its instance ``__dict__`` and removing it on exit: the user's
+model and its modeling code are untouched outside the engine's own forwards.
+The scope is not thread-safe: do not run the same model from another thread
+while specdec generates with it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ROW_BUCKETS", "LinearPlan", "FastLinears", "fast_linears", "KERNELS", "candidate_kernels", "measure_plan"]
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # row counts a plan is measured at; rows beyond the last use F.linear
+_PACK_ROWS = 64  # MKL packs for a nominal row count; one packing serves every row count (checked in measure_plan)
+
+
+# --------------------------------------------------------------------------- kernels
+class _Kernel:
+    """One way to compute ``x @ Wᵀ + b``: ``prepare`` once per weight, then ``run`` per call."""
+
+    name = ""
+
+    def supports(self, weight: Tensor) -> bool:
+        raise NotImplementedError
+
+    def prepare(self, weight: Tensor, bias: Tensor | None):
+        return None
+
+    def run(self, x: Tensor, weight: Tensor, bias: Tensor | None, state, rows: int) -> Tensor:
+        raise NotImplementedError
+
+
+class _Torch(_Kernel):
+    name = "torch"
+
+    def supports(self, weight: Tensor) -> bool:
+        return True
+
+    def run(self, x, weight, bias, state, rows):
+        return F.linear(x, weight, bias)
+
+
+def _mkl_ok() -> bool:
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+class _MklPacked(_Kernel):
+    name = "mkl-packed"
+
+    def supports(self, weight):
+        return weight.device.type == "cpu" and weight.dtype == torch.float32 and _mkl_ok()
+
+    def prepare(self, weight, bias):
+        return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), _PACK_ROWS)
+
+    def run(self, x, weight, bias, state, rows):
+        return torch.ops.mkl._mkl_linear(x, state, weight, bias, rows)
+
+
+class _MklPackedUpcast(_Kernel):
+    name = "mkl-packed-upcast"
+
+    def supports(self, weight):
+        return weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16) and _mkl_ok()
+
+    def prepare(self, weight, bias):
+        w32 = weight.detach().float()
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w32, _PACK_ROWS)
+        # MKL reads only the packed copy; the op still wants an fp32 weight for its shape: a zero-stride view costs nothing.
+        shape_only = torch.empty(1).expand(weight.shape)
+        return packed, shape_only, None if bias is None else bias.detach().float()
+
+    def run(self, x, weight, bias, state, rows):
+        packed, shape_only, bias32 = state
+        return torch.ops.mkl._mkl_linear(x.float(), packed, shape_only, bias32, rows).to(x.dtype)
+
+
+class _OneDnnPacked(_Kernel):
+    name = "onednn-packed"
+
+    def supports(self, weight):
+        return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+                and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+    def prepare(self, weight, bias):
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+    def run(self, x, weight, bias, state, rows):
+        return torch.ops.mkldnn._linear_pointwise(x, state, bias, "none", [], "")
+
+
+class _WxT(_Kernel):
+    name = "wxt"
+
+    def supports(self, weight):
+        return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+    def run(self, x, weight, bias, state, rows):
+        x2 = x.reshape(rows, x.shape[-1])
+        if rows == 1:  # BLAS falls back to its matrix-vector path for one column: pad to two
+            x2 = x2.expand(2, -1)
+        out = (weight @ x2.T).T[:rows]
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+KERNELS: dict[str, _Kernel] = {k.name: k for k in (_Torch(), _MklPacked(), _MklPackedUpcast(), _OneDnnPacked(), _WxT())}
+
+
+def candidate_kernels(weight: Tensor) -> list[str]:
+    """Names of the kernels that can run this weight (``torch`` first)."""
+    return [name for name, k in KERNELS.items() if k.supports(weight)]
+
+
+# --------------------------------------------------------------------------- plan
+@dataclass
+class LinearPlan:
+    """Which kernel each row count uses.
+
+    Attributes:
+        kernels: ``{bucket: kernel name}`` for the buckets of :data:`ROW_BUCKETS`; a call with
+            ``rows`` rows uses the smallest bucket >= rows; beyond the last bucket, ``torch``.
+    """
+
+    kernels: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.kernels = {int(k): v for k, v in self.kernels.items()}
+        unknown = set(self.kernels.values()) - set(KERNELS)
+        if unknown:
+            raise ValueError(f"unknown linear kernels {sorted(unknown)}; known: {', '.join(KERNELS)}")
+
+    def for_rows(self, rows: int) -> str:
+        for bucket in sorted(self.kernels):
+            if rows <= bucket:
+                return self.kernels[bucket]
+        return "torch"
+
+    @property
+    def is_trivial(self) -> bool:
+        return all(v == "torch" for v in self.kernels.values())
+
+    def as_dict(self) -> dict[str, str]:
+        return {str(k): v for k, v in sorted(self.kernels.items())}
+
+
+def _linears(model) -> list[nn.Linear]:
+    if not isinstance(model, nn.Module):
+        return []
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+class FastLinears:
+    """A model's ``nn.Linear`` layers routed to the plan's kernels inside :meth:`scope`.
+
+    Weights are prepared (packed) once, here; the model's own parameters are
+    read, never changed. Packed copies cost memory (MKL's fp32 packing about
+    twice the weights).
+    """
+
+    def __init__(self, model, plan: LinearPlan) -> None:
+        self.plan = plan
+        table = [plan.for_rows(r) for r in range(max(ROW_BUCKETS) + 1)]
+        self._routes: list[tuple[nn.Linear, Callable]] = []
+        if plan.is_trivial:
+            return
+        for mod in _linears(model):
+            self._routes.append((mod, _dispatch(mod, table)))
+
+    @property
+    def active(self) -> bool:
+        return bool(self._routes)
+
+    @contextmanager
+    def scope(self) -> Iterator[None]:
+        """Route the model's linear layers through the fast kernels for the duration of the block."""
+        for mod, fn in self._routes:
+            mod.__dict__["forward"] = fn
+        try:
+            yield
+        finally:
+            for mod, _ in self._routes:
+                mod.__dict__.pop("forward", None)
+
+
+_PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (plan, weights' fingerprint, FastLinears)
+
+
+def _fingerprint(model) -> tuple:
+    """Identity and in-place version of every linear weight: a change means the packed copies are stale."""
+    return tuple((m.weight.data_ptr(), m.weight._version) for m in _linears(model))
+
+
+def fast_linears(model, plan: LinearPlan) -> FastLinears:
+    """:class:`FastLinears` for ``model`` and ``plan``, prepared once and reused while the weights are unchanged."""
+    if not isinstance(model, nn.Module) or plan.is_trivial:
+        return FastLinears(model, plan)
+    key = plan.as_dict()
+    hit = _PREPARED.get(model)
+    if hit is not None and hit[0] == key and hit[1] == _fingerprint(model):
+        return hit[2]
+    prepared = FastLinears(model, plan)
+    _PREPARED[model] = (key, _fingerprint(model), prepared)
+    return prepared
+
+
+def _dispatch(mod: nn.Linear, table: list[str]) -> Callable[[Tensor], Tensor]:
+    """The forward that replaces ``mod.forward`` inside the scope: kernel by row count."""
+    weight, bias = mod.weight, mod.bias
+    prepared: dict[str, object] = {}
+    runs: list[Callable] = []
+    for name in table:
+        kernel = KERNELS[name] if KERNELS[name].supports(weight) else KERNELS["torch"]
+        if kernel.name not in prepared:
+            prepared[kernel.name] = kernel.prepare(weight, bias)
+        runs.append((kernel, prepared[kernel.name]))
+    last = len(table) - 1
+
+    def forward(x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > last:
+            return F.linear(x, weight, bias)
+        kernel, state = runs[rows]
+        return kernel.run(x, weight, bias, state, rows)
+
+    return forward
+
+
+# --------------------------------------------------------------------------- measurement
+def _agrees(kernel: _Kernel, weight: Tensor, bias: Tensor | None, state, rows: int) -> bool:
+    """The kernel's product equals F.linear's up to summation order (checked on random rows)."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, weight.shape[1], generator=g).to(weight.dtype)
+    ref = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    out = kernel.run(x, weight, bias, state, rows).float()
+    tol = 1e-4 if weight.dtype == torch.float32 else 3e-2
+    return bool((out - ref).abs().max() <= tol * ref.abs().max().clamp(min=1e-6))
+
+
+@torch.inference_mode()
+def measure_plan(model, *, buckets=ROW_BUCKETS, repeats: int = 5, candidates: list[str] | None = None,
+                 progress: Callable[[str], None] | None = None) -> LinearPlan:
+    """Time every candidate kernel on all of the model's linear layers at each row count; keep the fastest.
+
+    Each timing runs every linear layer of the model once with ``rows`` random
+    rows (so weights stream from memory as in a real forward); candidates are
+    interleaved within each repeat and the median counts. A candidate whose
+    results disagree with ``F.linear`` beyond summation-order error is dropped.
+    """
+    mods = _linears(model)
+    if not mods:
+        return LinearPlan({b: "torch" for b in buckets})
+    weight0 = mods[-1].weight
+    names = candidates or candidate_kernels(weight0)
+    names = [n for n in names if all(KERNELS[n].supports(m.weight) for m in mods)]
+    if names == ["torch"] or weight0.device.type != "cpu":
+        return LinearPlan({b: "torch" for b in buckets})
+    states = {n: [KERNELS[n].prepare(m.weight, m.bias) for m in mods] for n in names}
+    ok = {(n, b): all(_agrees(KERNELS[n], m.weight, m.bias, s, b) for m, s in zip(mods[-2:], states[n][-2:]))
+          for n in names for b in buckets}
+    plan: dict[int, str] = {}
+    for b in buckets:
+        if progress:
+            progress(f"linear kernels, {b} rows")
+        xs = {d: torch.randn(b, d).to(weight0.dtype) for d in {m.weight.shape[1] for m in mods}}
+        usable = [n for n in names if ok[(n, b)]]
+        times: dict[str, list[float]] = {n: [] for n in usable}
+        for r in range(repeats + 1):
+            for n in usable[r % len(usable):] + usable[: r % len(usable)]:
+                kernel, st = KERNELS[n], states[n]
+                t0 = time.perf_counter()
+                for m, s in zip(mods, st):
+                    kernel.run(xs[m.weight.shape[1]], m.weight, m.bias, s, b)
+                if r:  # the first round warms caches and allocators
+                    times[n].append(time.perf_counter() - t0)
+        plan[b] = min(usable, key=lambda n: statistics.median(times[n]))
+    return LinearPlan(plan)

@@ -1,0 +1,252 @@
+"""The measured cost of a forward over n tree nodes, per model, dtype, device and thread count.
+
+``v(n)`` is the wall time of one target forward over n new tree nodes,
+divided by the time of a plain single-token step, on this machine, through
+the engine's own forward (fast kernels on or off). Every drafter's tree size
+comes from it (:mod:`specdec.sizing`): a tree of n nodes is worth drafting
+only where its expected accepted tokens per unit of ``v(n)`` beat a plain
+step.
+
+A profile also carries the linear-kernel plan measured with it
+(:mod:`specdec.kernels`). Both are cached as JSON under
+``$SPECDEC_CACHE/profiles/``, keyed by the model's architecture (its config,
+not its weights: speed does not depend on the values), dtype, device, thread
+count, fast on/off and the torch / transformers / specdec versions. Generation
+loads the cached profile or measures one (a few seconds).
+
+The prefix used when measuring is ``PREFIX`` tokens: attention over the
+prefix is a small part of a step at the lengths this library targets; the
+curve is re-measured only when the key changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from specdec.kernels import FastLinears, LinearPlan, fast_linears, measure_plan
+from specdec.tree import TokenTree
+
+__all__ = ["CostProfile", "NODE_COUNTS", "measure_profile", "load_profile", "profile_key", "fast_linears_for"]
+
+NODE_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+PREFIX = 128
+FORMAT = 1
+
+
+@dataclass
+class CostProfile:
+    """One model's forward cost curve on one machine.
+
+    Attributes:
+        step_ms: median wall time of a plain single-token step.
+        v: ``{n: cost of a forward over n nodes in plain steps}`` (``v[1] == 1``).
+        linear_plan: the linear kernels per row count (``{"1": "torch", "8": "mkl-packed", ...}``).
+        key: what the profile was measured for (model, dtype, device, threads, fast, versions).
+        measured_s: how long the measurement took.
+    """
+
+    step_ms: float
+    v: dict[int, float]
+    linear_plan: dict[str, str] = field(default_factory=dict)
+    key: dict = field(default_factory=dict)
+    measured_s: float = 0.0
+    format: int = FORMAT
+
+    def __post_init__(self) -> None:
+        self.v = {int(k): float(x) for k, x in self.v.items()}
+
+    def cost(self, n: int) -> float:
+        """v(n) for any n >= 1: linear between measured points, linear extrapolation past the last two."""
+        pts = sorted(self.v.items())
+        if n <= pts[0][0]:
+            return pts[0][1]
+        for (n0, v0), (n1, v1) in zip(pts, pts[1:]):
+            if n <= n1:
+                return v0 + (v1 - v0) * (n - n0) / (n1 - n0)
+        (n0, v0), (n1, v1) = pts[-2], pts[-1]
+        return v1 + (v1 - v0) * (n - n1) / (n1 - n0)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["v"] = {str(k): round(x, 4) for k, x in sorted(self.v.items())}
+        d["step_ms"] = round(self.step_ms, 3)
+        return d
+
+    def table(self) -> str:
+        """A small text table of the curve."""
+        head = "| n | " + " | ".join(str(n) for n in sorted(self.v)) + " |"
+        sep = "|---|" + "---|" * len(self.v)
+        ms = "| ms | " + " | ".join(f"{self.v[n] * self.step_ms:.1f}" for n in sorted(self.v)) + " |"
+        vs = "| v(n) | " + " | ".join(f"{self.v[n]:.2f}" for n in sorted(self.v)) + " |"
+        return "\n".join([head, sep, ms, vs])
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def profile_key(model, *, fast: bool, attn: str = "torch") -> dict:
+    """What a profile depends on: architecture, dtype, device, threads, kernels, versions."""
+    import transformers
+
+    import specdec
+
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    arch = json.dumps(to_dict() if callable(to_dict) else repr(config), sort_keys=True, default=str)
+    device = torch.device(getattr(model, "device", "cpu"))
+    return {
+        "model": getattr(config, "_name_or_path", "") or type(model).__name__,
+        "arch": hashlib.sha1(arch.encode()).hexdigest()[:12],
+        "dtype": str(getattr(model, "dtype", torch.float32)).replace("torch.", ""),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {_cpu_name()}",
+        "threads": torch.get_num_threads(),
+        "fast": bool(fast),
+        "attn": attn,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "specdec": specdec.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def _profile_dir() -> Path:
+    from specdec.models import cache_root
+
+    return cache_root() / "profiles"
+
+
+def _key_file(key: dict) -> Path:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return _profile_dir() / f"{digest}.json"
+
+
+def load_profile(key: dict) -> CostProfile | None:
+    """The cached profile for ``key``, or None (a damaged file counts as none)."""
+    path = _key_file(key)
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT or raw.get("key") != key:
+            return None
+        return CostProfile(**raw)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def save_profile(profile: CostProfile) -> Path:
+    """Write atomically (a killed process leaves no half-written profile)."""
+    path = _key_file(profile.key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(profile.as_dict(), f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def fast_linears_for(model, profile: CostProfile) -> FastLinears:
+    """The fast linear kernels a profile chose, prepared for ``model``."""
+    return fast_linears(model, LinearPlan({int(k): v for k, v in profile.linear_plan.items()}))
+
+
+@torch.inference_mode()
+def measure_profile(model, *, fast: bool = True, attn: str = "torch", repeats: int = 5,
+                    node_counts=NODE_COUNTS, progress: Callable[[str], None] | None = None,
+                    fast_linears: FastLinears | None = None) -> CostProfile:
+    """Measure the linear-kernel plan (with ``fast``) and then v(n) through the engine's own forward.
+
+    Node counts are interleaved within each repeat (rotating order) and the
+    median of ``repeats`` runs counts, so slow drift of the machine spreads
+    over all sizes instead of bending the curve.
+    """
+    from specdec.runner import TreeRunner
+
+    t_start = time.perf_counter()
+    if fast and fast_linears is None:
+        plan = measure_plan(model, repeats=3, progress=progress)
+        fast_linears = FastLinears(model, plan)
+    plan = fast_linears.plan if fast_linears is not None else LinearPlan()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, vocab, (PREFIX,), generator=g)
+    trees = {n: TokenTree(torch.randint(0, vocab, (n,), generator=g), _bushy_parents(n)) for n in node_counts}
+    times: dict[int, list[float]] = {n: [] for n in node_counts}
+    with TreeRunner(model, attn=attn, fast=fast_linears) as runner:
+        runner.prefill(prefix)
+        p = runner.prefix_len
+        order = list(node_counts)
+        for r in range(repeats + 1):
+            if progress:
+                progress(f"forward cost, round {r + 1}/{repeats + 1}")
+            for n in order[r % len(order):] + order[: r % len(order)]:
+                t0 = time.perf_counter()
+                runner.forward(trees[n])
+                _sync(runner.device)
+                if r:  # round 0 warms up
+                    times[n].append(time.perf_counter() - t0)
+                runner.rollback(p)
+    med = {n: statistics.median(ts) for n, ts in times.items()}
+    step = med[node_counts[0]]
+    return CostProfile(
+        step_ms=step * 1e3, v={n: med[n] / step for n in node_counts}, linear_plan=plan.as_dict(),
+        key=profile_key(model, fast=fast, attn=attn), measured_s=round(time.perf_counter() - t_start, 2),
+    )
+
+
+def _bushy_parents(n: int) -> torch.Tensor:
+    """A tree shaped like the ones drafters send: each node's parent is (i - 1) // 2 (a binary heap)."""
+    return torch.tensor([-1] + [(i - 1) // 2 for i in range(1, n)], dtype=torch.long)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def get_profile(model, *, fast: bool, attn: str = "torch", progress: bool = True) -> CostProfile:
+    """The cached profile for this model and setting, or a fresh measurement (saved for next time)."""
+    key = profile_key(model, fast=fast, attn=attn)
+    cached = load_profile(key)
+    if cached is not None:
+        return cached
+    report = _progress_line() if progress else None
+    profile = measure_profile(model, fast=fast, attn=attn, progress=report)
+    if report is not None:
+        report(f"done in {profile.measured_s:.1f} s (cached for next time)", end=True)
+    try:
+        save_profile(profile)
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement next time
+    return profile
+
+
+def _progress_line() -> Callable[..., None]:
+    """One updating line on stderr: 'specdec: measuring this machine's forward cost ... <stage>'."""
+
+    def report(stage: str, end: bool = False) -> None:
+        print(f"\rspecdec: measuring this machine's forward cost (once per model and setting): {stage:<40}",
+              end="\n" if end else "", file=sys.stderr, flush=True)
+
+    return report

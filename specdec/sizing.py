@@ -1,0 +1,184 @@
+"""Hardware-aware tree sizing: verify the draft nodes that pay on this machine, and no more.
+
+This generalises PPD's hardware-aware tree (Chen et al. 2024) and Sequoia's
+budgeted trees to every drafter. A drafter proposes a candidate tree whose
+nodes carry ``scores``: its estimate that the node will be accepted (that the
+whole path from the root to it matches the target). The tokens a step emits
+are the accepted drafts plus one, so a tree that keeps the node set S emits
+
+    E[tokens] = 1 + Σ_{i ∈ S} score_i
+
+and costs ``v(|S| + 1)`` plain steps (the measured profile,
+:mod:`specdec.profile`). The engine keeps the S that maximises
+``E[tokens] / v(|S| + 1)``. Scores shrink along every path (a node cannot be
+accepted without its parent), so for each size k the best S is the k
+highest-scoring nodes, which always form a tree; one sort and one cumulative
+sum try every k. k = 0 (a plain step) wins when no tree pays.
+
+Worked example: scores [1 (root), .6, .3, .1] on a chain, v = {1: 1, 2: 1.1,
+3: 1.15, 4: 1.3}: ratios 1/1, 1.6/1.1 = 1.45, 1.9/1.15 = 1.65, 2.0/1.3 = 1.54
+→ keep the root and the first two drafts.
+
+Drafters estimate scores from what they saw accepted before:
+:class:`AcceptanceRates` keeps running P(node accepted | parent accepted) per
+drafter-defined key (for example depth and rank), and :func:`tested_nodes`
+says which nodes of a verified tree the target actually judged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable
+
+import torch
+from torch import Tensor
+
+from specdec.tree import TokenTree
+
+__all__ = ["best_size", "trim", "AcceptanceRates", "tested_nodes", "monotone_scores", "learn"]
+
+
+def monotone_scores(tree: TokenTree) -> Tensor:
+    """[N] scores with each node's capped by its parent's (root 1; auxiliary nodes 0)."""
+    s = tree.scores.to(torch.float64).clone()
+    s[0] = 1.0
+    if tree.auxiliary is not None:
+        s[tree.auxiliary] = 0.0
+    depth = tree.depths
+    for d in range(1, int(depth.max()) + 1 if len(tree) > 1 else 1):
+        at = torch.nonzero(depth == d).flatten()
+        s[at] = torch.minimum(s[at], s[tree.parents[at]])
+    return s
+
+
+def best_size(scores: Tensor, cost: Callable[[int], float], max_nodes: int) -> tuple[int, float]:
+    """How many of the best drafts to keep: the k maximising (1 + sum of the k best scores) / cost(k + 1).
+
+    Args:
+        scores: [M] acceptance estimates of the candidate draft nodes (root excluded), any order.
+        cost: v(n), the cost of a forward over n nodes in plain steps.
+        max_nodes: the most nodes a forward may hold (root included).
+
+    Returns:
+        (k, expected tokens per unit of cost at that k).
+    """
+    top = torch.sort(scores.to(torch.float64), descending=True).values[: max(0, max_nodes - 1)]
+    gains = 1.0 + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(top, 0)])
+    costs = torch.tensor([cost(k + 1) for k in range(top.numel() + 1)], dtype=torch.float64)
+    ratio = gains / costs
+    k = int(torch.argmax(ratio))
+    return k, float(ratio[k])
+
+
+def trim(tree: TokenTree, cost: Callable[[int], float], max_nodes: int = 64) -> TokenTree:
+    """Keep the root and the draft nodes that maximise expected tokens per unit of cost (see module doc).
+
+    Auxiliary nodes (PPD prompt tokens) are kept only under kept nodes. A
+    tree without ``scores`` is returned as it is.
+    """
+    if tree.scores is None or len(tree) == 1:
+        return tree
+    s = monotone_scores(tree)
+    drafts = torch.arange(1, len(tree))
+    if tree.auxiliary is not None:
+        drafts = drafts[~tree.auxiliary[1:]]
+    k, _ = best_size(s[drafts], cost, max_nodes)
+    # ties go to the lower index, which is always the parent: the top-k set is ancestor-closed
+    order = sorted(drafts.tolist(), key=lambda i: (-float(s[i]), i))[:k]
+    keep = torch.zeros(len(tree), dtype=torch.bool)
+    keep[0] = True
+    keep[order] = True
+    if tree.auxiliary is not None:
+        keep |= tree.auxiliary & keep[tree.parents.clamp(min=0)]
+    return tree.subtree(torch.nonzero(keep).flatten())
+
+
+def tested_nodes(tree: TokenTree, path: Tensor) -> tuple[Tensor, Tensor]:
+    """The draft nodes the target judged in a verified tree: children of accepted nodes.
+
+    Returns:
+        (nodes [M] long, accepted [M] bool). A child of the last accepted node
+        that was rejected counts as tested and not accepted; nodes below a
+        rejected node were never judged.
+    """
+    on_path = torch.zeros(len(tree), dtype=torch.bool)
+    on_path[path] = True
+    tested = on_path[tree.parents.clamp(min=0)]
+    tested[0] = False
+    if tree.auxiliary is not None:
+        tested &= ~tree.auxiliary
+    nodes = torch.nonzero(tested).flatten()
+    return nodes, on_path[nodes]
+
+
+class AcceptanceRates:
+    """Running estimates of P(node accepted | parent accepted), one per key.
+
+    Each key keeps discounted counts of hits and trials; the estimate is
+    ``(hits + strength · prior) / (trials + strength)``: the prior until the
+    target has judged a few such nodes, then mostly what it judged lately
+    (each new verdict discounts the older ones by ``decay``).
+
+    A key whose candidates were all trimmed away this step is not judged, so
+    its estimate could never recover from a bad patch; :meth:`relax` lets its
+    evidence fade (by ``forget`` per step) so the estimate drifts back toward
+    the prior and the node is tried again now and then.
+
+    Args:
+        prior: the estimate before any verdict, a number or a function of the key.
+        decay: discount of older verdicts at each new one (0..1).
+        strength: how many verdicts the prior is worth.
+        forget: fading of a key's evidence per step in which it was not tried.
+    """
+
+    def __init__(self, prior: float | Callable[[Hashable], float] = 0.5, decay: float = 0.9, strength: float = 2.0,
+                 forget: float = 0.98) -> None:
+        if not 0.0 <= decay < 1.0 or not 0.0 < forget <= 1.0 or strength <= 0:
+            raise ValueError(f"need decay in [0, 1), forget in (0, 1] and strength > 0; got {decay}, {forget}, {strength}")
+        self.prior, self.decay, self.strength, self.forget = prior, decay, strength, forget
+        self.counts: dict[Hashable, tuple[float, float]] = {}
+
+    def _prior(self, key: Hashable) -> float:
+        return self.prior(key) if callable(self.prior) else float(self.prior)
+
+    def __getitem__(self, key: Hashable) -> float:
+        hits, trials = self.counts.get(key, (0.0, 0.0))
+        return (hits + self.strength * self._prior(key)) / (trials + self.strength)
+
+    def update(self, key: Hashable, accepted: bool) -> None:
+        hits, trials = self.counts.get(key, (0.0, 0.0))
+        self.counts[key] = (self.decay * hits + float(accepted), self.decay * trials + 1.0)
+
+    def relax(self, key: Hashable) -> None:
+        """Fade the evidence of a key that was not tried this step (see the class doc)."""
+        if key in self.counts:
+            hits, trials = self.counts[key]
+            self.counts[key] = (hits * self.forget, trials * self.forget)
+
+    def path_scores(self, parents: list[int], keys: list[Hashable]) -> list[float]:
+        """Scores for a candidate tree in topological order: the product of rates along each path (root 1)."""
+        scores = [1.0]
+        for parent, key in zip(parents[1:], keys[1:]):
+            scores.append(scores[parent] * self[key])
+        return scores
+
+
+def learn(rates: AcceptanceRates, keys: dict[tuple[int, ...], Hashable], tree: TokenTree, path: Tensor) -> None:
+    """Update ``rates`` from a verified tree, for the nodes this drafter proposed.
+
+    Args:
+        keys: the drafter's last candidates, ``{token path from the root (root excluded): key}``.
+        tree, path: the verified tree (trimmed, possibly fused with other drafters' nodes) and its accepted path.
+
+    Nodes the target judged update their key's estimate; keys whose every
+    candidate was trimmed away relax toward the prior (so a rate that fell too
+    low to be drafted recovers now and then and is tested again).
+    """
+    nodes, hits = tested_nodes(tree, path)
+    paths = tree.token_paths
+    for node, hit in zip(nodes.tolist(), hits.tolist()):
+        key = keys.get(paths[node])
+        if key is not None:
+            rates.update(key, hit)
+    sent = {keys[p] for p in paths if p in keys}
+    for key in set(keys.values()) - sent:
+        rates.relax(key)
