@@ -85,10 +85,10 @@ def _cmd_generate(args) -> int:
             "identical": ref_ids == result.token_ids if args.temperature == 0 else None,
         }
     if args.json:
-        print(json.dumps(out, indent=2))
+        _say(json.dumps(out, indent=2))
         return 0
     s = result.stats
-    print(result.text)
+    _say(result.text)
     print(
         f"\n[{args.drafter}] {s.new_tokens} tokens in {s.target_forwards} target forwards "
         f"(mean accepted length {s.mean_accepted_length:.2f}), {s.tokens_per_s:.1f} tok/s, finish: {result.finish_reason}",
@@ -104,12 +104,20 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+_STDOUT = [sys.stdout]  # where results go; main() points sys.stdout itself at stderr while a command runs
+
+
+def _say(*args, **kwargs) -> None:
+    """Print a result (to the real standard output, never mixed with libraries' log lines)."""
+    print(*args, file=_STDOUT[0], **kwargs)
+
+
 def _cmd_drafters(args) -> int:
     from specdec.drafters.base import _import_builtin_drafters, registered_drafters
 
     _import_builtin_drafters()
     for name in registered_drafters():
-        print(name)
+        _say(name)
     return 0
 
 
@@ -156,9 +164,9 @@ def _cmd_bench(args) -> int:
     for e in report["runs"]:
         m = e["overall"]
         vs_none = "" if m["speedup_vs_none"] is None else f"  {m['speedup_vs_none']:.2f}x none"
-        print(f"{e['drafter']:>24}: tau {m['mean_accepted_length']:.2f}  {m['tokens_per_s']:.1f} tok/s  "
+        _say(f"{e['drafter']:>24}: tau {m['mean_accepted_length']:.2f}  {m['tokens_per_s']:.1f} tok/s  "
               f"{m['speedup_vs_hf_greedy']:.2f}x HF{vs_none}  identical HF {m['identical_to_greedy']}/{m['prompts']}")
-    print(f"report: {args.out}/report.md")
+    _say(f"report: {args.out}/report.md")
     return 0
 
 
@@ -183,7 +191,7 @@ def _cmd_train(args) -> int:
     from specdec.training import load_recipe, recipe_names, train
 
     if args.list:
-        print("\n".join(recipe_names()))
+        _say("\n".join(recipe_names()))
         return 0
     overrides = list(args.overrides)
     for key, value in (("model", args.model), ("data", args.data), ("output_dir", args.output)):
@@ -191,7 +199,7 @@ def _cmd_train(args) -> int:
             overrides.append(f"{key}={value}")
     config = load_recipe(args.recipe, overrides)
     final = train(config)
-    print(f"drafter written to {final}  (use it as --drafter medusa:{final})")
+    _say(f"drafter written to {final}  (use it as --drafter medusa:{final})")
     return 0
 
 
@@ -221,7 +229,7 @@ def _cmd_distill(args) -> int:
     convs = load_conversations(args.prompts, limit=args.limit, skip=args.skip)
     model, tokenizer = load_model(args.model)
     n = distill(model, tokenizer, convs, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    print(f"{n} conversations written to {args.out}")
+    _say(f"{n} conversations written to {args.out}")
     return 0
 
 
@@ -266,13 +274,13 @@ def _cmd_profile(args) -> int:
     if args.plot:
         _plot_profile(profile, args.plot)
     if args.json:
-        print(json.dumps(profile.as_dict(), indent=2))
+        _say(json.dumps(profile.as_dict(), indent=2))
         return 0
     key = profile_key(model, fast=args.fast, attn=attn)
-    print(f"{key['model']} ({key['dtype']}, {key['device']}, {key['threads']} threads, fast kernels {'on' if args.fast else 'off'})")
-    print(f"plain step: {profile.step_ms:.1f} ms")
-    print(profile.table())
-    print("linear kernels by rows: " + ", ".join(f"{k}: {v}" for k, v in profile.linear_plan.items()))
+    _say(f"{key['model']} ({key['dtype']}, {key['device']}, {key['threads']} threads, fast kernels {'on' if args.fast else 'off'})")
+    _say(f"plain step: {profile.step_ms:.1f} ms")
+    _say(profile.table())
+    _say("linear kernels by rows: " + ", ".join(f"{k}: {v}" for k, v in profile.linear_plan.items()))
     return 0
 
 
@@ -309,10 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from contextlib import redirect_stdout
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    _STDOUT[0] = sys.stdout
     try:
-        return args.func(args)
+        with redirect_stdout(sys.stderr):  # libraries' prints and log lines must not corrupt --json output
+            return args.func(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         print(f"specdec: error: {err}", file=sys.stderr)
         return 2

@@ -119,7 +119,9 @@ class GenerationConfig:
         seed: makes sampling (and stochastic drafters) reproducible.
         attn: tree attention in the verifying forward: ``"auto"``, ``"torch"`` or ``"triton"``.
         fast: run the engine's forwards through the measured fast kernels
-            (:mod:`specdec.kernels`); False runs the model's own kernels.
+            (:mod:`specdec.kernels`) and tree attention through transformers'
+            attention interface; False runs the model's own kernels and
+            attention (a 4-D mask), the reference path.
         dtype: the dtype the model must be in (checked; specdec never converts
             your model: load it with ``load_model(..., dtype=...)``); None: any.
         size_trees: trim every drafter's tree to the size that pays on this

@@ -204,6 +204,7 @@ def decode_steps(
     stats: GenerationStats | None = None,
     attn: str = "torch",
     fast: FastLinears | None = None,
+    route: bool | None = None,
     cost: Callable[[int], float] | None = None,
     max_nodes: int = 64,
 ) -> Iterator[StepEvent]:
@@ -212,6 +213,8 @@ def decode_steps(
     Args:
         input_ids: [T] long prompt ids (T >= 1).
         fast: fast linear kernels for the target's forwards (None: the model's own).
+        route: tree attention through transformers' attention interface (None: where the model
+            supports it); False hands the model a 4-D mask for its own attention.
         cost: v(n), the measured cost of a forward over n nodes; with it, trees
             that carry scores are trimmed to the size that pays (None: as proposed).
         max_nodes: the most nodes one forward may hold.
@@ -221,7 +224,7 @@ def decode_steps(
     ids = input_ids.clone()
     new: list[int] = []
     drafter.reset(ids)
-    with TreeRunner(model, attn=attn, fast=fast) as runner:
+    with TreeRunner(model, attn=attn, fast=fast, route=route) as runner:
         # 1. Prefill: the whole prompt; its last logits give the first token.
         t0 = time.perf_counter()
         out = runner.prefill(ids, hidden=hidden_needed)
@@ -346,7 +349,7 @@ def _events(model, tokenizer, run: _Run, stats: GenerationStats) -> Iterator[Ste
     return decode_steps(
         model, run.input_ids, run.drafter, run.verifier, max_new_tokens=run.config.max_new_tokens,
         eos_ids=_eos_ids(model, tokenizer), stop=run.stop, generator=run.generator, stats=stats,
-        attn=run.attn, fast=run.fast, cost=run.cost, max_nodes=run.config.max_tree_nodes,
+        attn=run.attn, fast=run.fast, route=run.config.fast, cost=run.cost, max_nodes=run.config.max_tree_nodes,
     )
 
 

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 __all__ = ["ROW_BUCKETS", "LinearPlan", "FastLinears", "fast_linears", "KERNELS", "candidate_kernels", "measure_plan"]
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # row counts a plan is measured at; rows beyond the last use F.linear
+INVARIANCE_PRICE = 0.1  # how much slower (weighted over row counts) a batch-invariant plan may be and still be chosen
 _PACK_ROWS = 64  # MKL packs for a nominal row count; one packing serves every row count (checked in measure_plan)
 
 
@@ -159,9 +160,12 @@ class LinearPlan:
     Attributes:
         kernels: ``{bucket: kernel name}`` for the buckets of :data:`ROW_BUCKETS`; a call with
             ``rows`` rows uses the smallest bucket >= rows; beyond the last bucket, ``torch``.
+        invariant: the kernel was measured to give bit-identical rows for every row count
+            up to the last bucket (see :func:`measure_plan`).
     """
 
     kernels: dict[int, str] = field(default_factory=dict)
+    invariant: bool = False
 
     def __post_init__(self) -> None:
         self.kernels = {int(k): v for k, v in self.kernels.items()}
@@ -276,34 +280,56 @@ def _agrees(kernel: _Kernel, weight: Tensor, bias: Tensor | None, state, rows: i
     return bool((out - ref).abs().max() <= tol * ref.abs().max().clamp(min=1e-6))
 
 
+def _row_invariant(kernel: _Kernel, weight: Tensor, bias: Tensor | None, state, buckets) -> bool:
+    """Each output row is bit-identical whether its input row comes alone or with others."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(max(buckets), weight.shape[1], generator=g).to(weight.dtype)
+    alone = torch.cat([kernel.run(x[i : i + 1], weight, bias, state, 1) for i in range(max(buckets))])
+    return all(torch.equal(kernel.run(x[:b], weight, bias, state, b), alone[:b]) for b in buckets)
+
+
 @torch.inference_mode()
-def measure_plan(model, *, buckets=ROW_BUCKETS, repeats: int = 5, candidates: list[str] | None = None,
+def measure_plan(model, *, buckets=ROW_BUCKETS, repeats: int = 3, candidates: list[str] | None = None,
                  progress: Callable[[str], None] | None = None) -> LinearPlan:
-    """Time every candidate kernel on all of the model's linear layers at each row count; keep the fastest.
+    """Time every candidate kernel on all of the model's linear layers at each row count, and choose.
 
     Each timing runs every linear layer of the model once with ``rows`` random
     rows (so weights stream from memory as in a real forward); candidates are
     interleaved within each repeat and the median counts. A candidate whose
     results disagree with ``F.linear`` beyond summation-order error is dropped.
+
+    The choice prefers **batch invariance**: one kernel for every row count,
+    whose output rows are bit-identical whether a row comes alone (a plain
+    decoding step) or among others (a tree forward). The linear layers are then
+    no source of difference between a tree node's logits and the plain step's
+    (attention still sums in another order: the engine's speculative output
+    equals its plain decoding up to near-ties of ~1e-5 in fp32). Among the
+    invariant kernels the one with the least total time wins (one row counted
+    three times: plain steps are the most frequent forward); it is kept unless
+    a per-row-count choice would be more than ``INVARIANCE_PRICE`` faster.
     """
     mods = _linears(model)
-    if not mods:
-        return LinearPlan({b: "torch" for b in buckets})
+    trivial = LinearPlan({b: "torch" for b in buckets})
+    if not mods or mods[-1].weight.device.type != "cpu":
+        return trivial
     weight0 = mods[-1].weight
     names = candidates or candidate_kernels(weight0)
     names = [n for n in names if all(KERNELS[n].supports(m.weight) for m in mods)]
-    if names == ["torch"] or weight0.device.type != "cpu":
-        return LinearPlan({b: "torch" for b in buckets})
+    if names == ["torch"]:
+        return trivial
     states = {n: [KERNELS[n].prepare(m.weight, m.bias) for m in mods] for n in names}
-    ok = {(n, b): all(_agrees(KERNELS[n], m.weight, m.bias, s, b) for m, s in zip(mods[-2:], states[n][-2:]))
-          for n in names for b in buckets}
-    plan: dict[int, str] = {}
+    probe = range(len(mods) - min(2, len(mods)), len(mods))  # the last two layers (the output layer among them)
+    ok = {n: all(_agrees(KERNELS[n], mods[i].weight, mods[i].bias, states[n][i], b) for b in buckets for i in probe)
+          for n in names}
+    invariant = {n: ok[n] and all(_row_invariant(KERNELS[n], mods[i].weight, mods[i].bias, states[n][i], buckets) for i in probe)
+                 for n in names}
+    usable = [n for n in names if ok[n]]
+    times: dict[tuple[str, int], float] = {}
     for b in buckets:
         if progress:
             progress(f"linear kernels, {b} rows")
         xs = {d: torch.randn(b, d).to(weight0.dtype) for d in {m.weight.shape[1] for m in mods}}
-        usable = [n for n in names if ok[(n, b)]]
-        times: dict[str, list[float]] = {n: [] for n in usable}
+        samples: dict[str, list[float]] = {n: [] for n in usable}
         for r in range(repeats + 1):
             for n in usable[r % len(usable):] + usable[: r % len(usable)]:
                 kernel, st = KERNELS[n], states[n]
@@ -311,6 +337,15 @@ def measure_plan(model, *, buckets=ROW_BUCKETS, repeats: int = 5, candidates: li
                 for m, s in zip(mods, st):
                     kernel.run(xs[m.weight.shape[1]], m.weight, m.bias, s, b)
                 if r:  # the first round warms caches and allocators
-                    times[n].append(time.perf_counter() - t0)
-        plan[b] = min(usable, key=lambda n: statistics.median(times[n]))
-    return LinearPlan(plan)
+                    samples[n].append(time.perf_counter() - t0)
+        for n in usable:
+            times[(n, b)] = statistics.median(samples[n])
+    weight = {b: 3.0 if b == 1 else 1.0 for b in buckets}
+    mixed = {b: min(usable, key=lambda n: times[(n, b)]) for b in buckets}
+    mixed_time = sum(times[(mixed[b], b)] * weight[b] for b in buckets)
+    steady = [n for n in usable if invariant[n]]
+    if steady:
+        best = min(steady, key=lambda n: sum(times[(n, b)] * weight[b] for b in buckets))
+        if sum(times[(best, b)] * weight[b] for b in buckets) <= (1 + INVARIANCE_PRICE) * mixed_time:
+            return LinearPlan({b: best for b in buckets}, invariant=True)
+    return LinearPlan(mixed)

@@ -42,7 +42,7 @@ __all__ = ["CostProfile", "NODE_COUNTS", "measure_profile", "load_profile", "pro
 
 NODE_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 PREFIX = 128
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass
@@ -53,6 +53,8 @@ class CostProfile:
         step_ms: median wall time of a plain single-token step.
         v: ``{n: cost of a forward over n nodes in plain steps}`` (``v[1] == 1``).
         linear_plan: the linear kernels per row count (``{"1": "torch", "8": "mkl-packed", ...}``).
+        linear_invariant: the plan's kernel gives bit-identical rows for any row count up to 64
+            (a tree node's logits then equal the plain step's; see :func:`specdec.kernels.measure_plan`).
         key: what the profile was measured for (model, dtype, device, threads, fast, versions).
         measured_s: how long the measurement took.
     """
@@ -60,12 +62,14 @@ class CostProfile:
     step_ms: float
     v: dict[int, float]
     linear_plan: dict[str, str] = field(default_factory=dict)
+    linear_invariant: bool = False
     key: dict = field(default_factory=dict)
     measured_s: float = 0.0
     format: int = FORMAT
 
     def __post_init__(self) -> None:
-        self.v = {int(k): float(x) for k, x in self.v.items()}
+        self.v = {int(k): round(float(x), 4) for k, x in self.v.items()}  # the precision the cache file keeps
+        self.step_ms = round(float(self.step_ms), 3)
 
     def cost(self, n: int) -> float:
         """v(n) for any n >= 1: linear between measured points, linear extrapolation past the last two."""
@@ -80,8 +84,7 @@ class CostProfile:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["v"] = {str(k): round(x, 4) for k, x in sorted(self.v.items())}
-        d["step_ms"] = round(self.step_ms, 3)
+        d["v"] = {str(k): x for k, x in sorted(self.v.items())}
         return d
 
     def table(self) -> str:
@@ -168,13 +171,13 @@ def save_profile(profile: CostProfile) -> Path:
 
 def fast_linears_for(model, profile: CostProfile) -> FastLinears:
     """The fast linear kernels a profile chose, prepared for ``model``."""
-    return fast_linears(model, LinearPlan({int(k): v for k, v in profile.linear_plan.items()}))
+    return fast_linears(model, LinearPlan({int(k): v for k, v in profile.linear_plan.items()}, invariant=profile.linear_invariant))
 
 
 @torch.inference_mode()
 def measure_profile(model, *, fast: bool = True, attn: str = "torch", repeats: int = 5,
                     node_counts=NODE_COUNTS, progress: Callable[[str], None] | None = None,
-                    fast_linears: FastLinears | None = None) -> CostProfile:
+                    linears: FastLinears | None = None) -> CostProfile:
     """Measure the linear-kernel plan (with ``fast``) and then v(n) through the engine's own forward.
 
     Node counts are interleaved within each repeat (rotating order) and the
@@ -184,16 +187,15 @@ def measure_profile(model, *, fast: bool = True, attn: str = "torch", repeats: i
     from specdec.runner import TreeRunner
 
     t_start = time.perf_counter()
-    if fast and fast_linears is None:
-        plan = measure_plan(model, repeats=3, progress=progress)
-        fast_linears = FastLinears(model, plan)
-    plan = fast_linears.plan if fast_linears is not None else LinearPlan()
+    if fast and linears is None:
+        linears = fast_linears(model, measure_plan(model, repeats=3, progress=progress))
+    plan = linears.plan if linears is not None else LinearPlan()
     vocab = model.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (PREFIX,), generator=g)
     trees = {n: TokenTree(torch.randint(0, vocab, (n,), generator=g), _bushy_parents(n)) for n in node_counts}
     times: dict[int, list[float]] = {n: [] for n in node_counts}
-    with TreeRunner(model, attn=attn, fast=fast_linears) as runner:
+    with TreeRunner(model, attn=attn, fast=linears) as runner:
         runner.prefill(prefix)
         p = runner.prefix_len
         order = list(node_counts)
@@ -209,8 +211,12 @@ def measure_profile(model, *, fast: bool = True, attn: str = "torch", repeats: i
                 runner.rollback(p)
     med = {n: statistics.median(ts) for n, ts in times.items()}
     step = med[node_counts[0]]
+    v, floor = {}, 1.0
+    for n in sorted(node_counts):  # more nodes never cost less: a dip is measurement noise
+        floor = max(floor, med[n] / step)
+        v[n] = floor
     return CostProfile(
-        step_ms=step * 1e3, v={n: med[n] / step for n in node_counts}, linear_plan=plan.as_dict(),
+        step_ms=step * 1e3, v=v, linear_plan=plan.as_dict(), linear_invariant=plan.invariant,
         key=profile_key(model, fast=fast, attn=attn), measured_s=round(time.perf_counter() - t_start, 2),
     )
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from specdec.cache import TreeKVCache
 from specdec.kernels import FastLinears
 from specdec.tree import TokenTree
-from specdec.tree_attention.hf import TreeAttention, can_route, resolve_backend, routed
+from specdec.tree_attention.hf import Routing, TreeAttention, can_route, resolve_backend
 from specdec.tree_attention.reference import additive_tree_mask
 
 __all__ = ["ForwardOutput", "TreeRunner"]
@@ -84,16 +84,13 @@ class TreeRunner:
             self.route = True
         self.fast = fast if fast is not None and fast.active else None
         self.cache = TreeKVCache()
-        self._routing = routed(model) if self.route else nullcontext()
-        self._routing.__enter__()
-        self._closed = False
+        self._routing = Routing(model) if self.route else None
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Restore the model's attention implementation (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            self._routing.__exit__(None, None, None)
+        if self._routing is not None:
+            self._routing.restore()
 
     def __enter__(self) -> "TreeRunner":
         return self

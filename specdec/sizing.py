@@ -21,7 +21,7 @@ Worked example: scores [1 (root), .6, .3, .1] on a chain, v = {1: 1, 2: 1.1,
 
 Drafters estimate scores from what they saw accepted before:
 :class:`AcceptanceRates` keeps running P(node accepted | parent accepted) per
-drafter-defined key (for example depth and rank), and :func:`tested_nodes`
+drafter-defined key (for example depth and rank), and :func:`judged_nodes`
 says which nodes of a verified tree the target actually judged.
 """
 
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from specdec.tree import TokenTree
 
-__all__ = ["best_size", "trim", "AcceptanceRates", "tested_nodes", "monotone_scores", "learn"]
+__all__ = ["best_size", "trim", "AcceptanceRates", "judged_nodes", "monotone_scores", "learn"]
 
 
 def monotone_scores(tree: TokenTree) -> Tensor:
@@ -92,7 +92,7 @@ def trim(tree: TokenTree, cost: Callable[[int], float], max_nodes: int = 64) -> 
     return tree.subtree(torch.nonzero(keep).flatten())
 
 
-def tested_nodes(tree: TokenTree, path: Tensor) -> tuple[Tensor, Tensor]:
+def judged_nodes(tree: TokenTree, path: Tensor) -> tuple[Tensor, Tensor]:
     """The draft nodes the target judged in a verified tree: children of accepted nodes.
 
     Returns:
@@ -173,7 +173,7 @@ def learn(rates: AcceptanceRates, keys: dict[tuple[int, ...], Hashable], tree: T
     candidate was trimmed away relax toward the prior (so a rate that fell too
     low to be drafted recovers now and then and is tested again).
     """
-    nodes, hits = tested_nodes(tree, path)
+    nodes, hits = judged_nodes(tree, path)
     paths = tree.token_paths
     for node, hit in zip(nodes.tolist(), hits.tolist()):
         key = keys.get(paths[node])

@@ -1,4 +1,11 @@
-"""End-to-end checks on the embedded default model (SmolLM2-135M-Instruct)."""
+"""End-to-end checks on the embedded default model (SmolLM2-135M-Instruct).
+
+Lossless means: every drafter's greedy output equals specdec's own plain
+decoding token for token (same forward, no drafts). Against HF ``generate``,
+the fast kernels sum in another order, so an output may differ, but only
+where the model itself could not decide: HF's own top-1 / top-2 logit margin
+at the first difference is a near-tie.
+"""
 
 import pytest
 import torch
@@ -20,32 +27,73 @@ COPY_HEAVY = (
     "The quick brown fox jumpd over the lazy dog. Then the dog woke up and chasd the fox accross the field, "
     "but the fox was to fast and escaped into the forrest."
 )
+NEAR_TIE = 1e-3  # fp32 summation-order noise in the logits is ~1e-5
+
+
+def assert_near_tie_if_different(model, ids, ours, ref):
+    if ours == ref:
+        return
+    pos = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
+    with torch.inference_mode():
+        logits = model(torch.cat([ids, torch.tensor(ref[:pos])])[None]).logits[0, -1]
+    top = torch.topk(logits, 2).values
+    assert float(top[0] - top[1]) < NEAR_TIE, f"differs from HF greedy at {pos} with margin {float(top[0] - top[1])}"
 
 
 @pytest.mark.parametrize("question", CHAT)
-def test_greedy_equals_hf_on_chat_prompts(default_model, question):
+def test_every_drafter_equals_plain_decoding_and_hf_up_to_near_ties(default_model, question):
     model, tok = default_model
     msgs = [{"role": "user", "content": question}]
     ids = prepare_input_ids(tok, msgs)
-    ref = hf_greedy(model, ids, 48)
-    out = specdec.generate(model, tok, msgs, drafter="prompt-lookup", max_new_tokens=48)
-    assert out.token_ids == ref
-    assert out.text == tok.decode(ref, skip_special_tokens=True)
+    plain = specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=48).token_ids
+    assert_near_tie_if_different(model, ids, plain, hf_greedy(model, ids, 48))
+    for drafter in ("prompt-lookup", "medusa", "medusa+prompt-lookup"):
+        out = specdec.generate(model, tok, msgs, drafter=drafter, max_new_tokens=48)
+        assert out.token_ids == plain, drafter
+        assert out.text == tok.decode(plain, skip_special_tokens=True)
+
+
+def test_the_reference_path_equals_hf_greedy(default_model):
+    """fast=False: the model's own kernels and attention (a 4-D mask), token for token HF greedy."""
+    model, tok = default_model
+    msgs = [{"role": "user", "content": CHAT[1]}]
+    ref = hf_greedy(model, prepare_input_ids(tok, msgs), 40)
+    for drafter in ("none", "prompt-lookup"):
+        assert specdec.generate(model, tok, msgs, drafter=drafter, max_new_tokens=40, fast=False).token_ids == ref
 
 
 def test_prompt_lookup_accepts_long_runs_on_copy_heavy_prompts(default_model):
     model, tok = default_model
     msgs = [{"role": "user", "content": COPY_HEAVY}]
     out = specdec.generate(model, tok, msgs, drafter="prompt-lookup", max_new_tokens=64)
-    assert out.token_ids == hf_greedy(model, prepare_input_ids(tok, msgs), 64)
+    assert out.token_ids == specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=64).token_ids
     assert out.stats.mean_accepted_length > 1.5, out.stats.as_dict()
 
 
-def test_shipped_medusa_heads_are_lossless_and_accept_tokens(default_model):
+def test_shipped_medusa_heads_accept_tokens(default_model):
     model, tok = default_model
     msgs = [{"role": "user", "content": "Explain what a hash table is in two sentences."}]
-    ref = hf_greedy(model, prepare_input_ids(tok, msgs), 48)
     for drafter in ("medusa", "medusa+prompt-lookup"):
         out = specdec.generate(model, tok, msgs, drafter=drafter, max_new_tokens=48)
-        assert out.token_ids == ref
         assert out.stats.mean_accepted_length > 1.2, out.stats.as_dict()
+
+
+def test_bf16_speculation_differs_from_bf16_plain_decoding_only_at_near_ties(default_model):
+    """bfloat16 rounds every activation to 8 bits, so a tree forward's logits differ from a plain step's by up to
+    ~0.5 (attention sums in another order, and a rounding flips now and then); speculation may then change a token
+    only where the bf16 model's own top-2 margin is within that noise."""
+    model32, tok = default_model
+    import copy
+
+    model = copy.deepcopy(model32).to(torch.bfloat16)
+    msgs = [{"role": "user", "content": COPY_HEAVY}]
+    ids = prepare_input_ids(tok, msgs)
+    plain = specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=40, dtype="bfloat16").token_ids
+    out = specdec.generate(model, tok, msgs, drafter="prompt-lookup", max_new_tokens=40, dtype="bfloat16").token_ids
+    if out != plain:
+        pos = next(i for i, (a, b) in enumerate(zip(out, plain)) if a != b)
+        with torch.inference_mode():
+            top = torch.topk(model(torch.tensor([ids.tolist() + plain[:pos]])).logits[0, -1].float(), 2).values
+        assert float(top[0] - top[1]) < 1.0, f"bf16 outputs part at {pos} with margin {float(top[0] - top[1])}"
+    with pytest.raises(ValueError, match="never converts"):
+        specdec.generate(model32, tok, msgs, drafter="none", max_new_tokens=4, dtype="bfloat16")

@@ -18,9 +18,7 @@ visibility travels only in ``specdec_tree``.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from specdec.tree_attention.reference import additive_tree_mask
 
-__all__ = ["IMPLEMENTATION", "BACKENDS", "TreeAttention", "resolve_backend", "routed", "can_route"]
+__all__ = ["IMPLEMENTATION", "BACKENDS", "TreeAttention", "resolve_backend", "Routing", "can_route"]
 
 IMPLEMENTATION = "specdec_tree"
 BACKENDS = ("auto", "torch", "triton")
@@ -113,12 +111,25 @@ def can_route(model) -> bool:
     return callable(can) and bool(can()) and hasattr(model, "set_attn_implementation")
 
 
-@contextmanager
-def routed(model) -> Iterator[None]:
-    """Switch the model's attention to ``specdec_tree`` for the block; restore it after."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(IMPLEMENTATION)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
+class Routing:
+    """Switches a model's attention to ``specdec_tree``; :meth:`restore` puts its own back (idempotent).
+
+    Usable as a context manager. A plain object rather than a generator, so
+    nothing runs at interpreter shutdown if a caller never restores.
+    """
+
+    def __init__(self, model) -> None:
+        self.model, self.previous = model, model.config._attn_implementation
+        model.set_attn_implementation(IMPLEMENTATION)
+        self.active = True
+
+    def restore(self) -> None:
+        if self.active:
+            self.active = False
+            self.model.set_attn_implementation(self.previous)
+
+    def __enter__(self) -> "Routing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()

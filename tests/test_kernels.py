@@ -1,0 +1,97 @@
+"""The fast linear kernels: same products as F.linear, routed only inside the scope, batch-invariant where measured."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specdec.kernels import KERNELS, ROW_BUCKETS, FastLinears, LinearPlan, candidate_kernels, fast_linears, measure_plan
+
+
+def small_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(24, 40), nn.SiLU(), nn.Linear(40, 24, bias=False), nn.Linear(24, 96)).to(dtype).eval()
+
+
+def plan_of(name):
+    return LinearPlan({b: name for b in ROW_BUCKETS})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_kernel_computes_the_linear_product(dtype):
+    model = small_model(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    names = candidate_kernels(model[0].weight)
+    assert "torch" in names
+    for name in names:
+        fast = FastLinears(model, plan_of(name))
+        for rows in (1, 3, 8, 65):  # 65: past the last bucket, F.linear
+            x = torch.randn(1, rows, 24).to(dtype)
+            with torch.inference_mode():
+                ref = model(x)
+                with fast.scope():
+                    out = model(x)
+            assert out.shape == ref.shape and out.dtype == dtype, name
+            torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item(), msg=name)
+
+
+def test_the_scope_routes_only_inside_and_restores_on_errors():
+    model = small_model()
+    fast = FastLinears(model, plan_of("wxt"))
+    assert fast.active
+    with pytest.raises(RuntimeError, match="boom"):
+        with fast.scope():
+            assert all("forward" in m.__dict__ for m in model if isinstance(m, nn.Linear))
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in model)
+    assert not FastLinears(model, plan_of("torch")).active  # a plan of model kernels patches nothing
+
+
+def test_prepared_kernels_follow_in_place_weight_changes():
+    """Packed copies are reused while the weights are unchanged and rebuilt after an in-place update."""
+    model = small_model()
+    name = "mkl-packed" if "mkl-packed" in candidate_kernels(model[0].weight) else "wxt"
+    first = fast_linears(model, plan_of(name))
+    assert fast_linears(model, plan_of(name)) is first
+    with torch.no_grad():
+        model[3].weight.mul_(2.0)
+    second = fast_linears(model, plan_of(name))
+    assert second is not first
+    x = torch.randn(4, 24)
+    with torch.inference_mode(), second.scope():
+        out = model(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_measured_plan_is_valid_and_prefers_one_invariant_kernel():
+    model = small_model()
+    plan = measure_plan(model, repeats=1)
+    assert set(plan.kernels) == set(ROW_BUCKETS) and set(plan.kernels.values()) <= set(KERNELS)
+    if plan.invariant:
+        assert len(set(plan.kernels.values())) == 1
+        kernel = KERNELS[plan.kernels[1]]
+        w = model[3].weight
+        state = kernel.prepare(w, model[3].bias)
+        x = torch.randn(16, 24)
+        alone = torch.cat([kernel.run(x[i : i + 1], w, model[3].bias, state, 1) for i in range(16)])
+        assert torch.equal(kernel.run(x, w, model[3].bias, state, 16), alone)
+    assert plan.for_rows(3) == plan.kernels[4] and plan.for_rows(1000) == "torch"
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch build has no MKL")
+def test_mkl_packed_rows_do_not_depend_on_the_row_count():
+    """What makes the fast path exact: a row's result is the same alone (plain step) or in a tree forward."""
+    torch.manual_seed(3)
+    w = torch.randn(300, 64)
+    kernel = KERNELS["mkl-packed"]
+    state = kernel.prepare(w, None)
+    x = torch.randn(64, 64)
+    alone = torch.cat([kernel.run(x[i : i + 1], w, None, state, 1) for i in range(64)])
+    for rows in (2, 5, 8, 17, 64):
+        assert torch.equal(kernel.run(x[:rows], w, None, state, rows), alone[:rows]), rows
+    torch.testing.assert_close(alone, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_kernel_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown linear kernels"):
+        LinearPlan({1: "nope"})

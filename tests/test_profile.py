@@ -1,0 +1,90 @@
+"""The cost profile: measured once per model and setting, cached, interpolated; and `specdec profile`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from specdec import profile as prof
+from specdec.cli import main
+from specdec.profile import CostProfile, get_profile, load_profile, measure_profile, profile_key, save_profile
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("n, expected, why", [
+    (1, 1.0, "a plain step is the unit"),
+    (3, 1.3, "halfway between v(2) = 1.2 and v(4) = 1.4"),
+    (8, 2.0, "a measured point"),
+    (12, 2.5, "between 8 and 16"),
+    (32, 5.0, "past the last point: the last slope (1/8 per node) continues"),
+])
+def test_cost_interpolates_between_measured_points(n, expected, why):
+    p = CostProfile(step_ms=10.0, v={1: 1.0, 2: 1.2, 4: 1.4, 8: 2.0, 16: 3.0})
+    assert p.cost(n) == pytest.approx(expected), why
+
+
+def test_measure_save_load_round_trip(cache_dir):
+    model = tiny_model("llama", dtype=torch.float32)
+    p = measure_profile(model, fast=True, repeats=2)
+    assert p.v[1] == 1.0 and set(p.v) == set(prof.NODE_COUNTS) and p.step_ms > 0
+    assert p.key == profile_key(model, fast=True) and set(p.linear_plan) == {"1", "2", "4", "8", "16", "32", "64"}
+    save_profile(p)
+    again = load_profile(p.key)
+    assert again.v == p.v and again.linear_plan == p.linear_plan and again.linear_invariant == p.linear_invariant
+    other = dict(p.key, threads=p.key["threads"] + 1)
+    assert load_profile(other) is None  # another thread count is another machine setting
+    assert profile_key(model, fast=False) != p.key
+
+
+def test_get_profile_measures_once_then_reads_the_cache(cache_dir, monkeypatch):
+    model = tiny_model("qwen2", dtype=torch.float32)
+    first = get_profile(model, fast=True, progress=False)
+
+    def fail(*a, **k):
+        raise AssertionError("measured again although a cached profile fits")
+
+    monkeypatch.setattr(prof, "measure_profile", fail)
+    assert get_profile(model, fast=True, progress=False).v == first.v
+
+
+def test_a_damaged_cache_file_is_measured_again(cache_dir):
+    model = tiny_model("llama", dtype=torch.float32)
+    p = get_profile(model, fast=False, progress=False)
+    path = next((cache_dir / "profiles").glob("*.json"))
+    path.write_text('{"step_ms": 1.0, "v": ')  # a write cut short
+    assert load_profile(p.key) is None
+    assert get_profile(model, fast=False, progress=False).v[1] == 1.0
+    json.loads(path.read_text())  # rewritten whole
+
+
+def test_profile_cli_json(cache_dir, tmp_path, capsys):
+    model = tiny_model("llama", vocab_size=96, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "m")
+    _tokenizer_for(tmp_path / "m")
+    # a real process: whatever libraries log while loading must not reach stdout, which holds only the JSON
+    run = subprocess.run([sys.executable, "-m", "specdec.cli", "profile", "--model", str(tmp_path / "m"), "--json",
+                          "--plot", str(tmp_path / "v.png")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout)
+    assert out["v"]["1"] == 1.0 and set(out["v"]) == {"1", "2", "4", "8", "16", "32", "64"} and out["step_ms"] > 0
+    assert (tmp_path / "v.png").stat().st_size > 1000
+    assert main(["profile", "--model", str(tmp_path / "m")]) == 0  # the cached one, as a table
+    assert "| v(n) |" in capsys.readouterr().out
+    assert main(["profile", "--model", str(tmp_path / "m"), "--threads", "0"]) == 2
+
+
+def _tokenizer_for(path):
+    """A tiny word-level tokenizer, so the directory loads as a model (profile never tokenises)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")))
+    tok.save_pretrained(path)

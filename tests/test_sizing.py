@@ -1,0 +1,117 @@
+"""Tree sizing: the kept tree maximises expected tokens per unit of measured cost."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specdec.sizing import AcceptanceRates, best_size, learn, monotone_scores, judged_nodes, trim
+from specdec.tree import TokenTree
+
+
+def cost_table(table):
+    return lambda n: table[n] if n in table else table[max(table)] + 0.1 * (n - max(table))
+
+
+def test_worked_example_from_the_module_doc():
+    tree = TokenTree(torch.tensor([9, 1, 2, 3]), torch.tensor([-1, 0, 1, 2]), scores=torch.tensor([1.0, 0.6, 0.3, 0.1]))
+    cost = cost_table({1: 1.0, 2: 1.1, 3: 1.15, 4: 1.3})
+    k, ratio = best_size(tree.scores[1:], cost, 64)
+    assert k == 2 and ratio == pytest.approx(1.9 / 1.15)
+    assert trim(tree, cost).tokens.tolist() == [9, 1, 2]
+
+
+def test_no_tree_pays_when_every_node_is_unlikely():
+    tree = TokenTree.from_sequences(5, [[1, 2], [3]], scores=[[0.05, 0.04], [0.03]])
+    trimmed = trim(tree, cost_table({1: 1.0, 2: 1.2, 3: 1.25, 4: 1.3}))
+    assert len(trimmed) == 1 and int(trimmed.tokens[0]) == 5
+
+
+@st.composite
+def scored_trees(draw, max_n=8):
+    n = draw(st.integers(1, max_n))
+    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+    scores = [1.0] + [draw(st.floats(0.0, 1.0)) for _ in range(1, n)]
+    return TokenTree(torch.arange(n), torch.tensor(parents), scores=torch.tensor(scores))
+
+
+def brute_force_best(tree, cost):
+    """The best ratio over every ancestor-closed node set containing the root."""
+    s = monotone_scores(tree)
+    best = 1.0 / cost(1)
+    parents = tree.parents.tolist()
+    for r in range(1, len(tree)):
+        for subset in itertools.combinations(range(1, len(tree)), r):
+            chosen = set(subset) | {0}
+            if all(parents[i] in chosen for i in subset):
+                best = max(best, (1 + sum(float(s[i]) for i in subset)) / cost(len(chosen)))
+    return best
+
+
+@settings(max_examples=120, deadline=None)
+@given(scored_trees(), st.floats(0.01, 0.6), st.floats(0.0, 0.1))
+def test_trim_is_optimal_and_keeps_a_tree(tree, jump, slope):
+    """Against brute force over all ancestor-closed subsets, for a concave-ish CPU-like cost curve."""
+    cost = lambda n: 1.0 if n == 1 else 1.0 + jump + slope * (n - 2)  # noqa: E731
+    trimmed = trim(tree, cost)
+    s = monotone_scores(trimmed)
+    ratio = (1 + float(s[1:].sum())) / cost(len(trimmed))
+    assert ratio == pytest.approx(brute_force_best(tree, cost), rel=1e-9)
+    kept = set(trimmed.token_paths)
+    assert all(p[:-1] in kept for p in kept if p)  # every kept node's parent is kept
+
+
+def test_monotone_scores_cap_children_by_parents_and_zero_auxiliary_nodes():
+    tree = TokenTree(torch.tensor([0, 1, 2, 3]), torch.tensor([-1, 0, 1, 0]), auxiliary=torch.tensor([False, False, False, True]),
+                     scores=torch.tensor([0.7, 0.2, 0.9, 0.5]))
+    assert monotone_scores(tree).tolist() == pytest.approx([1.0, 0.2, 0.2, 0.0])
+
+
+def test_auxiliary_nodes_stay_only_under_kept_nodes():
+    tree = TokenTree(torch.tensor([0, 1, 2, 7, 8]), torch.tensor([-1, 0, 0, 1, 2]),
+                     auxiliary=torch.tensor([False, False, False, True, True]), scores=torch.tensor([1.0, 0.9, 0.01, 0.0, 0.0]))
+    trimmed = trim(tree, cost_table({1: 1.0, 2: 1.05, 3: 1.5, 4: 1.6, 5: 1.7}))
+    assert trimmed.tokens.tolist() == [0, 1, 7] and trimmed.auxiliary.tolist() == [False, False, True]
+
+
+def test_judged_nodes_are_the_children_of_accepted_nodes():
+    #      0
+    #    1   2        accepted path 0 -> 1 -> 3; node 4 (child of 1) was judged and rejected,
+    #   3 4   5       nodes 2 (child of root) too; 5 and 6 were never judged
+    #   6?
+    tree = TokenTree(torch.arange(7), torch.tensor([-1, 0, 0, 1, 1, 2, 3]))
+    nodes, hits = judged_nodes(tree, torch.tensor([0, 1, 3]))
+    assert nodes.tolist() == [1, 2, 3, 4, 6] and hits.tolist() == [True, False, True, False, False]
+
+
+def test_acceptance_rates_learn_and_relax():
+    rates = AcceptanceRates(prior=0.5, decay=0.9, strength=2.0, forget=0.5)
+    assert rates["a"] == 0.5
+    for _ in range(20):
+        rates.update("a", False)
+    low = rates["a"]
+    assert low < 0.15
+    rates.relax("a")
+    assert low < rates["a"] < 0.5  # fading evidence drifts back toward the prior
+    for _ in range(30):
+        rates.update("b", True)
+    assert rates["b"] > 0.85
+    assert rates.path_scores([-1, 0, 1], [None, "b", "a"]) == pytest.approx([1.0, rates["b"], rates["b"] * rates["a"]])
+
+
+def test_learn_updates_judged_nodes_and_relaxes_trimmed_ones():
+    rates = AcceptanceRates(prior=0.5)
+    keys = {(1,): "first", (1, 2): "second", (7,): "other"}
+    tree = TokenTree.from_sequences(0, [[1, 2]])  # candidate (7,) was trimmed away
+    rates.update("other", False)
+    before = rates["other"]
+    learn(rates, keys, tree, torch.tensor([0, 1]))  # 1 accepted, 2 rejected
+    assert rates["first"] > 0.5 > rates["second"]
+    assert rates["other"] > before
+
+
+def test_trees_without_scores_are_verified_as_proposed():
+    tree = TokenTree.from_sequences(3, [[1, 2, 3, 4]])
+    assert trim(tree, cost_table({1: 1.0, 2: 5.0})) is tree
