@@ -122,20 +122,25 @@ class PromptLookupDrafter(Drafter):
 
     def propose(self, state: DraftState) -> TokenTree:
         c = self.config
-        self._keys = {}
+        found: list[tuple[int, int, list[int]]] = []  # (n, rank, continuation)
         for n in range(c.max_ngram, c.min_ngram - 1, -1):
             cands = find_candidates(state.token_ids, n, c.num_tokens, c.max_candidates)
-            if cands:
-                return self._scored_tree(state.root, n, cands)
-        return TokenTree.root_only(state.root)
+            found += [(n, rank, cand) for rank, cand in enumerate(cands)]
+            if found:  # the longest matching size only (drafting from every size measured no better)
+                break
+        self._keys = {}
+        if not found:
+            return TokenTree.root_only(state.root)
+        return self._scored_tree(state.root, found)
 
-    def _scored_tree(self, root: int, n: int, cands: list[list[int]]) -> TokenTree:
-        """The trie of the candidates; each node's key is (n, depth, rank of the candidate that created it)."""
+    def _scored_tree(self, root: int, found: list[tuple[int, int, list[int]]]) -> TokenTree:
+        """The trie of the candidates; each node's key is (n, depth, rank) of the first candidate that made it."""
         keys: dict[tuple[int, ...], tuple[int, int, int]] = {}
-        for rank, cand in enumerate(cands):
+        for n, rank, cand in found:
             for d in range(1, len(cand) + 1):
                 keys.setdefault(tuple(cand[:d]), (n, min(d, 8), min(rank, 2)))
         self._keys = keys
+        cands = [cand for _, _, cand in found]
         if not self.config.adaptive:
             return TokenTree.from_sequences(root, cands)
         scores = [[self._path_score(tuple(c[:d]), keys) for d in range(1, len(c) + 1)] for c in cands]
