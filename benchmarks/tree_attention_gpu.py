@@ -92,9 +92,7 @@ def kernel_table(copy_bw, hq=32, hkv=8):
 def end_to_end():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from specdec.cache import TreeKVCache
-    from specdec.engine import _forward, _forward_prefill
-    from specdec.tree_attention.hf import tree_attention_for
+    from specdec.runner import TreeRunner
 
     cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                       vocab_size=32000, max_position_embeddings=8192)
@@ -103,19 +101,14 @@ def end_to_end():
     tree = TokenTree(torch.randint(0, 32000, (64,)), torch.tensor([-1] + [max(0, i - 2) for i in range(1, 64)]))
     out = {}
     for backend in ("torch", "triton"):
-        with torch.inference_mode():
-            cache = TreeKVCache()
-            _forward_prefill(model, cache, prompt, False)
+        with torch.inference_mode(), TreeRunner(model, attn=backend) as runner:
+            runner.prefill(prompt)
 
             def step():
-                _forward(model, cache, tree, False, backend)
-                cache.truncate(prompt.numel())
+                runner.forward(tree)
+                runner.rollback(prompt.numel())
 
-            if backend == "triton":
-                with tree_attention_for(model, "triton"):
-                    out[backend] = timed(step, reps=10)
-            else:
-                out[backend] = timed(step, reps=10)
+            out[backend] = timed(step, reps=10)
     return {"config": "Llama 1.2B-class (16 layers, 2048 hidden, GQA 32/8), P=4096, N=64, bf16",
             "reference_ms": out["torch"] * 1e3, "kernel_ms": out["triton"] * 1e3}
 

@@ -1,8 +1,49 @@
-"""The drafter interface and the registry that builds drafters from spec strings.
+"""The drafter contract, and the registry that builds drafters from spec strings.
 
-A drafter proposes a :class:`~specdec.tree.TokenTree` rooted at the last
-committed token, and hears back what the target accepted. Spec strings name a
-registered drafter and its options::
+The contract, in one screen
+---------------------------
+A drafter is bound to a target once per generation, then asked for a tree
+before every step and told what happened after it::
+
+    drafter.bind(target)            # Target: model, tokenizer, input embeddings, output head,
+                                    #   the run's seeded generator, the cost curve v(n)
+    drafter.reset(prompt_ids)       # [T] long: a new generation starts
+    loop:
+        tree = drafter.propose(state)   # DraftState -> TokenTree rooted at the last committed token
+        ...                             # the engine trims the tree to what pays (node scores),
+                                        # verifies it in one target forward, commits the accepted path
+        drafter.observe(result)         # StepResult: the verified tree, accepted path, emitted tokens,
+                                        #   the target's outputs at the tree's auxiliary nodes
+
+What each kind of drafter uses:
+
+* **n-gram / retrieval drafters** (prompt lookup, REST, suffix): ``state.token_ids``;
+  node ``scores`` so the engine sizes their trees; ``observe`` to learn acceptance.
+* **draft heads** (Medusa, Clover, EAGLE-style): ``needs_hidden_states = True``;
+  ``state.hidden_states`` holds the target's last-layer states of every position
+  committed since the previous proposal (the whole prompt before the first
+  step, then the accepted path); ``target.input_embeddings`` and
+  ``target.output_weight`` are the target's own embedding and output head.
+* **prompt-token drafters** (PPD): tree nodes marked ``auxiliary`` ride along in
+  the verifying forward; their input is the drafter's own embedding
+  (``TokenTree.input_embeds``), not a vocabulary token; they are never accepted
+  and their KV is never committed; the target's logits (and, with
+  ``needs_hidden_states``, hidden states) at them come back in
+  ``result.aux_logits`` / ``result.aux_hidden`` — the next step's drafts.
+* **separate draft models**: run their own :class:`~specdec.runner.TreeRunner`
+  (own KV cache) and commit ``result.path``'s tokens in it in ``observe``.
+* **sampling drafters**: draw with ``target.generator`` (seeded from the run's
+  seed), and put their distribution q in ``TokenTree.draft_probs`` for lossless
+  speculative sampling.
+* **fusion** (``a+b``): trees merge node by node; every per-node field
+  (scores, auxiliary flags and embeddings, draft distributions, sources)
+  survives; each drafter hears the whole verified tree.
+* **batch > 1**: the engine keeps one drafter per sequence (:meth:`spawn`: a
+  fresh instance sharing read-only weights) and calls ``propose`` per
+  sequence; a drafter class whose work batches well (a neural drafter) may
+  implement ``propose_batch(drafters, states)`` to run once for all rows.
+
+Spec strings name a registered drafter and its options::
 
     prompt-lookup                          defaults
     prompt-lookup:max_ngram=4,num_tokens=8 keyword options
@@ -10,22 +51,67 @@ registered drafter and its options::
     medusa+prompt-lookup                   several drafters fused into one tree
     none                                   no drafting: plain decoding
 
-The options parse into the drafter's config dataclass, so a typo is an error
-that names the valid options, raised before any model work.
+The options parse into the drafter's config dataclass (through
+:func:`specdec.config.coerce`), so a typo or a bad value is an error that
+names the valid options, raised before any model work.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from specdec.tree import TokenTree
 
-__all__ = ["DraftState", "StepResult", "Drafter", "NoDrafter", "register_drafter", "build_drafter", "registered_drafters", "parse_spec"]
+__all__ = ["Target", "DraftState", "StepResult", "Drafter", "NoDrafter", "register_drafter", "build_drafter",
+           "registered_drafters", "parse_spec", "read_drafter_config", "read_drafter_weights"]
+
+
+@dataclass
+class Target:
+    """What a drafter may use of the target model, handed over once per generation (:meth:`Drafter.bind`).
+
+    Attributes:
+        model: the target (a HF causal LM).
+        tokenizer: its tokenizer, or None.
+        input_embeddings: the target's token embedding module (``[V] ids -> [.., H]``).
+        output_weight: [V, H] the target's output head (``lm_head``) weight.
+        vocab_size: V.
+        hidden_size: H (None when the model does not say).
+        device, dtype: where and in what the target runs.
+        generator: the run's random source for stochastic drafters, on ``device``,
+            seeded from the generation's seed (so seeded runs reproduce).
+        cost: v(n), the measured cost of a forward over n nodes in plain steps, or None.
+    """
+
+    model: Any
+    tokenizer: Any = None
+    input_embeddings: nn.Module | None = None
+    output_weight: Tensor | None = None
+    vocab_size: int = 0
+    hidden_size: int | None = None
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    generator: torch.Generator | None = None
+    cost: Callable[[int], float] | None = None
+
+    @classmethod
+    def of(cls, model, tokenizer=None, *, seed: int | None = None, cost: Callable[[int], float] | None = None) -> "Target":
+        """Describe ``model``; the generator is seeded with ``seed`` (a fresh random seed when None)."""
+        device = torch.device(getattr(model, "device", "cpu"))
+        head = model.get_output_embeddings()
+        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, ())))
+        return cls(
+            model=model, tokenizer=tokenizer, input_embeddings=embed, output_weight=head.weight,
+            vocab_size=head.weight.shape[0], hidden_size=getattr(model.config, "hidden_size", None),
+            device=device, dtype=getattr(model, "dtype", torch.float32), generator=generator, cost=cost,
+        )
 
 
 @dataclass
@@ -36,15 +122,20 @@ class DraftState:
         token_ids: [T] long, all committed tokens (prompt + generated); the
             last one is the root of the tree to propose.
         prompt_len: how many of ``token_ids`` are the prompt.
-        hidden_states: [A, H] target last-layer hidden states at the nodes
-            accepted in the previous step (the prefill's last position on the
-            first step); the last row is the state that predicted the root.
-            None unless the drafter sets ``needs_hidden_states``.
+        hidden_states: [K, H] the target's last-layer hidden states (after the
+            final norm) at every position committed since the previous
+            proposal: all prompt positions before the first step, then the
+            root and the accepted drafts of the last step. Row i is position
+            ``hidden_start + i`` and predicted ``token_ids[hidden_start + i + 1]``;
+            the last row predicted the root. None unless the drafter sets
+            ``needs_hidden_states``.
+        hidden_start: the position of ``hidden_states``' first row.
     """
 
     token_ids: Tensor
     prompt_len: int
     hidden_states: Tensor | None = None
+    hidden_start: int = 0
 
     @property
     def root(self) -> int:
@@ -53,12 +144,24 @@ class DraftState:
 
 @dataclass
 class StepResult:
-    """What a drafter hears after a step: the tree, what was accepted, what was emitted."""
+    """What a drafter hears after a step.
+
+    Attributes:
+        tree: the tree the target verified (trimmed by the engine; in a fusion,
+            every drafter's nodes together; ``tree.sources`` says whose).
+        path: [A + 1] long, accepted node indices, root first (never an auxiliary node).
+        new_tokens: the tokens the step emitted (accepted drafts + the bonus
+            token), after any truncation at a stop.
+        aux_logits: [M, V] the target's logits at the tree's auxiliary nodes, in
+            tree order (None when the tree has none).
+        aux_hidden: [M, H] the target's hidden states there (with ``needs_hidden_states``).
+    """
 
     tree: TokenTree
-    path: Tensor  # [A + 1] accepted node indices, root first
-    new_tokens: list[int]  # accepted drafts + bonus, after any truncation at a stop
-    hidden_states: Tensor | None = None  # [A + 1, H] at the accepted nodes
+    path: Tensor
+    new_tokens: list[int]
+    aux_logits: Tensor | None = None
+    aux_hidden: Tensor | None = None
 
 
 class Drafter:
@@ -74,14 +177,14 @@ class Drafter:
     needs_hidden_states: bool = False
     vocab_size: int | None = None
 
-    def bind(self, model, tokenizer=None) -> None:
-        """Check the drafter fits ``model``; called once before generation."""
-        target_vocab = model.get_output_embeddings().weight.shape[0]
-        if self.vocab_size is not None and self.vocab_size != target_vocab:
+    def bind(self, target: Target) -> None:
+        """Check the drafter fits the target and keep what it needs; called once per generation."""
+        if self.vocab_size is not None and self.vocab_size != target.vocab_size:
             raise ValueError(
                 f"drafter {self.name!r} was built for a vocabulary of {self.vocab_size} tokens, "
-                f"but the target model has {target_vocab}; use a drafter trained for this model"
+                f"but the target model has {target.vocab_size}; use a drafter trained for this model"
             )
+        self.target = target
 
     def reset(self, prompt_ids: Tensor) -> None:
         """Start a new generation for ``prompt_ids`` ([T] long)."""
@@ -90,7 +193,15 @@ class Drafter:
         raise NotImplementedError
 
     def observe(self, result: StepResult) -> None:
-        """Feedback after verification (acceptance statistics, adaptive sizes)."""
+        """Feedback after verification (acceptance statistics, the next step's drafts)."""
+
+    def spawn(self) -> "Drafter":
+        """A fresh drafter of the same kind for another sequence (batch > 1): per-sequence state is
+        copied, large read-only tensors (weights) are shared."""
+        shared = (Tensor, nn.Module, Target, Drafter)
+        clone = copy.copy(self)
+        clone.__dict__ = {k: (v if isinstance(v, shared) else copy.deepcopy(v)) for k, v in self.__dict__.items()}
+        return clone
 
 
 class NoDrafter(Drafter):
@@ -165,6 +276,38 @@ def config_from_options(cls, kwargs: dict[str, str], spec_name: str) -> Any:
     from specdec.config import options_into
 
     return options_into(cls, kwargs, what=f"option for drafter {spec_name!r}:")
+
+
+def read_drafter_config(path) -> dict:
+    """A drafter directory's config.json as a dict; a missing or damaged file is an error naming it."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: a drafter directory needs config.json and model.safetensors") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not read {path} (damaged or not JSON?): {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return raw
+
+
+def read_drafter_weights(path) -> dict[str, Tensor]:
+    """A drafter's safetensors file; a missing, truncated or foreign file is an error naming it."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a drafter directory needs config.json and model.safetensors")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for every kind of damage
+        raise ValueError(f"could not read {path} (truncated or not a safetensors file?): {err}") from None
 
 
 def _import_builtin_drafters() -> None:

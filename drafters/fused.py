@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.drafters.base import DraftState, Drafter, StepResult
+from specdec.drafters.base import DraftState, Drafter, StepResult, Target
 from specdec.tree import TokenTree
 
 __all__ = ["FusedDrafter"]
@@ -30,9 +30,9 @@ class FusedDrafter(Drafter):
         self.needs_hidden_states = any(d.needs_hidden_states for d in drafters)
         self.name = "+".join(d.name for d in drafters)
 
-    def bind(self, model, tokenizer=None) -> None:
+    def bind(self, target: Target) -> None:
         for d in self.drafters:
-            d.bind(model, tokenizer)
+            d.bind(target)
 
     def reset(self, prompt_ids) -> None:
         for d in self.drafters:
@@ -49,3 +49,6 @@ class FusedDrafter(Drafter):
     def observe(self, result: StepResult) -> None:
         for d in self.drafters:
             d.observe(result)
+
+    def spawn(self) -> "FusedDrafter":
+        return FusedDrafter([d.spawn() for d in self.drafters])

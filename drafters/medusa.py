@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from specdec.drafters.base import DraftState, Drafter, StepResult, config_from_options, register_drafter
+from specdec.drafters.base import DraftState, Drafter, StepResult, Target, config_from_options, read_drafter_config, read_drafter_weights, register_drafter
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree, parents_from_paths
 
@@ -166,13 +166,18 @@ class MedusaHeads(nn.Module):
         path = Path(path)
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"{path} is not a Medusa drafter directory (needs config.json and model.safetensors)")
-        raw = json.loads((path / "config.json").read_text())
+        raw = read_drafter_config(path / "config.json")
         if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
             raise ValueError(f"{path} was saved by a newer specdec (format {raw['format_version']}); upgrade specdec")
         config = MedusaConfig(**{k: v for k, v in raw.items() if k in MedusaConfig.__dataclass_fields__})
-        state = load_file(str(path / "model.safetensors"))
+        state = read_drafter_weights(path / "model.safetensors")
+        if "draft_vocab" not in state:
+            raise ValueError(f"{path / 'model.safetensors'} holds no Medusa heads (no draft_vocab tensor)")
         heads = cls(config, draft_vocab=state["draft_vocab"])
-        heads.load_state_dict(state)
+        try:
+            heads.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{path / 'model.safetensors'} does not match its config.json: {str(err).splitlines()[0]}") from None
         if dtype is not None:
             heads.to(dtype)
         return heads.eval()
@@ -255,15 +260,15 @@ class MedusaDrafter(Drafter):
         self.rates = AcceptanceRates(self._prior, self.decay)
         self._keys: dict[tuple[int, ...], tuple[int, int]] = {}
 
-    def bind(self, model, tokenizer=None) -> None:
-        super().bind(model, tokenizer)
-        hidden = model.config.hidden_size
+    def bind(self, target: Target) -> None:
+        super().bind(target)
+        hidden = target.hidden_size
         if hidden != self.heads.config.hidden_size:
             raise ValueError(
                 f"Medusa heads were trained for hidden size {self.heads.config.hidden_size}, the target has {hidden}; "
                 "use heads trained for this model"
             )
-        weight = model.get_output_embeddings().weight
+        weight = target.output_weight
         self.heads.to(device=weight.device, dtype=weight.dtype)
         if self.heads.proj is None:
             self.heads.attach_lm_head(weight)
@@ -341,14 +346,11 @@ def _full_projection(heads: MedusaHeads, k: int, lm_head_weight: Tensor | None) 
 def import_medusa_checkpoint(path: str | Path) -> MedusaHeads:
     """Read the original Medusa layout into heads with their own full-vocabulary projection."""
     path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_drafter_config(path / "config.json")
     for key in ("medusa_num_heads", "medusa_num_layers"):
         if key not in raw:
             raise ValueError(f"{path}/config.json has no {key!r}: not a Medusa checkpoint")
-    files = list(path.glob("medusa_lm_head.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no medusa_lm_head.safetensors")
-    state = load_file(str(files[0]))
+    state = read_drafter_weights(path / "medusa_lm_head.safetensors")
     k, n = raw["medusa_num_heads"], raw["medusa_num_layers"]
     vocab, hidden = state[f"0.{n}.weight"].shape
     heads = MedusaHeads(MedusaConfig(hidden_size=hidden, vocab_size=vocab, num_heads=k, num_layers=n, own_projection=True,

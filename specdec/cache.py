@@ -69,8 +69,12 @@ class _TreeLayer(DynamicLayer):
         return self.length if self.is_initialized else 0
 
     def crop(self, tokens_to_remove: int) -> None:
-        if self.is_initialized and tokens_to_remove:
-            self.truncate(self.length - abs(tokens_to_remove))
+        """transformers 5's meaning: a negative count removes that many entries from the end; a positive one is refused."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove (as transformers' caches do), got {tokens_to_remove}; "
+                             "use truncate(length) to keep the first entries")
+        if self.is_initialized:
+            self.truncate(self.length + tokens_to_remove)
 
     def truncate(self, length: int) -> None:
         """Rollback: forget everything past ``length`` (moves the pointer, copies nothing)."""
@@ -105,7 +109,8 @@ class TreeKVCache(Cache):
         A path that is already contiguous from the root (``keep == arange(A)``,
         e.g. a chain fully accepted) needs no copy: only the length moves.
         """
-        contiguous = bool(torch.equal(keep, torch.arange(keep.numel(), device=keep.device)))
+        keep = keep.cpu()  # a few indices: deciding on the host costs no device synchronisation later
+        contiguous = bool(torch.equal(keep, torch.arange(keep.numel())))
         for layer in self.layers:
             if contiguous:
                 layer.truncate(prefix_len + keep.numel())

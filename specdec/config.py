@@ -84,8 +84,10 @@ def coerce(cls, name: str, raw: str, *, what: str = "option") -> Any:
 def _describe(tp) -> str:
     if tp is bool:
         return "true or false"
-    if tp in (int, float):
-        return f"a{'n' if tp is int else ''} {tp.__name__}"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
     if typing.get_origin(tp) is typing.Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if typing.get_origin(tp) in (list, tuple):

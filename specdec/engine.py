@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from specdec.config import GenerationConfig, options_into
-from specdec.drafters.base import DraftState, Drafter, StepResult, build_drafter
+from specdec.drafters.base import DraftState, Drafter, StepResult, Target, build_drafter
 from specdec.kernels import FastLinears
 from specdec.runner import TreeRunner
 from specdec.sizing import trim
@@ -225,12 +225,12 @@ def decode_steps(
     new: list[int] = []
     drafter.reset(ids)
     with TreeRunner(model, attn=attn, fast=fast, route=route) as runner:
-        # 1. Prefill: the whole prompt; its last logits give the first token.
+        # 1. Prefill: the whole prompt; its last logits give the first token, its hidden states go to the drafter.
         t0 = time.perf_counter()
         out = runner.prefill(ids, hidden=hidden_needed)
         first = verifier.accept(TokenTree.root_only(int(ids[-1])), out.logits[-1:], generator, ids[:-1]).bonus
         stats.prefill_time_s += time.perf_counter() - t0
-        hidden = out.hidden_states[-1:] if hidden_needed else None
+        hidden, hidden_start = out.hidden_states, 0
         pending = [first]
 
         while True:
@@ -244,7 +244,7 @@ def decode_steps(
 
             # 3. Draft, and size the tree for this machine.
             clock = _Clock(stats.profile)
-            tree = drafter.propose(DraftState(ids, input_ids.numel(), hidden))
+            tree = drafter.propose(DraftState(ids, input_ids.numel(), hidden, hidden_start))
             if int(tree.tokens[0]) != int(ids[-1]):
                 raise RuntimeError(f"drafter {drafter.name!r} proposed a tree whose root is not the last committed token")
             if cost is not None:
@@ -258,16 +258,25 @@ def decode_steps(
             acceptance = verifier.accept(tree, out.logits, generator, ids[:-1])
             clock.lap("accept")
 
-            # 5. Commit the accepted path's KV; hand its hidden states to the drafter.
+            # 5. Commit the accepted path's KV; tell the drafter what happened.
             runner.commit(prefix_len, acceptance.path)
-            hidden = out.hidden_states[acceptance.path] if hidden_needed else None
+            hidden, hidden_start = (out.hidden_states[acceptance.path.to(out.hidden_states.device)] if hidden_needed else None), prefix_len
             clock.lap("commit")
             pending = acceptance.new_tokens(tree)
-            drafter.observe(StepResult(tree, acceptance.path, pending, hidden))
+            drafter.observe(_step_result(tree, acceptance, pending, out))
             stats.target_forwards += 1
             stats.drafted_tokens += tree.num_drafts
             stats.tokens_per_step.append(len(pending))
             clock.lap("other")
+
+
+def _step_result(tree: TokenTree, acceptance, pending: list[int], out) -> StepResult:
+    """What the drafter hears: the verified tree, the accepted path, and the target's outputs at auxiliary nodes."""
+    if tree.auxiliary is None or not bool(tree.auxiliary.any()):
+        return StepResult(tree, acceptance.path, pending)
+    aux = torch.nonzero(tree.auxiliary).flatten().to(out.logits.device)
+    hidden = out.hidden_states[aux] if out.hidden_states is not None else None
+    return StepResult(tree, acceptance.path, pending, aux_logits=out.logits[aux], aux_hidden=hidden)
 
 
 def _emit(pending: list[int], new: list[int], eos_ids: set[int], stop: _StopStrings | None, limit: int) -> tuple[list[int], str | None]:
@@ -317,18 +326,19 @@ def _setup(model, tokenizer, prompt, drafter, config: GenerationConfig | None, o
     if config.dtype is not None and config.dtype != model_dtype:
         raise ValueError(f"dtype={config.dtype!r} but the model is {model_dtype}; specdec never converts your model: "
                          f"load it with load_model(..., dtype={config.dtype!r})")
+    device = torch.device(getattr(model, "device", "cpu"))
+    seed = config.seed if config.seed is not None else int(torch.randint(0, 2**62, ()))
     drafter_obj = build_drafter(drafter)
-    drafter_obj.bind(model, tokenizer)
+    target = Target.of(model, tokenizer, seed=seed + 1)  # the drafter's generator: its own stream of the run's seed
+    drafter_obj.bind(target)
     verifier = make_verifier(config)
     stop_checker = _StopStrings(tokenizer, config.stop) if config.stop else None
-    seed = config.seed
-    if config.temperature > 0 and seed is None:
-        seed = int(torch.randint(0, 2**62, ()))
-    generator = torch.Generator(device="cpu").manual_seed(int(seed)) if seed is not None else None
+    generator = torch.Generator(device=device).manual_seed(seed) if config.temperature > 0 else None
     from specdec.tree_attention.hf import resolve_backend
 
-    attn = resolve_backend(config.attn, getattr(model, "device", "cpu"))
-    fast, cost = _hardware(model, config, attn)
+    attn = resolve_backend(config.attn, device)
+    fast, cost = _hardware(model, config, attn)  # the first model work: everything above is validated
+    target.cost = cost
     return _Run(input_ids, drafter_obj, verifier, config, stop_checker, generator, attn, fast, cost)
 
 

@@ -134,9 +134,16 @@ class TreeRunner:
                 kwargs["specdec_tree"] = TreeAttention.build(self.backend, prefix_len, mask, self._dtype)
             else:
                 kwargs["attention_mask"] = additive_tree_mask(prefix_len, mask, self._dtype)
+        ids = tree.tokens[None].to(self.device)
+        if tree.input_embeds is not None:  # auxiliary nodes take the drafter's embeddings instead of a token's
+            embeds = self.model.get_input_embeddings()(ids)
+            aux = torch.nonzero(tree.auxiliary).flatten()
+            embeds[0, aux.to(self.device)] = tree.input_embeds[aux].to(self.device, embeds.dtype)
+            kwargs["inputs_embeds"] = embeds
+        else:
+            kwargs["input_ids"] = ids
         with self._kernels():
             out = self.model(
-                input_ids=tree.tokens[None].to(self.device),
                 position_ids=tree.position_ids(prefix_len)[None].to(self.device),
                 cache=self.cache, use_cache=True, output_hidden_states=hidden, **kwargs,
             )

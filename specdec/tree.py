@@ -29,7 +29,7 @@ from torch import Tensor
 
 __all__ = ["TokenTree", "parents_from_paths"]
 
-_NODE_FIELDS = ("draft_probs", "sources", "auxiliary", "scores")  # per-node data beside tokens/parents
+_NODE_FIELDS = ("draft_probs", "sources", "auxiliary", "input_embeds", "scores")  # per-node data beside tokens/parents
 
 
 @dataclass(eq=False)
@@ -46,6 +46,9 @@ class TokenTree:
             (fused trees); -1 for the root.
         auxiliary: optional [N] bool, nodes that ride along in the forward pass
             (e.g. PPD prompt tokens) but are never accepted and never committed.
+        input_embeds: optional [N, H] float, the input embedding of each
+            auxiliary node (a drafter's own, e.g. PPD's prompt tokens); rows of
+            other nodes are ignored (their token's embedding is used).
         scores: optional [N] float, the drafter's estimate of the probability
             that each node is accepted (its whole path matches the target);
             1 for the root. With scores, the engine trims the tree to the size
@@ -58,6 +61,7 @@ class TokenTree:
     draft_probs: Tensor | None = None
     sources: Tensor | None = None
     auxiliary: Tensor | None = None
+    input_embeds: Tensor | None = None
     scores: Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -77,6 +81,8 @@ class TokenTree:
             value = getattr(self, name)
             if value is not None and value.shape[0] != n:
                 raise ValueError(f"{name} has {value.shape[0]} entries for {n} nodes")
+        if self.input_embeds is not None and self.auxiliary is None:
+            raise ValueError("input_embeds are for auxiliary nodes: mark them with auxiliary")
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -138,8 +144,8 @@ class TokenTree:
         with anything. Every per-node field survives: a field only one tree has
         is filled for the other's nodes (scores 1: a drafter without estimates
         asks for its nodes to be verified; sources -1; auxiliary False;
-        draft_probs a point mass at the node's own token, which is exactly a
-        deterministic drafter's q).
+        input_embeds zeros; draft_probs a point mass at the node's own token,
+        which is exactly a deterministic drafter's q).
         """
         if int(self.tokens[0]) != int(other.tokens[0]):
             raise ValueError("only trees with the same root token can be merged")
@@ -287,28 +293,22 @@ def _merge_field(name: str, a: TokenTree, b: TokenTree, mapping: Tensor, fresh: 
     va, vb = getattr(a, name), getattr(b, name)
     if va is None and vb is None:
         return None
-    n = len(tokens)
-    fill = {"scores": 1.0, "sources": -1, "auxiliary": False}
-    if name == "draft_probs":
-        vocab = (va if va is not None else vb).shape[-1]
-        ref = va if va is not None else vb
-        out = torch.zeros(n, vocab, dtype=ref.dtype)
-        out[torch.arange(n), torch.tensor(tokens)] = 1.0  # point masses, then overwritten where a drafter gave q
-        if va is not None:
-            out[: len(a)] = va
-        if vb is not None and fresh:
-            out[mapping[fresh]] = vb[fresh]
-        return out
     ref = va if va is not None else vb
-    out = torch.full((n,), fill[name], dtype=ref.dtype)
+    n = len(tokens)
+    if ref.dim() == 2:  # draft_probs [N, V] (missing rows: point masses) or input_embeds [N, H] (missing rows: zeros)
+        out = torch.zeros(n, ref.shape[1], dtype=ref.dtype)
+        if name == "draft_probs":
+            out[torch.arange(n), torch.tensor(tokens)] = 1.0
+    else:
+        out = torch.full((n,), {"scores": 1.0, "sources": -1, "auxiliary": False}[name], dtype=ref.dtype)
     if va is not None:
         out[: len(a)] = va
     if vb is not None:
         if fresh:
             out[mapping[fresh]] = vb[fresh]
         if name == "scores":  # a node both trees proposed keeps the larger estimate
-            shared = mapping[1:][mapping[1:] < len(a)]
-            out[shared] = torch.maximum(out[shared], vb[1:][mapping[1:] < len(a)])
+            shared = mapping[1:] < len(a)
+            out[mapping[1:][shared]] = torch.maximum(out[mapping[1:][shared]], vb[1:][shared])
     if name == "scores":
         out[0] = 1.0
     return out

@@ -1,11 +1,14 @@
 import os
 
-# Triton's interpreter must be chosen before any @triton.jit function is defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Triton's interpreter must be chosen before any @triton.jit function is defined: on the CPU the kernel
+# runs interpreted; on a CUDA machine (benchmarks/gpu_check.sh) it runs for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -47,6 +50,7 @@ def default_tokenizer(default_model):
 
 def hf_greedy(model, ids: torch.Tensor, n: int, **kwargs) -> list[int]:
     """Plain HF greedy generation: the reference every drafter must reproduce."""
-    out = model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
+    ids = ids.to(model.device)
+    out = model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long, device=model.device),
                          do_sample=False, max_new_tokens=n, **kwargs)
     return out[0, ids.numel():].tolist()

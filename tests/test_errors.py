@@ -73,3 +73,99 @@ def test_truncated_gguf_is_a_clear_error_and_leaves_no_cache_behind(tmp_path, mo
         specdec.load_model(broken)
     models = tmp_path / "cache" / "models"
     assert not models.exists() or not any(models.iterdir())
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tmp_path_factory):
+    from specdec.drafters.medusa import MedusaConfig, MedusaHeads
+
+    path = tmp_path_factory.mktemp("heads")
+    MedusaHeads(MedusaConfig(hidden_size=32, vocab_size=96)).save_pretrained(path / "ok")
+    MedusaHeads(MedusaConfig(hidden_size=32, vocab_size=96)).save_pretrained(path / "cut")
+    data = (path / "cut" / "model.safetensors").read_bytes()
+    (path / "cut" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (path / "bad-json").mkdir()
+    (path / "bad-json" / "config.json").write_text("{not json")
+    (path / "bad-json" / "model.safetensors").write_bytes(b"")
+    return path
+
+
+BAD_SPECS = [  # (spec, words the one-line message must hold)
+    ("prompt-lookup:adaptive=ture", ["adaptive", "true or false"]),
+    ("prompt-lookup:nope=1", ["nope", "max_ngram"]),
+    ("prompt-lookup:num_tokens=x", ["num_tokens", "int"]),
+    ("prompt-lookup:max_ngram=0", ["max_ngram"]),
+    ("prompt-lookup:max_ngram=3,min_ngram=4", ["min_ngram"]),
+    ("bogus", ["bogus", "prompt-lookup"]),
+    ("medusa:{heads}/ok,tree=-5", ["tree"]),
+    ("medusa:{heads}/ok,tree=five", ["tree", "int"]),
+    ("medusa:{heads}/ok,budget=1.5", ["budget", "int"]),
+    ("medusa:{heads}/ok,decay=2", ["decay"]),
+    ("medusa:{heads}/cut", ["model.safetensors", "truncated"]),
+    ("medusa:{heads}/bad-json", ["config.json"]),
+    ("medusa:{heads}/missing", ["missing"]),
+]
+
+
+@pytest.mark.parametrize("spec, words", BAD_SPECS, ids=[s for s, _ in BAD_SPECS])
+def test_bad_drafter_specs_are_one_line_errors_naming_the_option(spec, words, heads_dir, capsys):
+    from specdec.cli import main
+
+    rc = main(["generate", "--model", "/nonexistent-model-dir", "--prompt", "hi", "--drafter", spec.format(heads=heads_dir)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("specdec: error:") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+BAD_FLAGS = [  # CLI flags that parse but hold a bad value, checked before the model loads
+    (["--temperature", "-1"], ["temperature"]),
+    (["--top-p", "1.5", "--temperature", "1"], ["top_p", "(0, 1]"]),
+    (["--top-k", "0", "--temperature", "1"], ["top_k"]),
+    (["--max-new-tokens", "-3"], ["max_new_tokens"]),
+    (["--stop", ""], ["stop"]),
+]
+
+
+@pytest.mark.parametrize("flags, words", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_cli_values_are_one_line_errors(flags, words, capsys):
+    from specdec.cli import main
+
+    rc = main(["generate", "--model", "/nonexistent-model-dir", "--prompt", "hi", *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("specdec: error:") and "\n" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("flags", [["--attn", "flash"], ["--dtype", "float8"], ["--acceptance", "lossy"]])
+def test_bad_cli_choices_are_argparse_errors(flags, capsys):
+    from specdec.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "hi", *flags])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "invalid choice" in err and flags[0] in err and "Traceback" not in err
+
+
+BAD_RECIPE_KEYS = [
+    ("lr=abc", ["lr", "number"]),
+    ("shuffle=maybe", ["shuffle", "true or false"]),
+    ("nope=1", ["nope", "valid settings"]),
+    ("method=eagle9", ["method", "medusa1"]),
+    ("epochs=0", ["epochs"]),
+    ("loss_type=mse", ["loss_type", "ce"]),
+    ("draft_vocab_size=lots", ["draft_vocab_size", "int"]),
+]
+
+
+@pytest.mark.parametrize("override, words", BAD_RECIPE_KEYS, ids=[o for o, _ in BAD_RECIPE_KEYS])
+def test_bad_recipe_settings_are_one_line_errors(override, words, capsys):
+    from specdec.cli import main
+
+    extra = ["max_steps=0"] if override == "epochs=0" else []
+    rc = main(["train", "--recipe", "medusa1-smollm2-cpu", override, *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("specdec: error:") and "\n" not in err, err
+    for w in words:
+        assert w in err, (w, err)

@@ -91,6 +91,34 @@ def test_merge_unions_paths_and_keeps_sources():
         a.merge(TokenTree.root_only(6))
 
 
+def test_merge_keeps_every_per_node_field():
+    """Auxiliary flags and embeddings, draft distributions, scores and sources all survive a fusion."""
+    v, h = 10, 4
+    a = TokenTree(torch.tensor([5, 1, 0]), torch.tensor([-1, 0, 1]), auxiliary=torch.tensor([False, False, True]),
+                  input_embeds=torch.arange(12.0).reshape(3, 4), scores=torch.tensor([1.0, 0.4, 0.0]))
+    q = torch.softmax(torch.randn(3, v), -1)
+    b = TokenTree(torch.tensor([5, 1, 2]), torch.tensor([-1, 0, 1]), draft_probs=q, scores=torch.tensor([1.0, 0.7, 0.2]),
+                  sources=torch.tensor([-1, 3, 3]))
+    m = a.merge(b)
+    assert m.tokens.tolist() == [5, 1, 0, 2] and m.parents.tolist() == [-1, 0, 1, 1]
+    assert m.auxiliary.tolist() == [False, False, True, False]  # b's node 2 did not merge into a's aux node
+    assert torch.equal(m.input_embeds[2], a.input_embeds[2]) and not m.input_embeds[3].any()
+    assert m.scores.tolist() == pytest.approx([1.0, 0.7, 0.0, 0.2])  # the shared node keeps the larger estimate
+    assert m.sources.tolist() == [-1, -1, -1, 3]
+    torch.testing.assert_close(m.draft_probs[3], q[2])  # b's own q
+    assert m.draft_probs[2].tolist() == [1.0] + [0.0] * (v - 1)  # a point mass at the token for a's nodes
+    sub = m.subtree(torch.tensor([0, 1, 3]))
+    assert sub.tokens.tolist() == [5, 1, 2] and sub.parents.tolist() == [-1, 0, 1] and sub.auxiliary.tolist() == [False] * 3
+    with pytest.raises(ValueError, match="parent"):
+        m.subtree(torch.tensor([0, 3]))
+
+
+def test_children_and_token_paths():
+    tree = TokenTree.from_sequences(9, [[1, 2], [1, 3], [4]])
+    assert tree.children == [[1, 4], [2, 3], [], [], []]
+    assert tree.token_paths == [(), (1,), (1, 2), (1, 3), (4,)]
+
+
 def test_paths_to_parents_medusa_format():
     parents, choices = parents_from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
     assert parents.tolist() == [-1, 0, 0, 1, 1, 2, 3]

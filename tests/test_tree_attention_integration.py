@@ -21,7 +21,7 @@ def tiny_mistral():
 @pytest.mark.parametrize("make", [lambda: tiny_model("llama", dtype=torch.float32), lambda: tiny_model("qwen2", dtype=torch.float32), tiny_mistral],
                          ids=["llama", "qwen2", "mistral"])
 def test_triton_attention_generation_equals_greedy(make):
-    model = make()
+    model = make().to("cuda" if torch.cuda.is_available() else "cpu")
     ids = torch.tensor([5, 6, 7, 5, 6, 7, 5])
     ref = hf_greedy(model, ids, 20, min_new_tokens=20)
     before = model.config._attn_implementation

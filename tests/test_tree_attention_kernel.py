@@ -1,4 +1,5 @@
-"""The Triton kernel under TRITON_INTERPRET=1 against a float64 reference (set in conftest)."""
+"""The Triton kernel against a float64 reference: interpreted on the CPU (TRITON_INTERPRET=1, set in conftest),
+for real on a CUDA GPU (benchmarks/gpu_check.sh)."""
 
 import math
 
@@ -8,6 +9,14 @@ import torch
 from specdec.tree import TokenTree
 from specdec.tree_attention import tree_attention, tree_mask
 from specdec.tree_attention.triton_kernel import pack_ancestor_mask, tree_attention_triton
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def kernel(q, k, v, anc):
+    """The Triton kernel on the test device; the result comes back to the CPU for comparison."""
+    return tree_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), anc.to(DEVICE)).cpu()
 
 
 def reference64(q, k, v, anc):
@@ -52,7 +61,7 @@ def test_kernel_matches_float64_reference(case, dtype, tol):
     k = torch.randn(b, hkv, p + n, d, generator=g).to(dtype)
     v = torch.randn(b, hkv, p + n, d, generator=g).to(dtype)
     anc = random_tree(n, kind, g)
-    out = tree_attention_triton(q, k, v, anc)
+    out = kernel(q, k, v, anc)
     assert out.dtype == dtype and out.shape == q.shape
     ref = reference64(q, k, v, anc)
     err = (out.double() - ref).norm() / ref.norm()
@@ -65,7 +74,7 @@ def test_every_output_element_is_written():
     k, v = torch.randn(1, 2, 20, 32, generator=g), torch.randn(1, 2, 20, 32, generator=g)
     anc = random_tree(11, "random", g)
     out = torch.full_like(q, float("nan"))
-    out.copy_(tree_attention_triton(q, k, v, anc))
+    out.copy_(kernel(q, k, v, anc))
     assert not out.isnan().any()
 
 
@@ -76,7 +85,7 @@ def test_each_branch_equals_causal_attention_over_its_own_path():
     tree = TokenTree(torch.zeros(n, dtype=torch.long), torch.tensor([-1] + [int(torch.nonzero(anc[i]).flatten()[-2]) for i in range(1, n)]))
     q = torch.randn(1, 2, n, d, generator=g)
     k, v = torch.randn(1, 2, p + n, d, generator=g), torch.randn(1, 2, p + n, d, generator=g)
-    out = tree_attention_triton(q, k, v, tree.ancestor_mask)
+    out = kernel(q, k, v, tree.ancestor_mask)
     for node in range(n):
         path = tree.path_to(node)
         cols = torch.cat([torch.arange(p), p + path])
@@ -99,6 +108,7 @@ def test_torch_backend_and_dispatch():
     anc = random_tree(5, "random", g)
     ref = reference64(q, k, v, anc).float()
     torch.testing.assert_close(tree_attention(q, k, v, anc, backend="torch"), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(tree_attention(q, k, v, anc, backend="triton"), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tree_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), anc.to(DEVICE), backend="triton").cpu(),
+                               ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="backend"):
         tree_attention(q, k, v, anc, backend="cuda")

@@ -5,15 +5,14 @@ loading (``data``), configuration and recipes (``config``), the Trainer
 subclass (``trainer``), peft, DeepSpeed, wandb and checkpoints are shared.
 """
 
-from specdec.training.config import TrainConfig, load_recipe, recipe_names
+import importlib
 
-__all__ = ["TrainConfig", "load_recipe", "recipe_names", "train"]
+from specdec.training.config import METHODS, TrainConfig, load_recipe, recipe_names, register_method
+
+__all__ = ["TrainConfig", "load_recipe", "recipe_names", "register_method", "train"]
 
 
 def train(config: TrainConfig):
-    """Run the training ``config`` describes; returns the final drafter directory."""
-    if config.method in ("medusa1", "medusa2"):
-        from specdec.training.medusa import train_medusa
-
-        return train_medusa(config)
-    raise ValueError(f"no trainer for method {config.method!r}")
+    """Run the training ``config`` describes (its method's registered trainer); returns the final drafter directory."""
+    module, _, function = METHODS[config.method].partition(":")
+    return getattr(importlib.import_module(module), function)(config)

@@ -10,10 +10,13 @@ __all__ = ["tree_attention", "tree_mask", "additive_tree_mask", "tree_attention_
 
 
 def tree_attention(q, k, v, ancestor_mask, *, scale=None, backend="auto"):
-    """Attention of tree-node queries over prefix + tree keys (see reference.tree_attention_torch for shapes)."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown tree-attention backend {backend!r}; use 'auto', 'torch' or 'triton'")
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
+    """Attention of tree-node queries over prefix + tree keys (see reference.tree_attention_torch for shapes).
+
+    ``backend`` is resolved by the one resolver, :func:`specdec.tree_attention.hf.resolve_backend`.
+    """
+    from specdec.tree_attention.hf import resolve_backend
+
+    if resolve_backend(backend, q.device) == "triton":
         from specdec.tree_attention.triton_kernel import tree_attention_triton
 
         return tree_attention_triton(q, k, v, ancestor_mask, scale=scale)

@@ -87,7 +87,7 @@ AttentionMaskInterface.register(IMPLEMENTATION, _no_mask)
 def resolve_backend(attn: str, device: torch.device | str) -> str:
     """The one backend resolver: ``'auto'`` → ``'triton'`` on CUDA with triton installed, else ``'torch'``."""
     if attn not in BACKENDS:
-        raise ValueError(f"attn must be one of {', '.join(BACKENDS)}, got {attn!r}")
+        raise ValueError(f"attn (the tree-attention backend) must be one of {', '.join(BACKENDS)}, got {attn!r}")
     device_type = torch.device(device).type
     if attn == "auto":
         if device_type != "cuda":

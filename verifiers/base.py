@@ -20,7 +20,7 @@ from torch import Tensor
 
 from specdec.tree import TokenTree
 
-__all__ = ["Acceptance", "Verifier"]
+__all__ = ["Acceptance", "Verifier", "deepest_accepted"]
 
 
 @dataclass
@@ -57,3 +57,17 @@ class Verifier(Protocol):
             prefix_ids: [T] committed tokens before the root (repetition penalty needs them).
         """
         ...
+
+
+def deepest_accepted(tree: TokenTree, ok: Tensor) -> int:
+    """The deepest node whose whole root path passes ``ok`` ([N] bool, host; the root counts as passing).
+
+    Auxiliary nodes never pass. Ties between equally deep nodes go to the lower
+    index (with distinct sibling tokens, greedy acceptance has no ties).
+    """
+    ok = ok.clone()
+    ok[0] = True
+    if tree.auxiliary is not None:
+        ok &= ~tree.auxiliary
+    whole = ~(tree.ancestor_mask & ~ok[None, :]).any(dim=1)  # [N] every node on the path passes
+    return int(torch.argmax(torch.where(whole, tree.depths, -1)))

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from specdec.tree import TokenTree
-from specdec.verifiers.base import Acceptance
+from specdec.verifiers.base import Acceptance, deepest_accepted
 
 __all__ = ["GreedyVerifier", "greedy_accept"]
 
@@ -22,19 +22,16 @@ def greedy_accept(tree: TokenTree, logits: Tensor) -> Acceptance:
 
     Args:
         tree: N nodes; auxiliary nodes are never accepted.
-        logits: [N, V] target logits per node.
+        logits: [N, V] target logits per node, on any device (only the N argmax ids come to the host).
 
     Example: root r, children a (1) and b (2), a's child c (3); argmax =
     [a, c, x, y] → node 1 correct (a == argmax[0]), node 3 correct
     (c == argmax[1]), node 2 not → path [0, 1, 3], bonus = argmax[3] = y.
     """
-    target_next = logits.argmax(dim=-1)  # [N]
+    target_next = logits.argmax(dim=-1).cpu()  # [N]: the step's one device -> host transfer
     correct = torch.ones(len(tree), dtype=torch.bool)
     correct[1:] = tree.tokens[1:] == target_next[tree.parents[1:]]
-    if tree.auxiliary is not None:
-        correct &= ~tree.auxiliary
-    ok = ~(tree.ancestor_mask & ~correct[None, :]).any(dim=1)  # [N] whole path correct
-    best = int(torch.argmax(torch.where(ok, tree.depths, -1)))
+    best = deepest_accepted(tree, correct)
     return Acceptance(path=tree.path_to(best), bonus=int(target_next[best]))
 
 

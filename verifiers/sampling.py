@@ -42,7 +42,7 @@ from torch import Tensor
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from specdec.tree import TokenTree
-from specdec.verifiers.base import Acceptance
+from specdec.verifiers.base import Acceptance, deepest_accepted
 
 __all__ = ["SamplingConfig", "Warper", "SpeculativeSampler", "TypicalVerifier"]
 
@@ -94,7 +94,7 @@ class Warper:
         """
         scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits.clone()
         if self.processors:
-            context = self._context(tree, prefix_ids)
+            context = self._context(tree, prefix_ids).to(scores.device)
             scores = self.processors(context, scores)
         return torch.softmax(scores, dim=-1)
 
@@ -111,21 +111,18 @@ class Warper:
         return torch.cat([prefix[None].expand(len(tree), -1), path_tokens], dim=1)
 
 
-def _children(tree: TokenTree) -> list[list[int]]:
-    kids: list[list[int]] = [[] for _ in range(len(tree))]
-    aux = tree.auxiliary
-    for i, parent in enumerate(tree.parents.tolist()[1:], start=1):
-        if aux is None or not bool(aux[i]):
-            kids[parent].append(i)
-    return kids
-
-
 def _draw(probs: Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs.to(torch.float64), 1, generator=generator))
 
 
 class SpeculativeSampler:
     """Lossless speculative sampling over a tree (see the module docstring for the words used).
+
+    One node's children are judged together: the residual each child is tried
+    against depends only on the children before it (not on chance), so all of
+    them, and one uniform draw per child, are computed at once on the model's
+    device; the first child whose draw passes is accepted. One device -> host
+    transfer per tree level, none per child.
 
     Args:
         config: the sampling settings that define p.
@@ -138,33 +135,44 @@ class SpeculativeSampler:
         self.config, self.warp, self.residual = config, Warper(config), residual
 
     def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, prefix_ids: Tensor | None = None) -> Acceptance:
-        p_all = self.warp(tree, logits, prefix_ids)  # [N, V]
-        kids = _children(tree)
+        p_all = self.warp(tree, logits, prefix_ids)  # [N, V] on the model's device
+        aux = tree.auxiliary
         node, path = 0, [0]
         while True:
             p = p_all[node].to(torch.float64)
-            for child in kids[node]:
-                x = int(tree.tokens[child])
-                q = self._q(tree, child, p)
-                if float(torch.rand((), generator=generator, dtype=torch.float64)) * float(q[x]) < float(p[x]):
-                    node = child  # accepted: u < p(x) / q(x)
-                    path.append(child)
-                    break
-                if self.residual:  # rejected: p <- normalise(max(p - q, 0))
-                    res = torch.clamp(p - q, min=0.0)
-                    total = float(res.sum())
-                    p = res / total if total > 0 else p
-            else:
-                # no child accepted (or a leaf): recovered token from the residual, or bonus from p
+            kids = [c for c in tree.children[node] if aux is None or not bool(aux[c])]
+            if not kids:  # a leaf: the bonus token from p
                 return Acceptance(path=torch.tensor(path), bonus=_draw(p, generator))
+            tokens = tree.tokens[kids].to(p.device)  # [k]
+            q = self._q(tree, kids, p)  # [k, V]
+            tried, after = self._residuals(p, q)  # [k, V] what child j is tried against; [V] after all k rejected
+            px = tried.gather(1, tokens[:, None]).squeeze(1)
+            qx = q.gather(1, tokens[:, None]).squeeze(1)
+            u = torch.rand(len(kids), generator=generator, dtype=torch.float64, device=p.device)
+            passed = (u * qx < px).cpu()  # accepted: u < p(x) / q(x)
+            if not bool(passed.any()):  # every child rejected: the recovered token from the residual
+                return Acceptance(path=torch.tensor(path), bonus=_draw(after, generator))
+            node = kids[int(torch.argmax(passed.to(torch.int8)))]
+            path.append(node)
+
+    def _residuals(self, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Child j is tried against r_j: r_0 = p, r_{j+1} = normalise(max(r_j - q_j, 0)) (r_j if that is empty)."""
+        rows, r = [], p
+        for qj in q:
+            rows.append(r)
+            if self.residual:
+                res = torch.clamp(r - qj, min=0.0)
+                total = res.sum()
+                r = torch.where(total > 0, res / total.clamp(min=1e-300), r)
+        return torch.stack(rows), r
 
     @staticmethod
-    def _q(tree: TokenTree, child: int, p: Tensor) -> Tensor:
-        """q for one child: its drafter's row in ``draft_probs``, or a point mass at its token."""
+    def _q(tree: TokenTree, kids: list[int], p: Tensor) -> Tensor:
+        """[k, V] q for the children: their drafter's rows in ``draft_probs``, or point masses at their tokens."""
         if tree.draft_probs is not None:
-            return tree.draft_probs[child].to(torch.float64)
-        q = torch.zeros_like(p)
-        q[int(tree.tokens[child])] = 1.0
+            return tree.draft_probs[kids].to(p.device, torch.float64)
+        q = torch.zeros(len(kids), p.shape[0], dtype=torch.float64, device=p.device)
+        q[torch.arange(len(kids), device=p.device), tree.tokens[kids].to(p.device)] = 1.0
         return q
 
 
@@ -182,14 +190,11 @@ class TypicalVerifier:
         self.config, self.warp, self.epsilon, self.delta = config, Warper(config), epsilon, delta
 
     def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, prefix_ids: Tensor | None = None) -> Acceptance:
-        p = self.warp(tree, logits, prefix_ids)  # [N, V]
+        p = self.warp(tree, logits, prefix_ids)  # [N, V] on the model's device
         entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [N]
         threshold = torch.clamp(self.delta * torch.exp(-entropy), max=self.epsilon)  # [N]
+        par, toks = tree.parents[1:].to(p.device), tree.tokens[1:].to(p.device)
         ok = torch.ones(len(tree), dtype=torch.bool)
-        par = tree.parents[1:]
-        ok[1:] = p[par, tree.tokens[1:]] > threshold[par]
-        if tree.auxiliary is not None:
-            ok &= ~tree.auxiliary
-        whole = ~(tree.ancestor_mask & ~ok[None, :]).any(dim=1)
-        best = int(torch.argmax(torch.where(whole, tree.depths, -1)))
+        ok[1:] = (p[par, toks] > threshold[par]).cpu()
+        best = deepest_accepted(tree, ok)
         return Acceptance(path=tree.path_to(best), bonus=_draw(p[best], generator))
