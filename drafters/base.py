@@ -312,4 +312,4 @@ def read_drafter_weights(path) -> dict[str, Tensor]:
 
 def _import_builtin_drafters() -> None:
     # Importing the modules registers them.
-    from specdec.drafters import medusa, prompt_lookup  # noqa: F401
+    from specdec.drafters import medusa, prompt_lookup, rest, suffix  # noqa: F401

@@ -183,28 +183,35 @@ def _mismatches(model, runs: list[_Run], hf: dict[tuple, _Run], keys: list[tuple
         context = torch.cat([prompts[k], torch.tensor(ref[:pos], dtype=torch.long)])
         logits = model(context[None].to(model.device)).logits[0, -1].float()
         top = torch.topk(logits, 2).values
-        out.append({"question_id": k[0], "turn": k[1], "position": pos, "margin": round(float(top[0] - top[1]), 6)})
+        out.append({"question_id": k[0], "turn": k[1], "pass": k[2], "position": pos, "margin": round(float(top[0] - top[1]), 6)})
     return out
 
 
 def run_bench(
     model, tokenizer, drafters: list[str], questions: list[dict], *, out_dir: str | Path, model_name: str,
     max_new_tokens: int = 128, temperature: float = 0.0, repeats: int = 1, profile: bool = False,
-    multi_turn: bool = False, progress: bool = True, fast: bool = True,
+    multi_turn: bool = False, progress: bool = True, fast: bool = True, passes: int = 1, reuse_drafter: bool = False,
 ) -> dict:
-    """Run the benchmark and write ``report.json``, ``report.md`` and plots into ``out_dir``; return the report."""
+    """Run the benchmark and write ``report.json``, ``report.md`` and plots into ``out_dir``; return the report.
+
+    ``passes`` runs the prompt set that many times (a repeated workload); with
+    ``reuse_drafter`` each drafter spec is built once and kept across all
+    prompts and passes, so drafters that learn from earlier outputs (``suffix``)
+    get faster on the later passes. Each entry then has ``by_pass`` metrics.
+    """
     from specdec.drafters import build_drafter
 
     for spec in drafters:
         build_drafter(spec)  # bad specs fail before any model work
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
+    if repeats < 1 or passes < 1:
+        raise ValueError("repeats and passes must be >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     options = {"fast": fast}
     cost = _cost_profile(model, fast)
-    items = _prompts(tokenizer, questions, multi_turn, model, max_new_tokens)
+    items = [((qid, turn, p), cat, ids) for p in range(passes) for (qid, turn), cat, ids in _prompts(tokenizer, questions, multi_turn, model, max_new_tokens)]
     ours = list(drafters) if PLAIN in drafters else [PLAIN] + list(drafters)
+    kept = {spec: build_drafter(spec) for spec in ours} if reuse_drafter else {}
     methods = list(BASELINES) + ours
     counter = _ForwardCounter(model)
     runs: dict[str, list[_Run]] = {m: [] for m in methods}
@@ -216,7 +223,7 @@ def run_bench(
         for i, (key, category, ids) in enumerate(items):
             order = methods[i % len(methods):] + methods[: i % len(methods)]  # rotate to spread drift
             for method in order:
-                reps = [_one(model, tokenizer, method, ids, max_new_tokens, temperature, 1000 * i + r, counter, options)
+                reps = [_one(model, tokenizer, method, ids, max_new_tokens, temperature, 1000 * i + r, counter, options, kept.get(method))
                         for r in range(repeats)]
                 best = reps[0]
                 best.wall_time_s = statistics.median(r.wall_time_s for r in reps)
@@ -242,6 +249,7 @@ def run_bench(
         counter.handle.remove()
     prompts = {k: ids for k, _, ids in items}
     report = _report(model, model_name, methods, runs, keys, prompts, max_new_tokens, temperature, profile, partial, fast, cost)
+    report.update(passes=passes, reuse_drafter=reuse_drafter)
     _write(report, out)
     return report
 
@@ -256,10 +264,13 @@ def _cost_profile(model, fast: bool) -> dict | None:
     return get_profile(model, fast=fast, attn=resolve_backend("auto", model.device)).as_dict()
 
 
-def _one(model, tokenizer, method, ids, max_new_tokens, temperature, seed, counter, options) -> _Run:
+def _one(model, tokenizer, method, ids, max_new_tokens, temperature, seed, counter, options, drafter=None) -> _Run:
+    """One run of ``method``; ``drafter``, when given, is the kept instance to draft with (``--reuse-drafter``)."""
     if method in BASELINES:
         return _hf(model, ids, max_new_tokens, temperature, method == "hf-prompt-lookup", seed, counter)
-    return _ours(model, tokenizer, ids, method, max_new_tokens, temperature, seed, options)
+    run = _ours(model, tokenizer, ids, drafter if drafter is not None else method, max_new_tokens, temperature, seed, options)
+    run.drafter = method
+    return run
 
 
 def _warm_up(model, tokenizer, methods, ids, temperature, counter, options) -> None:
@@ -311,6 +322,10 @@ def _report(model, model_name, methods, runs, keys, prompts, max_new_tokens, tem
             "overall": overall,
             "by_category": {c: _metrics([rs[i] for i in idx], base, [keys[i] for i in idx]) for c, idx in cats.items()},
         }
+        passes = sorted({k[2] for k in keys[: len(rs)]})
+        if len(passes) > 1:
+            entry["by_pass"] = {str(p + 1): _metrics([r for r, k in zip(rs, keys) if k[2] == p], base, [k for k in keys[: len(rs)] if k[2] == p])
+                                for p in passes}
         if profile and m not in BASELINES:
             entry["profile"] = _profile(rs)
         entries.append(entry)
@@ -364,6 +379,16 @@ def _markdown(report: dict, plots: list[str]) -> str:
         lines.append(f"| {e['drafter']} | {m['prompts']} | {m['mean_accepted_length']:.2f} | {m['tokens_per_s']:.1f} | "
                      f"{m['speedup_vs_hf_greedy']:.2f}× | {_fmt(m['speedup_vs_none'], '.2f', '×')} | "
                      f"{m['identical_to_greedy']}/{m['prompts']} | {_fmt(m['identical_to_plain'], 'd')}/{m['prompts']} | {differ} |")
+    passed = [e for e in report["runs"] if "by_pass" in e]
+    if passed:
+        ps = sorted(passed[0]["by_pass"], key=int)
+        lines += ["", f"## By pass (the prompt set {len(ps)} times{', one drafter kept throughout' if report.get('reuse_drafter') else ''}: "
+                  "τ / speed-up vs HF greedy / speed-up vs none)", "", "| drafter | " + " | ".join(f"pass {p}" for p in ps) + " |",
+                  "|---|" + "---|" * len(ps)]
+        for e in passed:
+            cells = [f"{m['mean_accepted_length']:.2f} / {m['speedup_vs_hf_greedy']:.2f}× / {_fmt(m['speedup_vs_none'], '.2f', '×')}"
+                     for m in (e["by_pass"][p] for p in ps)]
+            lines.append(f"| {e['drafter']} | " + " | ".join(cells) + " |")
     cats = sorted({c for e in report["runs"] for c in e["by_category"]})
     lines += ["", "## By category (τ / speed-up vs HF greedy / speed-up vs none)", "",
               "| drafter | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]

