@@ -86,6 +86,7 @@ class Target:
         generator: the run's random source for stochastic drafters, on ``device``,
             seeded from the generation's seed (so seeded runs reproduce).
         cost: v(n), the measured cost of a forward over n nodes in plain steps, or None.
+        step_ms: the measured wall time of one plain target step, or None.
     """
 
     model: Any
@@ -98,6 +99,7 @@ class Target:
     dtype: torch.dtype = torch.float32
     generator: torch.Generator | None = None
     cost: Callable[[int], float] | None = None
+    step_ms: float | None = None
 
     @classmethod
     def of(cls, model, tokenizer=None, *, seed: int | None = None, cost: Callable[[int], float] | None = None) -> "Target":
@@ -312,4 +314,4 @@ def read_drafter_weights(path) -> dict[str, Tensor]:
 
 def _import_builtin_drafters() -> None:
     # Importing the modules registers them.
-    from specdec.drafters import medusa, prompt_lookup, rest, suffix  # noqa: F401
+    from specdec.drafters import draft_model, iad, medusa, prompt_lookup, rest, suffix  # noqa: F401

@@ -337,20 +337,20 @@ def _setup(model, tokenizer, prompt, drafter, config: GenerationConfig | None, o
     from specdec.tree_attention.hf import resolve_backend
 
     attn = resolve_backend(config.attn, device)
-    fast, cost = _hardware(model, config, attn)  # the first model work: everything above is validated
-    target.cost = cost
+    fast, profile = _hardware(model, config, attn)  # the first model work: everything above is validated
+    cost = profile.cost if profile is not None and config.size_trees else None
+    target.cost, target.step_ms = cost, (profile.step_ms if profile is not None else None)
     return _Run(input_ids, drafter_obj, verifier, config, stop_checker, generator, attn, fast, cost)
 
 
-def _hardware(model, config: GenerationConfig, attn: str) -> tuple[FastLinears | None, Callable[[int], float] | None]:
-    """The fast kernels and the cost curve for this model on this machine (measured once, then cached)."""
+def _hardware(model, config: GenerationConfig, attn: str):
+    """The fast kernels and the cost profile for this model on this machine (measured once, then cached)."""
     if not isinstance(model, torch.nn.Module) or not (config.fast or config.size_trees):
         return None, None
     from specdec.profile import fast_linears_for, get_profile
 
     profile = get_profile(model, fast=config.fast, attn=attn)
-    fast = fast_linears_for(model, profile) if config.fast else None
-    return fast, (profile.cost if config.size_trees else None)
+    return (fast_linears_for(model, profile) if config.fast else None), profile
 
 
 def _events(model, tokenizer, run: _Run, stats: GenerationStats) -> Iterator[StepEvent]:

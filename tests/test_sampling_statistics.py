@@ -103,10 +103,21 @@ def chi_square_pvalue(counts, probs, n):
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
 
 
+def draft_model_drafter(target):
+    """A separate (tiny, random) draft model sampling its drafts; its softmax is q."""
+    from specdec.drafters.base import Target
+    from specdec.drafters.draft_model import DraftModelConfig, DraftModelDrafter
+
+    d = DraftModelDrafter(tiny_model("llama", vocab_size=VOCAB, seed=9), config=DraftModelConfig(k=2, sample=True, fast=False))
+    d.bind(Target.of(target, seed=3))
+    return d
+
+
 DRAFTERS = {
-    "prompt-lookup": lambda: PromptLookupDrafter(PromptLookupConfig(adaptive=False, min_ngram=1, num_tokens=3)),
-    "bad": BadDrafter,
-    "far-q": FarQDrafter,
+    "prompt-lookup": lambda target: PromptLookupDrafter(PromptLookupConfig(adaptive=False, min_ngram=1, num_tokens=3)),
+    "bad": lambda target: BadDrafter(),
+    "far-q": lambda target: FarQDrafter(),
+    "draft-model": draft_model_drafter,
 }
 
 
@@ -114,7 +125,7 @@ DRAFTERS = {
 @pytest.mark.parametrize("name", list(DRAFTERS))
 def test_speculative_sampling_matches_the_exact_distribution(target, name, config):
     probs = exact_joint(target, config)
-    counts = sample_counts(target, DRAFTERS[name](), SpeculativeSampler(config), SAMPLES, seed=11)
+    counts = sample_counts(target, DRAFTERS[name](target), SpeculativeSampler(config), SAMPLES, seed=11)
     assert sum(counts.values()) == SAMPLES
     assert chi_square_pvalue(counts, probs, SAMPLES) > 0.001
 
@@ -123,7 +134,7 @@ def test_speculative_sampling_matches_the_exact_distribution(target, name, confi
 def test_the_test_has_teeth_without_the_residual_step(target, name):
     config = CONFIGS[0]
     probs = exact_joint(target, config)
-    counts = sample_counts(target, DRAFTERS[name](), SpeculativeSampler(config, residual=False), SAMPLES, seed=11)
+    counts = sample_counts(target, DRAFTERS[name](target), SpeculativeSampler(config, residual=False), SAMPLES, seed=11)
     assert chi_square_pvalue(counts, probs, SAMPLES) < 0.001
 
 
