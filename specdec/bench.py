@@ -49,12 +49,44 @@ PLAIN = "none"
 NAMED_SETS = {"spec-bench": "spec_bench.jsonl", "mt-bench": "mt_bench.jsonl"}
 
 
+JFLEG_PROMPT = "Correct the grammar and spelling of this sentence. Reply with the corrected sentence only.\n\n{}"
+
+
+def jfleg_questions(root: str | Path | None = None, split: str = "test") -> str:
+    """question.jsonl text for the JFLEG grammar-correction set, built from a local JFLEG checkout.
+
+    JFLEG is CC BY-NC-SA 4.0, and the project's data notes mark it internal-only, so specdec does not ship
+    it: ``--prompts jfleg`` reads ``$SPECDEC_JFLEG`` (a directory holding ``test.src``), else
+    ``../shared/data/jfleg`` beside the working directory. Sentences are lightly detokenised (no space
+    before punctuation) and wrapped in one fixed instruction.
+    """
+    import os
+    import re
+
+    candidates = [root] if root else [os.environ.get("SPECDEC_JFLEG"), "../shared/data/jfleg", "shared/data/jfleg"]
+    for c in candidates:
+        if c and (Path(c) / f"{split}.src").is_file():
+            lines = (Path(c) / f"{split}.src").read_text().splitlines()
+            break
+    else:
+        raise FileNotFoundError("the JFLEG set is not shipped (CC BY-NC-SA); point $SPECDEC_JFLEG at a directory holding "
+                                f"{split}.src (the JFLEG corpus, github.com/keisks/jfleg)")
+    out = []
+    for i, line in enumerate(lines):
+        text = re.sub(r" ([.,!?;:'])", r"\1", line.strip()).replace(" n't", "n't")
+        if text:
+            out.append(json.dumps({"question_id": i, "category": "grammar", "turns": [JFLEG_PROMPT.format(text)]}))
+    return "\n".join(out)
+
+
 def load_questions(name_or_path: str, *, limit: int | None = None, categories: list[str] | None = None) -> list[dict]:
-    """Read question.jsonl (``question_id``, ``category``, ``turns``) by shipped name or path.
+    """Read question.jsonl (``question_id``, ``category``, ``turns``) by shipped name, ``jfleg``, or path.
 
     ``limit`` keeps the first K questions of each category.
     """
-    if name_or_path in NAMED_SETS:
+    if name_or_path == "jfleg":
+        text, source = jfleg_questions(), "jfleg"
+    elif name_or_path in NAMED_SETS:
         text = resources.files("specdec.data").joinpath(NAMED_SETS[name_or_path]).read_text()
         source = name_or_path
     else:

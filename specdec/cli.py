@@ -32,7 +32,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, exact (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --temperature > 0)")
     p.add_argument("--top-k", type=int, default=None, help="top-k sampling (with --temperature > 0)")
-    p.add_argument("--acceptance", choices=["exact", "typical"], default="exact", help="'exact' is lossless; 'typical' is Medusa's lossy typical acceptance (default: %(default)s)")
+    p.add_argument("--acceptance", choices=["exact", "typical", "gad"], default="exact", help="'exact' is lossless; 'typical' is Medusa's lossy typical acceptance (sampling); 'gad' is GAD's lossy relaxed verification (greedy) (default: %(default)s)")
+    p.add_argument("--gad-top-beta", type=int, default=3, help="with --acceptance gad: accept drafts among the target's top-β tokens (default: %(default)s; 1 = exact greedy)")
+    p.add_argument("--gad-tau", type=float, default=2.0, help="with --acceptance gad: and within τ of the top-1 logit (default: %(default)s)")
+    p.add_argument("--source-text", default=None, help="for the iad drafter: the text the output should track (default: the prompt's user message)")
     p.add_argument("--seed", type=int, default=None, help="random seed, makes sampling reproducible")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--attn", choices=["auto", "torch", "triton"], default="auto", help="tree attention in the verifying forward: the Triton kernel, the torch dense-mask reference, or auto (triton on CUDA) (default: %(default)s)")
@@ -49,7 +52,23 @@ def _generation_config(args):
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         acceptance=args.acceptance, seed=args.seed, stop=tuple(args.stop or ()), attn=args.attn, fast=args.fast,
+        gad_top_beta=args.gad_top_beta, gad_tau=args.gad_tau,
     )
+
+
+def _with_source_text(drafter, text: str | None):
+    """Give the IAD drafter(s) inside ``drafter`` an explicit source text."""
+    if text is None:
+        return drafter
+    from specdec.drafters.iad import IADDrafter
+
+    parts = getattr(drafter, "drafters", [drafter])
+    iads = [d for d in parts if isinstance(d, IADDrafter)]
+    if not iads:
+        raise ValueError("--source-text is for the iad drafter; add it to --drafter (e.g. 'iad' or 'iad+prompt-lookup')")
+    for d in iads:
+        d.source_text = text
+    return drafter
 
 
 def _cmd_generate(args) -> int:
@@ -62,14 +81,14 @@ def _cmd_generate(args) -> int:
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt_text.strip():
         raise ValueError("the prompt is empty; pass --prompt 'some text'")
-    build_drafter(args.drafter)  # fail on a bad spec before loading the model
+    drafter = _with_source_text(build_drafter(args.drafter), args.source_text)  # bad specs fail before the model loads
     config = _generation_config(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     use_chat = not args.raw and getattr(tokenizer, "chat_template", None)
     prompt = [{"role": "user", "content": prompt_text}] if use_chat else prompt_text
     if args.compare:  # warm both paths up so neither timing pays first-call costs
         generate(model, tokenizer, prompt, config, drafter=args.drafter, max_new_tokens=4)
-    result = generate(model, tokenizer, prompt, config, drafter=args.drafter)
+    result = generate(model, tokenizer, prompt, config, drafter=drafter)
     out = {"text": result.text, "finish_reason": result.finish_reason, "drafter": args.drafter, "stats": result.stats.as_dict()}
     if args.compare:
         ids = prepare_input_ids(tokenizer, prompt)[None]
@@ -130,7 +149,7 @@ def _add_bench(sub) -> None:
     )
     p.add_argument("--model", default="default", help="'default', a local HF model directory or a .gguf file (default: %(default)s)")
     p.add_argument("--drafter", action="append", required=True, help="drafter spec to measure (repeatable)")
-    p.add_argument("--prompts", default="spec-bench", help="question.jsonl path, or a shipped set: spec-bench, mt-bench (default: %(default)s)")
+    p.add_argument("--prompts", default="spec-bench", help="question.jsonl path, a shipped set (spec-bench, mt-bench), or jfleg (read from $SPECDEC_JFLEG; not shipped) (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="first K questions of each category")
     p.add_argument("--categories", default=None, help="comma-separated categories to keep")

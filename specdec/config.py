@@ -22,7 +22,7 @@ from typing import Any
 
 __all__ = ["GenerationConfig", "coerce", "options_into", "ACCEPTANCES", "DTYPES"]
 
-ACCEPTANCES = ("exact", "typical")
+ACCEPTANCES = ("exact", "typical", "gad")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -115,8 +115,11 @@ class GenerationConfig:
         max_new_tokens: generation stops after exactly this many new tokens.
         temperature: 0 for greedy (exact); > 0 samples.
         top_k, top_p, repetition_penalty: HF ``generate`` semantics (sampling only).
-        acceptance: ``"exact"`` (lossless) or ``"typical"`` (Medusa's typical acceptance, lossy).
+        acceptance: ``"exact"`` (lossless), ``"typical"`` (Medusa's typical acceptance, lossy, sampling)
+            or ``"gad"`` (GAD's relaxed verification, lossy, greedy).
         typical_epsilon, typical_delta: typical acceptance's thresholds.
+        gad_top_beta, gad_tau: GAD's relaxed verification: a draft is accepted when it is among the
+            target's top-β tokens and its logit is within τ of the top-1 (β = 1 is exactly greedy).
         stop: stop strings; generation ends once the new text contains one.
         seed: makes sampling (and stochastic drafters) reproducible.
         attn: tree attention in the verifying forward: ``"auto"``, ``"torch"`` or ``"triton"``.
@@ -139,6 +142,8 @@ class GenerationConfig:
     acceptance: str = "exact"
     typical_epsilon: float = 0.09
     typical_delta: float = 0.3
+    gad_top_beta: int = 3
+    gad_tau: float = 2.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     attn: str = "auto"
@@ -178,6 +183,10 @@ class GenerationConfig:
             self.dtype = str(self.dtype).replace("torch.", "")
             if self.dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.gad_top_beta < 1 or self.gad_tau < 0:
+            raise ValueError(f"GAD acceptance needs gad_top_beta >= 1 and gad_tau >= 0, got {self.gad_top_beta}, {self.gad_tau}")
+        if self.acceptance == "gad" and self.temperature > 0:
+            raise ValueError("acceptance='gad' relaxes greedy verification: use it with temperature 0")
         if self.max_tree_nodes < 1:
             raise ValueError(f"max_tree_nodes must be >= 1, got {self.max_tree_nodes}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):

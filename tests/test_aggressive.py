@@ -77,3 +77,46 @@ def test_a_draft_model_for_another_vocabulary_is_refused():
     with pytest.raises(ValueError, match="vocabulary"):
         specdec.generate(tiny_model("llama"), None, torch.tensor([1, 2]), drafter=DraftModelDrafter(tiny_model("llama", vocab_size=90)),
                          max_new_tokens=2)
+
+
+def test_relaxed_verification_table():
+    from specdec.tree import TokenTree
+    from specdec.verifiers import GreedyVerifier, RelaxedGreedyVerifier, make_verifier
+
+    tree = TokenTree.from_sequences(0, [[2, 3], [4]])  # nodes: 0 root, 1 (2), 2 (3), 3 (4)
+    logits = torch.full((4, 6), -10.0)
+    logits[0, [1, 2, 4]] = torch.tensor([5.0, 4.5, 1.0])  # at the root: argmax 1, then 2 (0.5 behind), then 4 (4 behind)
+    logits[1, [3, 5]] = torch.tensor([3.0, 2.9])  # after 2: argmax 3
+    logits[2, 5] = 1.0
+    assert GreedyVerifier().accept(tree, logits).path.tolist() == [0]
+    assert RelaxedGreedyVerifier(top_beta=1, tau=100.0).accept(tree, logits).path.tolist() == [0]  # beta 1: greedy
+    relaxed = RelaxedGreedyVerifier(top_beta=3, tau=1.0).accept(tree, logits)
+    assert relaxed.path.tolist() == [0, 1, 2] and relaxed.bonus == 5  # 2 is 0.5 behind: in; 4 is 4 behind: out
+    assert RelaxedGreedyVerifier(top_beta=3, tau=0.1).accept(tree, logits).path.tolist() == [0]
+    assert isinstance(make_verifier(acceptance="gad", gad_top_beta=2), RelaxedGreedyVerifier)
+    with pytest.raises(ValueError, match="temperature 0"):
+        make_verifier(acceptance="gad", temperature=0.5)
+
+
+def test_jfleg_prompts_come_from_a_local_checkout(tmp_path, monkeypatch):
+    from specdec.bench import load_questions
+
+    (tmp_path / "test.src").write_text("He go to school .\nShe do n't like it , really .\n")
+    monkeypatch.setenv("SPECDEC_JFLEG", str(tmp_path))
+    qs = load_questions("jfleg")
+    assert [q["category"] for q in qs] == ["grammar", "grammar"]
+    assert qs[0]["turns"][0].endswith("He go to school.") and qs[1]["turns"][0].endswith("She don't like it, really.")
+    monkeypatch.setenv("SPECDEC_JFLEG", str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="SPECDEC_JFLEG"):
+        load_questions("jfleg")
+
+
+def test_source_text_reaches_the_iad_drafter():
+    from specdec.cli import _with_source_text
+    from specdec.drafters import build_drafter
+
+    d = _with_source_text(build_drafter("iad+prompt-lookup"), "the text")
+    assert d.drafters[0].source_text == "the text"
+    with pytest.raises(ValueError, match="iad"):
+        _with_source_text(build_drafter("prompt-lookup"), "x")

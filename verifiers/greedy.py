@@ -8,7 +8,7 @@ from torch import Tensor
 from specdec.tree import TokenTree
 from specdec.verifiers.base import Acceptance, deepest_accepted
 
-__all__ = ["GreedyVerifier", "greedy_accept"]
+__all__ = ["GreedyVerifier", "RelaxedGreedyVerifier", "greedy_accept"]
 
 
 def greedy_accept(tree: TokenTree, logits: Tensor) -> Acceptance:
@@ -40,3 +40,31 @@ class GreedyVerifier:
 
     def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, prefix_ids: Tensor | None = None) -> Acceptance:
         return greedy_accept(tree, logits)
+
+
+class RelaxedGreedyVerifier:
+    """GAD's relaxed verification (Ge et al. 2022, "generalized aggressive decoding"): **lossy**, opt-in.
+
+    A drafted token is accepted when it is among the target's ``top_beta`` most
+    likely tokens at its parent and its logit is within ``tau`` of the top-1
+    logit; the deepest node whose whole path passes wins and the bonus token is
+    the argmax there. ``top_beta=1`` accepts only the argmax: exactly greedy.
+    The output is then close to, but not always equal to, the greedy output; the
+    paper reports quality within noise on translation for small β and τ.
+    """
+
+    def __init__(self, top_beta: int = 3, tau: float = 2.0) -> None:
+        if top_beta < 1 or tau < 0:
+            raise ValueError(f"need top_beta >= 1 and tau >= 0, got {top_beta}, {tau}")
+        self.top_beta, self.tau = top_beta, tau
+
+    def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, prefix_ids: Tensor | None = None) -> Acceptance:
+        top = torch.topk(logits, self.top_beta, dim=-1)  # [N, beta]
+        values, ids = top.values.cpu(), top.indices.cpu()  # the step's one device -> host transfer
+        ok = torch.ones(len(tree), dtype=torch.bool)
+        par, toks = tree.parents[1:], tree.tokens[1:]
+        in_top = (ids[par] == toks[:, None])  # [N - 1, beta]
+        close = values[par] >= values[par, :1] - self.tau
+        ok[1:] = (in_top & close).any(dim=1)
+        best = deepest_accepted(tree, ok)
+        return Acceptance(path=tree.path_to(best), bonus=int(ids[best, 0]))
