@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from specdec.drafters.base import DraftState, Drafter, StepResult, Target, config_from_options, register_drafter

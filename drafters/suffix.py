@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from specdec.drafters.base import DraftState, Drafter, StepResult, Target, config_from_options, register_drafter

@@ -229,7 +229,7 @@ def test_kl_loss_equals_cross_entropy_against_one_hot_targets_and_trains(tiny_ta
 
 
 def test_resume_skips_a_checkpoint_cut_by_the_kill(tmp_path):
-    from specdec.training.medusa import last_complete_checkpoint
+    from specdec.training.common import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path) is None
     for step, state in ((5, "{}"), (10, "{}"), (15, None), (20, '{"cut')):

@@ -24,6 +24,8 @@ __all__ = ["TrainConfig", "load_recipe", "recipe_names", "METHODS", "register_me
 METHODS: dict[str, str] = {
     "medusa1": "specdec.training.medusa:train_medusa",
     "medusa2": "specdec.training.medusa:train_medusa",
+    "clover": "specdec.training.clover:train_clover",
+    "clover2": "specdec.training.clover:train_clover",
 }
 
 
@@ -48,6 +50,11 @@ class TrainConfig:
     the target's own loss (KL to the adapter-disabled model), a head learning
     rate ``head_lr_multiplier`` × ``lr``, and a head-loss weight that ramps
     linearly from 0 to 1 over ``head_warmup_steps``.
+
+    Clover (``method="clover"``) and Clover-2 (``"clover2"``): ``num_heads`` is
+    the draft depth trained, ``augment`` adds the Augmenting Block; Clover-2
+    trains with KL to the target's distribution plus ``regression_weight`` ×
+    SmoothL1 on hidden states (see :mod:`specdec.training.clover`).
     """
 
     method: str = "medusa1"
@@ -65,6 +72,9 @@ class TrainConfig:
     draft_vocab_size: int | None = 8192
     own_projection: bool = False
     tree_size: int = 16
+    # clover
+    augment: bool = True  # Clover's Augmenting Block (a copy of the target's last decoder layer)
+    regression_weight: float = 1.0  # Clover-2's SmoothL1 on hidden states
     # optimisation
     epochs: float = 3.0
     max_steps: int = -1

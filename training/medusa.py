@@ -13,10 +13,8 @@ states across epochs (cached in ``output_dir/features.pt``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -24,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.medusa import MedusaConfig, MedusaHeads, tree_from_accuracies
+from specdec.training.common import collate_features, draft_vocabulary, features_cached, last_complete_checkpoint, training_args
 from specdec.training.config import TrainConfig
 from specdec.training.data import load_conversations, tokenize_conversation
 
-__all__ = ["MedusaLoss", "Medusa1Module", "Medusa2Module", "train_medusa", "heldout_accuracy", "extract_features"]
+__all__ = ["MedusaLoss", "Medusa1Module", "Medusa2Module", "train_medusa", "heldout_accuracy"]
 
 log = logging.getLogger(__name__)
 TOPK = 5
@@ -144,35 +143,6 @@ class Medusa2Module(nn.Module):
 
 
 # ---------------------------------------------------------------------- data
-@torch.inference_mode()
-def extract_features(model, tokenizer, conversations, cfg: TrainConfig, desc: str = "features") -> list[dict]:
-    """Run the frozen target once: per conversation, [T, H] last hidden states and [T] labels."""
-    from tqdm.auto import tqdm
-
-    items = []
-    for conv in tqdm(conversations, desc=desc, unit="conv", disable=not cfg.progress):
-        ids = tokenize_conversation(tokenizer, conv, cfg.max_len)
-        if ids.numel() < cfg.num_heads + 2:
-            continue
-        out = model(input_ids=ids[None].to(model.device), output_hidden_states=True)
-        if cfg.label_source == "self":
-            labels = out.logits[0].argmax(-1).cpu()
-        else:
-            labels = torch.cat([ids[1:], torch.tensor([-100])])
-        items.append({"hidden": out.hidden_states[-1][0].float().cpu(), "labels": labels})
-    return items
-
-
-def _collate_features(batch: list[dict]) -> dict:
-    seq = max(b["labels"].numel() for b in batch)
-    hidden = torch.zeros(len(batch), seq, batch[0]["hidden"].shape[-1])
-    labels = torch.full((len(batch), seq), -100, dtype=torch.long)
-    for i, b in enumerate(batch):
-        t = b["labels"].numel()
-        hidden[i, :t], labels[i, :t] = b["hidden"], b["labels"]
-    return {"hidden": hidden, "labels": labels}
-
-
 def _collate_tokens(pad_id: int):
     def collate(batch: list[dict]) -> dict:
         seq = max(b["input_ids"].numel() for b in batch)
@@ -186,17 +156,6 @@ def _collate_tokens(pad_id: int):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate
-
-
-def draft_vocabulary(label_sets: list[Tensor], vocab_size: int, size: int | None) -> Tensor:
-    """The ``size`` most frequent labels (sorted ids); the full vocabulary when size is None."""
-    if size is None or size >= vocab_size:
-        return torch.arange(vocab_size)
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for labels in label_sets:
-        lab = labels[labels >= 0]
-        counts += torch.bincount(lab, minlength=vocab_size)
-    return torch.sort(torch.topk(counts, size).indices).values
 
 
 @torch.inference_mode()
@@ -221,63 +180,6 @@ def heldout_accuracy(heads: MedusaHeads, loss: MedusaLoss, items: list[dict]) ->
 
 
 # ---------------------------------------------------------------------- the run
-def _training_args(cfg: TrainConfig, out: Path):
-    from transformers import TrainingArguments
-
-    use_cpu = not torch.cuda.is_available()
-    return TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        report_to=cfg.report_to,
-        run_name=cfg.run_name,
-        seed=cfg.seed,
-        bf16=cfg.bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing and cfg.method == "medusa2",
-        deepspeed=cfg.deepspeed_config(),
-        remove_unused_columns=False,
-        disable_tqdm=not cfg.progress,
-        dataloader_num_workers=0,
-        use_cpu=use_cpu,
-    )
-
-
-def _features_cached(model, tokenizer, convs, cfg: TrainConfig, path: Path, desc: str) -> list[dict]:
-    key = hashlib.sha1(json.dumps([cfg.model, cfg.data, cfg.num_conversations, cfg.heldout, cfg.max_len, cfg.label_source, desc, len(convs)]).encode()).hexdigest()[:10]
-    file = path / f"{desc}-{key}.pt"
-    if file.is_file():
-        return torch.load(file)
-    items = extract_features(model, tokenizer, convs, cfg, desc=desc)
-    tmp = file.with_suffix(f".{os.getpid()}.tmp")  # every process of a multi-process run writes its own, then renames
-    torch.save(items, tmp)
-    os.replace(tmp, file)
-    return items
-
-
-def last_complete_checkpoint(out: Path) -> str | None:
-    """The newest ``checkpoint-N`` whose trainer_state.json (the Trainer writes it last) exists and parses.
-
-    A run killed while writing a checkpoint leaves that folder incomplete; resuming skips it.
-    """
-    steps = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
-    for _, path in reversed(steps):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            log.warning("skipping incomplete checkpoint %s", path)
-            continue
-        return str(path)
-    return None
-
-
 def train_medusa(cfg: TrainConfig) -> Path:
     """Train Medusa heads as ``cfg`` says; returns the directory of the final drafter."""
     from specdec.models import load_model
@@ -297,9 +199,9 @@ def train_medusa(cfg: TrainConfig) -> Path:
 
     for p in model.parameters():
         p.requires_grad_(False)
-    held_feats = _features_cached(model, tokenizer, heldout_convs, cfg, out, "heldout") if heldout_convs else []
+    held_feats = features_cached(model, tokenizer, heldout_convs, cfg, out, "heldout") if heldout_convs else []
     if cfg.method == "medusa1":  # the frozen target's features, computed once and reused every epoch
-        train_feats = _features_cached(model, tokenizer, train_convs, cfg, out, "train")
+        train_feats = features_cached(model, tokenizer, train_convs, cfg, out, "train")
         label_sets = [f["labels"] for f in train_feats]
     else:  # the target changes while training: count the data's own tokens for the draft vocabulary
         seqs = [tokenize_conversation(tokenizer, c, cfg.max_len) for c in train_convs]
@@ -314,7 +216,7 @@ def train_medusa(cfg: TrainConfig) -> Path:
     if cfg.method == "medusa1":
         module = Medusa1Module(heads, loss, lm_head[draft_vocab].float().clone() if cfg.loss_type == "kl" else None)
         dataset = PermutedDataset(train_feats, cfg.seed, cfg.shuffle)
-        collate = _collate_features
+        collate = collate_features
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -327,7 +229,7 @@ def train_medusa(cfg: TrainConfig) -> Path:
         dataset = PermutedDataset([{"input_ids": s} for s in seqs if s.numel() > cfg.num_heads + 1], cfg.seed, cfg.shuffle)
         collate = _collate_tokens(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
-    trainer = DrafterTrainer(model=module, args=_training_args(cfg, out), train_dataset=dataset, data_collator=collate)
+    trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset, data_collator=collate)
     last = last_complete_checkpoint(out) if cfg.resume else None
     if last:
         log.warning("resuming from %s", last)

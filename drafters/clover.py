@@ -1,0 +1,362 @@
+"""Clover and Clover-2: regressive draft heads (Xiao et al., 2024, "Clover: Regressive Lightweight
+Speculative Decoding with Sequential Knowledge"; Clover-2, 2024).
+
+Medusa's heads each guess one future position from the same hidden state and
+cannot know what the heads before them guessed. Clover adds that sequential
+knowledge with three parts. Notation: h_t ∈ R^H is the target's last hidden
+state at position t (it predicted token x_{t+1}); e(x) the target's own
+(frozen) token embedding; W the target's (frozen) output head, restricted to a
+draft vocabulary; RMSNorm with learnt gain.
+
+* **Attention Decoder** (fuses a state with a token): per attention head j of
+  size D = H / heads,
+
+      g_j   = cos( [W_q RMSNorm(s)]_j , [W_k e]_j )          (one scalar per head)
+      AD(s, e) = s + concat_j( g_j · [W_v e]_j )
+
+  it lets the token choose which parts of the state to write into.
+* **Augmenting Block**: one decoder layer of the target's own architecture
+  (initialised from the target's last layer), run causally over the fused
+  states of the whole sequence, u_t = AD_in(h_t, e(x_{t+1})):
+
+      z_t = RMSNorm( Layer(u_1 .. u_t)_t )
+
+  it reshapes the states for speculation rather than next-token prediction,
+  and keeps its own KV cache over the committed positions.
+* **Regressive Connection** (the heads): the first draft token comes from z_t,
+  every later one from the state updated with the token chosen at its parent:
+
+      s_0 = z_t,                              o_0 = A s_0
+      s_d = AD_r(s_{d-1}, e(y_d)),            o_d = B [s_d ; e(y_d)]      (d >= 1)
+      p(y_{d+1} | ...) = softmax( W RMSNorm(o_d) )
+
+  y_1 is drawn from o_0's distribution, y_{d+1} from o_d's. A, B, AD_in, AD_r
+  and the norms are trained; W and e are the target's.
+
+Clover-2 keeps the architecture and changes training: knowledge distillation
+(KL to the target's own distribution instead of cross-entropy on its tokens)
+and a regression of each head's state o_d onto the target's hidden state at
+the position it stands for (SmoothL1), so the heads imitate the target's
+features (:mod:`specdec.training.clover`).
+
+Drafting walks the tree depth by depth: the children of a node come from the
+head fed with that node's own token, so siblings at depth d + 1 are
+conditioned on their own parent. Each depth keeps the ``beam`` most probable
+nodes by path probability; the engine then trims the tree to what pays.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, read_drafter_config,
+                                   read_drafter_weights, register_drafter)
+from specdec.drafters.trie import depth_bucket, freq_bucket, frequency_prior
+from specdec.sizing import AcceptanceRates, learn
+from specdec.tree import TokenTree
+
+__all__ = ["CloverConfig", "CloverHeads", "CloverDrafter", "AttentionDecoder", "decoder_parts"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CloverConfig:
+    """What ``config.json`` holds."""
+
+    hidden_size: int
+    vocab_size: int  # the target's vocabulary
+    num_heads: int = 4  # draft depth trained (the regressive head is shared by every depth after the first)
+    attention_heads: int = 9  # heads of the Attention Decoders
+    draft_vocab_size: int | None = None  # None: the full vocabulary
+    augment: bool = True  # the Augmenting Block (a copy of the target's last decoder layer)
+    version: int = 1  # 1: Clover; 2: Clover-2 (trained with distillation and state regression)
+    rms_norm_eps: float = 1e-5
+    target_model: str = ""
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1 or self.hidden_size % self.attention_heads:
+            raise ValueError(f"num_heads must be >= 1 and hidden_size ({self.hidden_size}) divisible by attention_heads ({self.attention_heads})")
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in (0, vocab_size={self.vocab_size}]")
+
+
+class AttentionDecoder(nn.Module):
+    """AD(s, e) = s + concat_j(cos([W_q RMSNorm(s)]_j, [W_k e]_j) · [W_v e]_j): a token writes into a state, per head."""
+
+    def __init__(self, hidden: int, heads: int, eps: float) -> None:
+        super().__init__()
+        self.heads, self.eps = heads, eps
+        self.norm = nn.RMSNorm(hidden, eps=eps)
+        self.q, self.k, self.v = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.v.weight)  # starts as the identity on s: training adds what the token contributes
+        nn.init.zeros_(self.v.bias)
+
+    def forward(self, s: Tensor, e: Tensor) -> Tensor:
+        """s, e: [..., H] → [..., H]."""
+        shape = (*s.shape[:-1], self.heads, s.shape[-1] // self.heads)
+        gate = F.cosine_similarity(self.q(self.norm(s)).view(shape), self.k(e).view(shape), dim=-1, eps=self.eps)
+        return s + (self.v(e).view(shape) * gate[..., None]).reshape(s.shape)
+
+
+def decoder_parts(model) -> tuple[nn.Module, nn.Module]:
+    """The target's last decoder layer and its rotary embedding (HF decoder-only models)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not hasattr(decoder, "rotary_emb"):
+        raise ValueError(f"Clover's Augmenting Block needs a decoder with .layers and .rotary_emb; {type(model).__name__} has none")
+    return layers[-1], decoder.rotary_emb
+
+
+class CloverHeads(nn.Module):
+    """The trainable parts and the draft computation (see the module docstring for the equations).
+
+    Args:
+        config: sizes and options.
+        layer: the Augmenting Block's decoder layer (a copy of the target's last layer), or None.
+        rotary: the target's rotary embedding module (positions for the Augmenting Block).
+        embed: the target's input embedding module (frozen, not saved).
+        lm_head_weight: [V, H] the target's output head (frozen, not saved; rows of the draft vocabulary used).
+        draft_vocab: [V'] token id of each output row.
+    """
+
+    def __init__(self, config: CloverConfig, layer: nn.Module | None = None, rotary: nn.Module | None = None,
+                 embed: nn.Module | None = None, lm_head_weight: Tensor | None = None, draft_vocab: Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.fuse = AttentionDecoder(h, config.attention_heads, eps)  # AD_in
+        self.regress = AttentionDecoder(h, config.attention_heads, eps)  # AD_r
+        self.first = nn.Linear(h, h)  # A
+        self.next = nn.Linear(2 * h, h)  # B
+        self.out_norm = nn.RMSNorm(h, eps=eps)
+        self.aug_norm = nn.RMSNorm(h, eps=eps)
+        self.layer = None
+        if config.augment:
+            if layer is None:
+                raise ValueError("an augmenting Clover needs the target's last decoder layer to build its block")
+            self.layer = copy.deepcopy(layer)
+            self.layer.self_attn.layer_idx = 0  # its own cache holds one layer
+            for p in self.layer.parameters():
+                p.requires_grad_(True)
+        self._frozen = (embed, rotary)  # the target's modules: a tuple, so they are neither registered nor saved
+        v_out = config.draft_vocab_size or config.vocab_size
+        dv = draft_vocab if draft_vocab is not None else torch.arange(v_out)
+        self.register_buffer("draft_vocab", dv.to(torch.long).clone())
+        self._head: Tensor | None = None
+        if lm_head_weight is not None:
+            self.attach(embed, lm_head_weight, rotary)
+
+    def attach(self, embed: nn.Module, lm_head_weight: Tensor, rotary: nn.Module | None) -> None:
+        """Give the heads the target's frozen embedding, output rows and rotary embedding."""
+        if lm_head_weight.shape != (self.config.vocab_size, self.config.hidden_size):
+            raise ValueError(f"Clover heads expect an lm_head of shape ({self.config.vocab_size}, {self.config.hidden_size}), "
+                             f"got {tuple(lm_head_weight.shape)}")
+        self._frozen = (embed, rotary)
+        self._head = lm_head_weight.detach()[self.draft_vocab.to(lm_head_weight.device)]
+
+    def embed(self, ids: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self._frozen[0](ids).to(self.first.weight.dtype)
+
+    # ------------------------------------------------------------------ the computation
+    def encode(self, hidden: Tensor, next_ids: Tensor, position_ids: Tensor, cache=None, mask: Tensor | None = None) -> Tensor:
+        """z for each position: hidden [B, T, H] at positions ``position_ids`` [B, T], next_ids [B, T] the tokens they
+        predicted; ``cache`` (the Augmenting Block's own) and ``mask`` ([B, 1, T, P + T] additive) as for a decoder layer."""
+        u = self.fuse(hidden.to(self.first.weight.dtype), self.embed(next_ids))
+        if self.layer is not None:
+            cos_sin = self._frozen[1](u, position_ids)
+            kwargs = {"cache": cache, "use_cache": cache is not None} if cache is not None else {}
+            u = self.layer(u, attention_mask=mask, position_ids=position_ids, position_embeddings=cos_sin, **kwargs)
+            if isinstance(u, tuple):
+                u = u[0]
+        return self.aug_norm(u)
+
+    def head_first(self, z: Tensor) -> Tensor:
+        """o_0 = A z."""
+        return self.first(z)
+
+    def head_next(self, s: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """s_d = AD_r(s_{d-1}, e(y_d)); o_d = B [s_d ; e(y_d)]. Returns (s_d, o_d)."""
+        e = self.embed(token_ids)
+        s = self.regress(s, e)
+        return s, self.next(torch.cat([s, e], dim=-1))
+
+    def logits(self, o: Tensor) -> Tensor:
+        """[..., H] → [..., V'] over the draft vocabulary, through the target's own output rows."""
+        if self._head is None:
+            raise RuntimeError("these heads use the target's lm_head: call attach(...) (a drafter does it at bind)")
+        return self.out_norm(o) @ self._head.to(o.dtype).T
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"))
+        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, layer: nn.Module | None = None) -> tuple["CloverHeads", dict]:
+        """Read a Clover directory. The Augmenting Block needs the target's layer for its structure: pass it, or
+        call :meth:`load_state` later with the returned state (a drafter does at bind)."""
+        path = Path(path)
+        raw = read_drafter_config(path / "config.json")
+        if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ValueError(f"{path} was saved by a newer specdec (format {raw['format_version']}); upgrade specdec")
+        config = CloverConfig(**{k: v for k, v in raw.items() if k in CloverConfig.__dataclass_fields__})
+        state = read_drafter_weights(path / "model.safetensors")
+        if "draft_vocab" not in state:
+            raise ValueError(f"{path / 'model.safetensors'} holds no Clover heads (no draft_vocab tensor)")
+        return config, state
+
+    def load_state(self, state: dict, source: str = "") -> "CloverHeads":
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{source or 'the Clover checkpoint'} does not fit this target: {str(err).splitlines()[0]}") from None
+        return self
+
+
+@dataclass
+class CloverDrafterConfig:
+    """Spec options: ``clover:PATH,depth=5,beam=6,topk=6``."""
+
+    depth: int = 0  # draft depth; 0: the trained num_heads
+    beam: int = 6  # nodes kept per depth (by path probability)
+    topk: int = 6  # children tried per node
+    decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.depth < 0 or self.beam < 1 or self.topk < 1:
+            raise ValueError("clover options need depth >= 0, beam >= 1 and topk >= 1")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+
+
+def _shipped_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("specdec.data").joinpath("clover-smollm2-135m")))
+
+
+@register_drafter("clover")
+class CloverDrafter(Drafter):
+    """Drafts a tree depth by depth with Clover heads; each child is conditioned on its own parent's token."""
+
+    name = "clover"
+    needs_hidden_states = True
+
+    def __init__(self, config: CloverConfig, state: dict, options: CloverDrafterConfig | None = None, source: str = "") -> None:
+        self.clover_config, self._state, self.source = config, state, source
+        self.options = options or CloverDrafterConfig()
+        self.vocab_size = config.vocab_size
+        self.heads: CloverHeads | None = None
+        self.rates = AcceptanceRates(frequency_prior, self.options.decay)
+
+    @classmethod
+    def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "CloverDrafter":
+        if len(args) > 1:
+            raise ValueError(f"clover takes one path, got {args}")
+        opts = config_from_options(CloverDrafterConfig, kwargs, cls.name)
+        path = Path(args[0]) if args else _shipped_path()
+        if not args and not (path / "config.json").is_file():
+            raise FileNotFoundError("no Clover heads ship with this installation; give one: clover:PATH")
+        config, state = CloverHeads.from_pretrained(path)
+        return cls(config, state, opts, str(path))
+
+    @classmethod
+    def from_heads(cls, heads: CloverHeads, options: CloverDrafterConfig | None = None) -> "CloverDrafter":
+        """A drafter from heads in memory (e.g. just trained)."""
+        return cls(heads.config, {k: v.detach().clone() for k, v in heads.state_dict().items()}, options)
+
+    def bind(self, target: Target) -> None:
+        super().bind(target)
+        if target.hidden_size != self.clover_config.hidden_size:
+            raise ValueError(f"Clover heads were trained for hidden size {self.clover_config.hidden_size}, the target has "
+                             f"{target.hidden_size}; use heads trained for this model")
+        layer, rotary = decoder_parts(target.model) if self.clover_config.augment else (None, None)
+        if self.heads is None:
+            heads = CloverHeads(self.clover_config, layer, rotary, draft_vocab=self._state["draft_vocab"])
+            heads.load_state(self._state, self.source)
+            self.heads = heads.eval()
+        self.heads.to(device=target.device, dtype=target.dtype)
+        self.heads.attach(target.input_embeddings, target.output_weight, rotary)
+
+    def reset(self, prompt_ids: Tensor) -> None:
+        from specdec.cache import TreeKVCache
+
+        self.cache = TreeKVCache()
+        self.rates = AcceptanceRates(frequency_prior, self.options.decay)
+        self._keys: dict = {}
+
+    @torch.inference_mode()
+    def propose(self, state: DraftState) -> TokenTree:
+        heads, dev = self.heads, self.target.device
+        # 1. the Augmenting Block over the positions committed since the last step (its own cache holds the rest)
+        k = state.hidden_states.shape[0]
+        pos = torch.arange(state.hidden_start, state.hidden_start + k, device=dev)
+        next_ids = state.token_ids[state.hidden_start + 1 : state.hidden_start + 1 + k].to(dev)
+        mask = _causal_mask(self.cache.get_seq_length(), k, heads.first.weight.dtype, dev) if k > 1 or self.cache.get_seq_length() else None
+        z = heads.encode(state.hidden_states[None], next_ids[None], pos[None], self.cache, mask)[0, -1]  # [H]
+        # 2. depth by depth
+        return self._tree(state.root, z)
+
+    def _tree(self, root: int, z: Tensor) -> TokenTree:
+        """Depth by depth: each frontier node's children from the head fed with its own token; the ``beam`` most
+        probable (by path probability under the heads) stay. Nodes are appended in depth order, parents first."""
+        heads, opts = self.heads, self.options
+        depth = opts.depth or self.clover_config.num_heads
+        vocab = heads.draft_vocab
+        tokens, parents, score, path_lp = [root], [-1], [1.0], [0.0]
+        paths: list[tuple[int, ...]] = [()]
+        keys: dict = {}
+        logp = torch.log_softmax(heads.logits(heads.head_first(z)).float(), -1)[None]  # [F=1, V']
+        frontier, states = [0], z[None]  # the nodes whose children come next, and their states
+        for d in range(1, depth + 1):
+            top = logp.topk(min(opts.topk, logp.shape[-1]), dim=-1)  # [F, k]
+            values, ids = top.values.cpu(), top.indices.cpu()
+            cand = values + torch.tensor([path_lp[n] for n in frontier])[:, None]
+            chosen = torch.topk(cand.flatten(), min(opts.beam, cand.numel())).indices.tolist()
+            new_frontier, rows, new_tokens = [], [], []
+            for f in chosen:
+                i, j = divmod(f, ids.shape[1])
+                parent, tok = frontier[i], int(vocab[ids[i, j]])
+                key = (depth_bucket(d), freq_bucket(float(values[i, j].exp())))
+                tokens.append(tok)
+                parents.append(parent)
+                path_lp.append(float(cand[i, j]))
+                score.append(score[parent] * self.rates[key])
+                paths.append(paths[parent] + (tok,))
+                keys[paths[-1]] = key
+                new_frontier.append(len(tokens) - 1)
+                rows.append(i)
+                new_tokens.append(tok)
+            if d == depth:
+                break
+            s, o = heads.head_next(states[rows], torch.tensor(new_tokens, device=states.device))
+            logp = torch.log_softmax(heads.logits(o).float(), -1)
+            frontier, states = new_frontier, s
+        self._keys = keys
+        return TokenTree(torch.tensor(tokens), torch.tensor(parents), scores=torch.tensor(score))
+
+    def observe(self, result: StepResult) -> None:
+        if self._keys:
+            learn(self.rates, self._keys, result.tree, result.path)
+
+
+def _causal_mask(prefix: int, n: int, dtype: torch.dtype, device) -> Tensor:
+    """[1, 1, n, prefix + n] additive: the prefix and the chunk's own earlier positions are visible."""
+    from specdec.tree_attention.reference import additive_tree_mask
+
+    return additive_tree_mask(prefix, torch.tril(torch.ones(n, n, dtype=torch.bool)), dtype).to(device)

@@ -1,0 +1,124 @@
+"""Clover heads: lossless drafting on two architectures, persistence, fit checks, training (clover and clover2)."""
+
+import json
+
+import pytest
+import torch
+
+import specdec
+from conftest import hf_greedy, tiny_model
+from specdec.drafters.clover import AttentionDecoder, CloverConfig, CloverDrafter, CloverHeads, decoder_parts
+
+
+def random_heads(model, depth=3, draft=None, augment=True, seed=0):
+    torch.manual_seed(seed)
+    layer, rotary = decoder_parts(model)
+    cfg = CloverConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size, num_heads=depth,
+                       attention_heads=model.config.num_attention_heads, draft_vocab_size=draft, augment=augment)
+    dv = torch.arange(draft) * (model.config.vocab_size // draft) if draft else None
+    heads = CloverHeads(cfg, layer if augment else None, rotary, model.get_input_embeddings(), model.get_output_embeddings().weight, dv)
+    for p in heads.parameters():  # random, so drafts are not all the same token
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.3)
+    return heads.to(model.dtype)
+
+
+def test_attention_decoder_starts_as_the_identity_and_mixes_per_head():
+    ad = AttentionDecoder(8, 2, 1e-6)
+    s, e = torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(ad(s, e), s)  # W_v = 0 at start
+    torch.nn.init.normal_(ad.v.weight)
+    gate = torch.nn.functional.cosine_similarity(ad.q(ad.norm(s)).view(3, 2, 4), ad.k(e).view(3, 2, 4), dim=-1)
+    expected = s + (ad.v(e).view(3, 2, 4) * gate[..., None]).reshape(3, 8)
+    torch.testing.assert_close(ad(s, e), expected)
+
+
+@pytest.mark.parametrize("kind", ["augment", "no-augment", "draft-vocab", "fused"])
+def test_clover_greedy_equals_hf_greedy(tiny, kind):
+    heads = random_heads(tiny, augment=kind != "no-augment", draft=48 if kind == "draft-vocab" else None)
+    drafter = CloverDrafter.from_heads(heads)
+    if kind == "fused":
+        from specdec.drafters.fused import FusedDrafter
+        from specdec.drafters.prompt_lookup import PromptLookupDrafter
+
+        drafter = FusedDrafter([drafter, PromptLookupDrafter()])
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        ids = torch.randint(0, 96, (int(torch.randint(2, 25, (1,), generator=g)),), generator=g)
+        ref = hf_greedy(tiny, ids, 24, min_new_tokens=24)
+        for sized in (False, True):
+            out = specdec.generate(tiny, None, ids, drafter=drafter, max_new_tokens=24, size_trees=sized)
+            assert out.token_ids == ref, (i, kind, sized)
+            if not sized:
+                assert out.stats.drafted_tokens > 0
+
+
+def test_siblings_are_conditioned_on_their_own_parent():
+    """Two depth-1 nodes with different tokens get different children distributions."""
+    model = tiny_model("llama")
+    drafter = CloverDrafter.from_heads(random_heads(model, depth=2))
+    specdec.generate(model, None, torch.tensor([1, 2, 3]), drafter=drafter, max_new_tokens=1)  # binds
+    drafter.reset(torch.tensor([1, 2, 3]))
+    z = torch.randn(model.config.hidden_size, dtype=model.dtype)
+    h = drafter.heads
+    s, o = h.head_next(z.expand(2, -1), torch.tensor([5, 6]))
+    assert not torch.allclose(h.logits(o)[0], h.logits(o)[1])
+
+
+def test_checkpoint_round_trip_gives_the_same_drafts(tmp_path):
+    model = tiny_model("qwen2")
+    heads = random_heads(model, draft=32)
+    heads.save_pretrained(tmp_path / "c")
+    ids = torch.tensor([4, 5, 6, 4, 5])
+    a = CloverDrafter.from_heads(heads)
+    b = specdec.drafters.build_drafter(f"clover:{tmp_path / 'c'},beam=4")
+    outs = []
+    for d in (a, b):
+        d.options.beam = 4
+        r = specdec.generate(model, None, ids, drafter=d, max_new_tokens=12, size_trees=False)
+        outs.append((r.token_ids, r.stats.drafted_tokens, r.stats.tokens_per_step))
+    assert outs[0] == outs[1]
+    saved = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert saved["num_heads"] == 3 and saved["draft_vocab_size"] == 32
+    assert not any(k.startswith("_frozen") for k in heads.state_dict())  # the target's embedding is not saved
+
+
+def test_heads_for_another_model_are_a_clear_error(tmp_path):
+    model = tiny_model("llama")
+    heads = random_heads(tiny_model("llama", vocab_size=100))
+    with pytest.raises(ValueError, match="vocabulary of 100"):
+        specdec.generate(model, None, torch.tensor([1, 2]), drafter=CloverDrafter.from_heads(heads))
+    wide = tiny_model("llama")
+    wide_heads = random_heads(wide)
+    wide_heads.config.hidden_size = 64
+    with pytest.raises(ValueError, match="hidden size 64"):
+        specdec.generate(model, None, torch.tensor([1, 2]), drafter=CloverDrafter(wide_heads.config, wide_heads.state_dict()))
+    with pytest.raises(FileNotFoundError):
+        specdec.drafters.build_drafter(f"clover:{tmp_path / 'none'}")
+
+
+@pytest.mark.parametrize("method", ["clover", "clover2"])
+def test_training_fits_clover_and_ships_a_drafter(method, tmp_path, default_tokenizer):
+    from specdec.training import load_recipe, train
+
+    target = tmp_path / "target"
+    model = tiny_model("llama", vocab_size=len(default_tokenizer), dtype=torch.float32, seed=7)
+    model.save_pretrained(target)
+    default_tokenizer.save_pretrained(target)
+    data = tmp_path / "convs.jsonl"
+    with data.open("w") as f:
+        for i in range(16):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say something about topic {i}."},
+                                             {"role": "assistant", "content": f"Topic {i} is a fine topic. " * 3}]}) + "\n")
+    cfg = load_recipe(f"{method}-smollm2-cpu", dict(model=str(target), data=str(data), output_dir=str(tmp_path / "run"),
+                                                    num_conversations=12, heldout=4, max_len=40, num_heads=3, draft_vocab_size=128,
+                                                    batch_size=4, max_steps=4, epochs=1, save_steps=100, logging_steps=2, progress=False))
+    final = train(cfg)
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["version"] == (2 if method == "clover2" else 1) and len(saved["extra"]["heldout_accuracy"]) == 3
+    model, tok = specdec.load_model(target)
+    msgs = [{"role": "user", "content": "Say something about topic 3."}]
+    ids = specdec.engine.prepare_input_ids(tok, msgs)
+    out = specdec.generate(model, tok, msgs, drafter=f"clover:{final}", max_new_tokens=12)
+    assert out.token_ids == specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=12).token_ids
+    assert len(ids) > 0

@@ -1,0 +1,178 @@
+"""Fitting Clover heads (method ``clover``) and Clover-2 heads (method ``clover2``) on a frozen target.
+
+Data: the frozen target's features (:mod:`specdec.training.common`): per
+conversation the last hidden states h, the input ids x and the target's own
+greedy next tokens L (self-distillation labels: L[t] is what the target
+predicts after x[..t]). At position t the Augmenting Block reads the pair
+(h_t, x_{t+1}); head depth d (0-based) is fed the tokens x_{t+2} .. x_{t+1+d}
+through the Regressive Connection (teacher forcing) and is trained to give
+L[t+1+d], the target's own next token at that point (on the target's own
+distilled answers x_{s+1} = L[s], so teacher forcing walks an accepted path).
+
+Losses, per depth d with weight ``loss_decay ** d``:
+
+* ``clover``: cross-entropy on L[t+1+d] over the draft vocabulary (labels
+  outside it are ignored and count as misses);
+* ``clover2`` (Clover-2): the KL divergence to the target's own distribution at
+  that position (knowledge distillation), plus ``regression_weight`` ×
+  SmoothL1 between the head's state o_d and the target's hidden state
+  h_{t+1+d}, the feature the target itself predicts that token from.
+
+The Augmenting Block starts as a copy of the target's last decoder layer.
+Checkpoints, resume, wandb, DeepSpeed and multi-process runs come with the
+shared Trainer glue (:mod:`specdec.training.trainer`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from specdec.drafters.clover import CloverConfig, CloverHeads, decoder_parts
+from specdec.training.common import collate_features, draft_vocabulary, features_cached, last_complete_checkpoint, training_args
+from specdec.training.config import TrainConfig
+from specdec.training.data import load_conversations
+
+__all__ = ["CloverModule", "train_clover", "clover_heldout_accuracy"]
+
+log = logging.getLogger(__name__)
+TOPK = 5
+
+
+def _padding_causal_mask(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, 1, T, T] additive: causal, and padded keys hidden (a padded query row keeps its own key, so no row is empty)."""
+    t = valid.shape[1]
+    causal = torch.tril(torch.ones(t, t, dtype=torch.bool, device=valid.device))
+    visible = causal[None] & valid[:, None, :]
+    visible |= torch.eye(t, dtype=torch.bool, device=valid.device)[None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=valid.device)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+class CloverModule(nn.Module):
+    """Clover heads over cached features; ``forward`` returns the loss and per-depth top-1 / top-5 accuracies."""
+
+    accepts_loss_kwargs = True
+
+    def __init__(self, heads: CloverHeads, vocab_size: int, decay: float, distill: bool, regression_weight: float) -> None:
+        super().__init__()
+        self.heads, self.decay, self.distill, self.regression_weight = heads, decay, distill, regression_weight
+        lookup = torch.full((vocab_size,), -100, dtype=torch.long)
+        lookup[heads.draft_vocab] = torch.arange(heads.draft_vocab.numel())
+        self.register_buffer("lookup", lookup, persistent=False)  # token id -> draft index (-100: not in it)
+
+    def depth_outputs(self, hidden: Tensor, ids: Tensor, valid: Tensor):
+        """Yield (d, o_d [B, T - 1 - d, H]) for every trained depth (teacher forcing)."""
+        h = self.heads
+        pos = torch.arange(hidden.shape[1] - 1, device=hidden.device)[None].expand(hidden.shape[0], -1)
+        z = h.encode(hidden[:, :-1], ids[:, 1:], pos, mask=_padding_causal_mask(valid[:, :-1], h.first.weight.dtype))
+        yield 0, h.head_first(z)
+        s = z
+        for d in range(1, h.config.num_heads):
+            if s.shape[1] <= 1:
+                break
+            s, o = h.head_next(s[:, :-1], ids[:, 1 + d :])
+            yield d, o
+
+    def forward(self, hidden: Tensor, labels: Tensor, ids: Tensor, num_items_in_batch=None) -> dict:
+        """hidden [B, T, H], labels [B, T] (-100 past each end), ids [B, T]."""
+        valid = labels >= 0
+        loss = hidden.new_zeros(())
+        metrics = {}
+        rows = self.heads._head.float()
+        for d, o in self.depth_outputs(hidden, ids, valid):
+            target = labels[:, 1 + d :]  # L[t + 1 + d]
+            ok = target >= 0
+            mapped = torch.where(ok, self.lookup[target.clamp(min=0)], torch.full_like(target, -100))
+            logits = self.heads.logits(o).float()
+            n = ok.sum().clamp(min=1)
+            if self.distill:
+                teacher = F.log_softmax(hidden[:, 1 + d :].float() @ rows.T, -1)
+                per = (F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="none").sum(-1) * ok).sum() / n
+            else:
+                per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mapped.reshape(-1), ignore_index=-100, reduction="sum") / n
+            if self.regression_weight:
+                reg = F.smooth_l1_loss(o.float(), hidden[:, 1 + d :].float(), reduction="none").mean(-1)
+                per = per + self.regression_weight * (reg * ok).sum() / n
+            loss = loss + self.decay**d * per
+            with torch.no_grad():
+                top = logits.topk(TOPK, dim=-1).indices
+                hit = (top == mapped[..., None]) & (mapped[..., None] >= 0)
+                metrics[f"head{d}_top1"] = (hit[..., 0] & ok).sum() / n
+                metrics[f"head{d}_top5"] = (hit.any(-1) & ok).sum() / n
+        return {"loss": loss, "metrics": metrics}
+
+
+@torch.inference_mode()
+def clover_heldout_accuracy(module: CloverModule, items: list[dict]) -> list[list[float]]:
+    """acc[d][i]: share of held-out positions where depth d's i-th choice is the target's token (teacher forcing)."""
+    depth = module.heads.config.num_heads
+    hits, total = torch.zeros(depth, TOPK), torch.zeros(depth)
+    for item in items:
+        batch = collate_features([item], with_ids=True)
+        valid = batch["labels"] >= 0
+        for d, o in module.depth_outputs(batch["hidden"], batch["ids"], valid):
+            target = batch["labels"][:, 1 + d :]
+            ok = target >= 0
+            mapped = torch.where(ok, module.lookup[target.clamp(min=0)], torch.full_like(target, -100))
+            top = module.heads.logits(o).topk(TOPK, dim=-1).indices
+            hit = (top == mapped[..., None]) & (mapped[..., None] >= 0) & ok[..., None]
+            hits[d] += hit.sum(dim=(0, 1)).float()
+            total[d] += ok.sum()
+    return (hits / total.clamp(min=1)[:, None]).tolist()
+
+
+def train_clover(cfg: TrainConfig) -> Path:
+    """Train Clover (or Clover-2) heads as ``cfg`` says; returns the directory of the final drafter."""
+    from specdec.models import load_model
+    from specdec.training.trainer import DrafterTrainer, PermutedDataset
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=str))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.num_conversations)
+    heldout_convs, train_convs = convs[: cfg.heldout], convs[cfg.heldout :]
+    if not train_convs:
+        raise ValueError(f"{cfg.data} holds {len(convs)} conversations, all used for held-out evaluation; lower heldout")
+    held = features_cached(model, tokenizer, heldout_convs, cfg, out, "heldout") if heldout_convs else []
+    train_feats = features_cached(model, tokenizer, train_convs, cfg, out, "train")
+    lm_head = model.get_output_embeddings().weight.detach()
+    vocab = lm_head.shape[0]
+    draft_vocab = draft_vocabulary([f["labels"] for f in train_feats], vocab, cfg.draft_vocab_size)
+    layer, rotary = decoder_parts(model)
+    ccfg = CloverConfig(
+        hidden_size=lm_head.shape[1], vocab_size=vocab, num_heads=cfg.num_heads,
+        attention_heads=getattr(model.config, "num_attention_heads", 1), augment=cfg.augment,
+        draft_vocab_size=None if cfg.draft_vocab_size is None else draft_vocab.numel(),
+        version=2 if cfg.method == "clover2" else 1, rms_norm_eps=getattr(model.config, "rms_norm_eps", 1e-5),
+        target_model=str(cfg.model),
+    )
+    heads = CloverHeads(ccfg, layer if cfg.augment else None, rotary, model.get_input_embeddings(), lm_head, draft_vocab)
+    distill = cfg.method == "clover2" or cfg.loss_type == "kl"
+    module = CloverModule(heads, vocab, cfg.loss_decay, distill, cfg.regression_weight if cfg.method == "clover2" else 0.0)
+    dataset = PermutedDataset(train_feats, cfg.seed, cfg.shuffle)
+    trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset,
+                             data_collator=lambda batch: collate_features(batch, with_ids=True))
+    last = last_complete_checkpoint(out) if cfg.resume else None
+    if last:
+        log.warning("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+
+    final = out / "final"
+    if trainer.is_world_process_zero():
+        heads.eval()
+        if held:
+            acc = clover_heldout_accuracy(module, held)
+            heads.config.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in acc]
+        heads.config.extra["trained_on"] = str(cfg.data)
+        heads.save_pretrained(final)
+    return final
