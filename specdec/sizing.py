@@ -72,24 +72,48 @@ def best_size(scores: Tensor, cost: Callable[[int], float], max_nodes: int) -> t
 def trim(tree: TokenTree, cost: Callable[[int], float], max_nodes: int = 64) -> TokenTree:
     """Keep the root and the draft nodes that maximise expected tokens per unit of cost (see module doc).
 
-    Auxiliary nodes (PPD prompt tokens) are kept only under kept nodes. A
-    tree without ``scores`` is returned as it is.
+    Auxiliary nodes (PPD prompt tokens) are kept exactly when the draft node they
+    hang below is kept, and they count in the cost of the forward (not in its gain).
+    A tree without ``scores`` is returned as it is.
     """
     if tree.scores is None or len(tree) == 1:
         return tree
     s = monotone_scores(tree)
     drafts = torch.arange(1, len(tree))
-    if tree.auxiliary is not None:
-        drafts = drafts[~tree.auxiliary[1:]]
-    k, _ = best_size(s[drafts], cost, max_nodes)
-    # ties go to the lower index, which is always the parent: the top-k set is ancestor-closed
-    order = sorted(drafts.tolist(), key=lambda i: (-float(s[i]), i))[:k]
+    aux = tree.auxiliary
+    owner = None
+    if aux is not None:
+        drafts = drafts[~aux[1:]]
+        owner = _aux_owner(tree)  # [N]: the draft node (or root) each auxiliary node hangs below
+    # ties go to the lower index, which is always the parent: every prefix of this order is ancestor-closed
+    order = sorted(drafts.tolist(), key=lambda i: (-float(s[i]), i))
+    extra = [0] * len(tree)  # auxiliary nodes that come with each node
+    if owner is not None:
+        for node in torch.nonzero(aux).flatten().tolist():
+            extra[int(owner[node])] += 1
+    sizes = [1 + extra[0]]  # sizes[k]: nodes in the forward when the k best drafts are kept
+    for i in order:
+        if sizes[-1] + 1 + extra[i] > max_nodes:
+            break
+        sizes.append(sizes[-1] + 1 + extra[i])
+    k, _ = best_size(s[order[: len(sizes) - 1]], lambda n: cost(sizes[n - 1]), len(sizes))
     keep = torch.zeros(len(tree), dtype=torch.bool)
     keep[0] = True
-    keep[order] = True
-    if tree.auxiliary is not None:
-        keep |= tree.auxiliary & keep[tree.parents.clamp(min=0)]
+    keep[order[:k]] = True
+    if owner is not None:
+        keep |= aux & keep[owner]
     return tree.subtree(torch.nonzero(keep).flatten())
+
+
+def _aux_owner(tree: TokenTree) -> Tensor:
+    """[N] for each node, its nearest non-auxiliary ancestor-or-self."""
+    owner = torch.arange(len(tree))
+    aux = tree.auxiliary.tolist()
+    parents = tree.parents.tolist()
+    for i in range(1, len(tree)):  # parents come first, so a chain of auxiliary nodes resolves in one pass
+        if aux[i]:
+            owner[i] = owner[parents[i]]
+    return owner
 
 
 def judged_nodes(tree: TokenTree, path: Tensor) -> tuple[Tensor, Tensor]:

@@ -189,7 +189,9 @@ class TokenTree:
 
     @property
     def num_drafts(self) -> int:
-        return len(self) - 1
+        """Draft nodes: all but the root and the auxiliary nodes."""
+        aux = 0 if self.auxiliary is None else int(self.auxiliary.sum())
+        return len(self) - 1 - aux
 
     @cached_property
     def ancestor_mask(self) -> Tensor:

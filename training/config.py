@@ -26,6 +26,7 @@ METHODS: dict[str, str] = {
     "medusa2": "specdec.training.medusa:train_medusa",
     "clover": "specdec.training.clover:train_clover",
     "clover2": "specdec.training.clover:train_clover",
+    "ppd": "specdec.training.ppd:train_ppd",
 }
 
 
@@ -55,6 +56,10 @@ class TrainConfig:
     the draft depth trained, ``augment`` adds the Augmenting Block; Clover-2
     trains with KL to the target's distribution plus ``regression_weight`` ×
     SmoothL1 on hidden states (see :mod:`specdec.training.clover`).
+
+    PPD (``method="ppd"``): ``num_heads`` prompt tokens of ``ppd_virtual``
+    virtual tokens each, ``ppd_groups`` insertion points per sequence, loss
+    ``kl`` (distillation) or ``ce`` (hard labels) (see :mod:`specdec.training.ppd`).
     """
 
     method: str = "medusa1"
@@ -75,6 +80,11 @@ class TrainConfig:
     # clover
     augment: bool = True  # Clover's Augmenting Block (a copy of the target's last decoder layer)
     regression_weight: float = 1.0  # Clover-2's SmoothL1 on hidden states
+    # ppd (num_heads = the number of prompt tokens m)
+    ppd_groups: int = 8  # insertion points per training sequence
+    ppd_virtual: int = 1  # virtual tokens per prompt token (the ensemble variant when > 1)
+    ppd_aggregation: str = "mean"  # "mean" or "learned" (ensemble)
+    ppd_init_text: str = "The next words are"
     # optimisation
     epochs: float = 3.0
     max_steps: int = -1
@@ -109,6 +119,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.ppd_groups < 1 or self.ppd_virtual < 1 or self.ppd_aggregation not in ("mean", "learned"):
+            raise ValueError("ppd_groups and ppd_virtual must be >= 1 and ppd_aggregation 'mean' or 'learned'")
         if self.loss_type not in ("ce", "kl"):
             raise ValueError(f"loss_type must be 'ce' or 'kl', got {self.loss_type!r}")
         if self.label_source not in ("self", "data"):

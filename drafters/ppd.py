@@ -1,0 +1,280 @@
+"""PPD: parallel prompt decoding (Chen et al., 2024, "Hardware-Aware Parallel Prompt Decoding for
+Memory-Efficient Acceleration of LLM Inference").
+
+A few trained **prompt tokens** (input embeddings, ~0.0002% of the model) ride
+along inside the verifying forward; their outputs guess the tokens 2, 3, …
+positions ahead, and become the next step's drafts. Drafting costs no extra
+pass, which matters most where every forward is expensive (a CPU).
+
+How prompt tokens ride in the verify pass (specdec's drafter contract):
+
+* below a tree node n at depth d hang ``m`` prompt tokens as a chain of
+  **auxiliary** nodes (``TokenTree.auxiliary``) whose inputs are the prompt
+  embeddings (``TokenTree.input_embeds``): prompt token i sits at position
+  ``prefix + d + i`` and sees n, n's ancestors and the prompt tokens before it
+  (causal). With ``v`` > 1 virtual tokens per prompt token (the ensemble
+  variant), v such chains hang below n, and each prompt token's logits are the
+  mean (or a learnt convex mix) of its v virtual tokens' logits;
+* the verifiers never accept an auxiliary node and the commit never keeps its
+  KV; the engine trims them away with the node they hang below;
+* after the step the target's logits at the prompt tokens below the **last
+  accepted node** come back (``result.aux_logits``): prompt token i's output
+  guesses the token i + 1 places after that node, i.e. depth i of the next
+  tree, whose root is the bonus token.
+
+The next tree (the **dynamic sparse tree**): the candidate tokens at depth i
+are the top-k of prompt token i's distribution; which (depth, rank) nodes to
+keep comes from held-out per-depth top-k accuracies (measured when the tokens
+were trained): Medusa-style greedy construction of the tree that maximises
+the expected accepted length for each node budget; the engine then keeps the
+budget that maximises expected tokens per unit of measured cost (the
+hardware-aware part, :mod:`specdec.sizing`, with running acceptance estimates
+per (depth, rank) learnt from the target's verdicts). Prompt tokens are
+attached to the root and to the ``attach`` most likely nodes of each tree:
+the accepted node is then almost always one that carries them; when it is
+not, the next step drafts nothing and re-attaches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, read_drafter_config,
+                                   read_drafter_weights, register_drafter)
+from specdec.drafters.medusa import tree_from_accuracies
+from specdec.sizing import AcceptanceRates, learn
+from specdec.tree import TokenTree, parents_from_paths
+
+__all__ = ["PPDConfig", "PromptTokens", "PPDDrafter", "attach_prompt_tokens"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PPDConfig:
+    """What ``config.json`` holds."""
+
+    hidden_size: int
+    vocab_size: int
+    num_prompt_tokens: int = 3  # m
+    num_virtual: int = 1  # v: virtual tokens per prompt token (the ensemble variant when > 1)
+    aggregation: str = "mean"  # "mean" or "learned" (ensemble only)
+    target_model: str = ""
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)  # heldout_accuracy [m][topk], init text, training time
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 1 or self.num_virtual < 1:
+            raise ValueError("num_prompt_tokens and num_virtual must be >= 1")
+        if self.aggregation not in ("mean", "learned"):
+            raise ValueError(f"aggregation must be 'mean' or 'learned', got {self.aggregation!r}")
+
+
+class PromptTokens(nn.Module):
+    """The trained parameters: embeddings [m, v, H] and, for learned aggregation, mixing logits [m, v]."""
+
+    def __init__(self, config: PPDConfig, init: Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        m, v, h = config.num_prompt_tokens, config.num_virtual, config.hidden_size
+        self.embeds = nn.Parameter(init.reshape(m, v, h).clone() if init is not None else torch.randn(m, v, h) * 0.02)
+        self.mix = nn.Parameter(torch.zeros(m, v)) if config.aggregation == "learned" else None
+
+    def aggregate(self, logits: Tensor) -> Tensor:
+        """[..., m, v, V] per-virtual-token logits → [..., m, V] per prompt token."""
+        if self.config.num_virtual == 1:
+            return logits[..., 0, :]
+        if self.mix is None:
+            return logits.mean(dim=-2)
+        w = torch.softmax(self.mix, -1).to(logits.dtype)
+        return (logits * w[..., None]).sum(dim=-2)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "PromptTokens":
+        path = Path(path)
+        raw = read_drafter_config(path / "config.json")
+        if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ValueError(f"{path} was saved by a newer specdec (format {raw['format_version']}); upgrade specdec")
+        config = PPDConfig(**{k: v for k, v in raw.items() if k in PPDConfig.__dataclass_fields__})
+        tokens = cls(config)
+        state = read_drafter_weights(path / "model.safetensors")
+        try:
+            tokens.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{path / 'model.safetensors'} does not match its config.json: {str(err).splitlines()[0]}") from None
+        return tokens.eval()
+
+
+def attach_prompt_tokens(tree: TokenTree, nodes: list[int], embeds: Tensor) -> TokenTree:
+    """Hang a chain of prompt tokens below each of ``nodes``: v chains of m auxiliary nodes each.
+
+    Args:
+        tree: a tree without auxiliary nodes.
+        nodes: where to attach (node indices of ``tree``).
+        embeds: [m, v, H] the prompt embeddings.
+
+    Returns:
+        The tree with the chains appended after the original nodes (so the original indices stay), marked
+        auxiliary, with their embeddings in ``input_embeds``; chain order: node by node, then virtual token
+        j, then prompt token i.
+    """
+    m, v, h = embeds.shape
+    n0 = len(tree)
+    tokens, parents, rows = tree.tokens.tolist(), tree.parents.tolist(), []
+    for node in nodes:
+        for j in range(v):
+            prev = node
+            for i in range(m):
+                tokens.append(0)  # a placeholder: the embedding, not the token, goes in
+                parents.append(prev)
+                prev = len(tokens) - 1
+                rows.append(embeds[i, j])
+    n = len(tokens)
+    aux = torch.zeros(n, dtype=torch.bool)
+    aux[n0:] = True
+    inputs = torch.zeros(n, h, dtype=embeds.dtype)
+    if rows:
+        inputs[n0:] = torch.stack(rows)
+    scores = None
+    if tree.scores is not None:
+        scores = torch.cat([tree.scores, torch.zeros(n - n0, dtype=tree.scores.dtype)])
+    return TokenTree(torch.tensor(tokens), torch.tensor(parents), auxiliary=aux, input_embeds=inputs, scores=scores,
+                     sources=None if tree.sources is None else torch.cat([tree.sources, torch.full((n - n0,), -1)]))
+
+
+@dataclass
+class PPDDrafterConfig:
+    """Spec options: ``ppd:PATH,attach=1,topk=8,tree=64``."""
+
+    attach: int = 1  # draft nodes (besides the root) that carry prompt tokens, the most likely first
+    topk: int = 8  # candidates per depth
+    tree: int = 64  # size of the candidate sparse tree (the engine trims it to what pays)
+    decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.attach < 0 or self.topk < 1 or self.tree < 1:
+            raise ValueError("ppd options need attach >= 0, topk >= 1 and tree >= 1")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+
+
+def _shipped_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("specdec.data").joinpath("ppd-smollm2-135m")))
+
+
+# per-depth top-k accuracies to build sparse trees from when a checkpoint has none measured
+_FALLBACK_ACCURACY = [[0.35, 0.08, 0.04, 0.03, 0.02], [0.2, 0.06, 0.03, 0.02, 0.02], [0.12, 0.04, 0.03, 0.02, 0.01]]
+
+
+@register_drafter("ppd")
+class PPDDrafter(Drafter):
+    """Drafts from the outputs of prompt tokens that rode in the previous verify pass."""
+
+    name = "ppd"
+
+    def __init__(self, tokens: PromptTokens, options: PPDDrafterConfig | None = None) -> None:
+        self.tokens = tokens.eval()
+        self.options = options or PPDDrafterConfig()
+        self.vocab_size = tokens.config.vocab_size
+        m = tokens.config.num_prompt_tokens
+        acc = tokens.config.extra.get("heldout_accuracy") or _FALLBACK_ACCURACY
+        self.accuracy = [row[: self.options.topk] for row in (acc + [acc[-1]] * m)[:m]]
+        self.paths = tree_from_accuracies(self.accuracy, self.options.tree)
+        self.parents, choices = parents_from_paths(self.paths)
+        depths = TokenTree(torch.zeros_like(self.parents), self.parents).depths
+        self.node_depth, self.node_choice = depths.tolist(), choices.tolist()
+        self.rates = AcceptanceRates(self._prior, self.options.decay)
+        self._guesses: Tensor | None = None  # [m, topk] candidate ids from the last accepted node's prompt tokens
+        self._keys: dict = {}
+
+    @classmethod
+    def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "PPDDrafter":
+        if len(args) > 1:
+            raise ValueError(f"ppd takes one path, got {args}")
+        opts = config_from_options(PPDDrafterConfig, kwargs, cls.name)
+        path = Path(args[0]) if args else _shipped_path()
+        if not args and not (path / "config.json").is_file():
+            raise FileNotFoundError("no PPD prompt tokens ship with this installation; give one: ppd:PATH")
+        return cls(PromptTokens.from_pretrained(path), opts)
+
+    def _prior(self, key: tuple[int, int]) -> float:
+        depth, choice = key
+        acc = self.accuracy
+        p = acc[depth - 1][choice] if depth - 1 < len(acc) and choice < len(acc[depth - 1]) else 0.01
+        parent = acc[depth - 2][0] if depth >= 2 else 1.0
+        return min(0.95, p / max(parent, 1e-3)) if depth >= 2 else p  # conditional on the parent being right
+
+    def bind(self, target: Target) -> None:
+        super().bind(target)
+        if target.hidden_size != self.tokens.config.hidden_size:
+            raise ValueError(f"PPD prompt tokens were trained for hidden size {self.tokens.config.hidden_size}, "
+                             f"the target has {target.hidden_size}; use prompt tokens trained for this model")
+        if target.input_embeddings is None:
+            raise ValueError("PPD needs a target whose input embeddings it can feed (get_input_embeddings)")
+        self.tokens.to(dtype=target.dtype)
+
+    def reset(self, prompt_ids: Tensor) -> None:
+        self._guesses, self._keys = None, {}
+        self.rates = AcceptanceRates(self._prior, self.options.decay)
+
+    def propose(self, state: DraftState) -> TokenTree:
+        embeds = self.tokens.embeds.detach()
+        self._keys = {}
+        if self._guesses is None:  # nothing to draft yet: only the prompt tokens ride along
+            return attach_prompt_tokens(TokenTree.root_only(state.root), [0], embeds)
+        g = self._guesses
+        tokens = [state.root] + [int(g[d - 1, c]) for d, c in zip(self.node_depth[1:], self.node_choice[1:])]
+        tree = TokenTree(torch.tensor(tokens), self.parents)
+        keys = list(zip(self.node_depth, self.node_choice))
+        tree.scores = torch.tensor(self.rates.path_scores(self.parents.tolist(), keys))
+        paths = tree.token_paths
+        self._keys = {paths[i]: keys[i] for i in range(1, len(tree))}
+        best = sorted(range(1, len(tree)), key=lambda i: (-float(tree.scores[i]), i))[: self.options.attach]
+        return attach_prompt_tokens(tree, [0] + best, embeds)
+
+    def observe(self, result: StepResult) -> None:
+        if self._keys:
+            learn(self.rates, self._keys, result.tree, result.path)
+        self._guesses = self._read_guesses(result)
+
+    def _read_guesses(self, result: StepResult) -> Tensor | None:
+        """The top-k candidates per depth from the prompt tokens below the last accepted node (None if it has none)."""
+        tree, last = result.tree, int(result.path[-1])
+        if tree.auxiliary is None or result.aux_logits is None:
+            return None
+        m, v = self.tokens.config.num_prompt_tokens, self.tokens.config.num_virtual
+        aux_index = torch.full((len(tree),), -1, dtype=torch.long)
+        aux_index[tree.auxiliary] = torch.arange(int(tree.auxiliary.sum()))
+        kids = [c for c in tree.children[last] if bool(tree.auxiliary[c])]
+        if len(kids) != v:
+            return None
+        rows = []
+        for first in kids:  # walk each virtual chain: prompt token 1, 2, ..., m
+            chain, node = [], first
+            while True:
+                chain.append(int(aux_index[node]))
+                nxt = [c for c in tree.children[node] if bool(tree.auxiliary[c])]
+                if not nxt or len(chain) == m:
+                    break
+                node = nxt[0]
+            if len(chain) != m:
+                return None
+            rows.append(chain)
+        logits = result.aux_logits[torch.tensor(rows).T.reshape(-1)].reshape(m, v, -1)  # [m, v, V]
+        with torch.no_grad():
+            agg = self.tokens.aggregate(logits.float())
+        return agg.topk(self.options.topk, dim=-1).indices.cpu()
