@@ -92,7 +92,7 @@ def training_args(cfg: TrainConfig, out: Path):
         run_name=cfg.run_name,
         seed=cfg.seed,
         bf16=cfg.bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing and cfg.method == "medusa2",
+        activation_checkpointing=cfg.gradient_checkpointing and cfg.method == "medusa2",
         deepspeed=cfg.deepspeed_config(),
         remove_unused_columns=False,
         disable_tqdm=not cfg.progress,

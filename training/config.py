@@ -27,6 +27,7 @@ METHODS: dict[str, str] = {
     "clover": "specdec.training.clover:train_clover",
     "clover2": "specdec.training.clover:train_clover",
     "ppd": "specdec.training.ppd:train_ppd",
+    "gad": "specdec.training.gad:train_gad",
 }
 
 
@@ -60,6 +61,11 @@ class TrainConfig:
     PPD (``method="ppd"``): ``num_heads`` prompt tokens of ``ppd_virtual``
     virtual tokens each, ``ppd_groups`` insertion points per sequence, loss
     ``kl`` (distillation) or ``ce`` (hard labels) (see :mod:`specdec.training.ppd`).
+
+    GAD's block drafter (``method="gad"``): ``num_heads`` mask slots,
+    ``num_layers`` copies of the target's last layers, reading ``gad_window``
+    committed positions; ``gad_windows`` training positions per conversation
+    (see :mod:`specdec.training.gad`).
     """
 
     method: str = "medusa1"
@@ -85,6 +91,9 @@ class TrainConfig:
     ppd_virtual: int = 1  # virtual tokens per prompt token (the ensemble variant when > 1)
     ppd_aggregation: str = "mean"  # "mean" or "learned" (ensemble)
     ppd_init_text: str = "The next words are"
+    # gad (num_heads = the block size k, num_layers = the target layers copied)
+    gad_window: int = 16  # committed positions the block reads
+    gad_windows: int = 24  # training positions drawn per conversation
     # optimisation
     epochs: float = 3.0
     max_steps: int = -1

@@ -1,0 +1,168 @@
+"""Fitting GAD's block drafter (method ``gad``) on a frozen target's features.
+
+Each training example is one position t of a conversation (``gad_windows``
+drawn per conversation, seeded): the block reads the target's hidden states at
+positions t - window + 1 .. t and the root token x_{t+1}, and slot j must
+give L[t + j], the target's own greedy token j places after the root (on the
+target's own distilled answers that is the token the accepted path would
+hold). Loss per slot j, weighted ``loss_decay ** (j - 1)``: cross-entropy on
+that token over the draft vocabulary (``loss_type: ce``), or the KL divergence
+to the target's distribution there (``loss_type: kl``).
+
+No glancing (GLAT) or block-mask curriculum: with k = 8 slots the block is
+short, every slot is already trained in every example (one forward fills all
+of them), and glancing would need a second pass per step, doubling a
+CPU-bound training run; the closing numbers say whether the plain objective
+was enough. The layers start as copies of the target's last layers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from specdec.drafters.gad import GADBlock, GADConfig, decoder_layers
+from specdec.training.common import draft_vocabulary, features_cached, last_complete_checkpoint, training_args
+from specdec.training.config import TrainConfig
+from specdec.training.data import load_conversations
+
+__all__ = ["GADModule", "train_gad", "gad_heldout_accuracy"]
+
+log = logging.getLogger(__name__)
+TOPK = 5
+
+
+class _Windows(torch.utils.data.Dataset):
+    """(conversation, position) pairs over cached features; items are built on demand (features stay shared)."""
+
+    def __init__(self, feats: list[dict], per_conv: int, block: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.feats, self.pairs = feats, []
+        for i, f in enumerate(feats):
+            last = f["labels"].numel() - 2  # the root x_{t+1} must exist
+            if last < 0:
+                continue
+            for t in torch.randint(0, last + 1, (per_conv,), generator=g).tolist():
+                self.pairs.append((i, t))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return self.pairs[i]
+
+
+def window_batch(feats: list[dict], pairs: list[tuple[int, int]], window: int, block: int) -> dict:
+    """Collate (conversation, t) pairs: context [B, W, H] (left-padded), window [B], root [B], start [B],
+    targets [B, k] (-100 past the end), teacher [B, k, H] (the target's hidden state behind each target)."""
+    h = feats[pairs[0][0]]["hidden"].shape[-1]
+    b = len(pairs)
+    context = torch.zeros(b, window, h)
+    teacher = torch.zeros(b, block, h)
+    targets = torch.full((b, block), -100, dtype=torch.long)
+    win, root, start = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
+    for r, (i, t) in enumerate(pairs):
+        f = feats[i]
+        lo = max(0, t - window + 1)
+        n = t + 1 - lo
+        context[r, window - n :] = f["hidden"][lo : t + 1]
+        win[r], root[r], start[r] = n, f["ids"][t + 1], t - window + 1
+        hi = min(f["labels"].numel(), t + 1 + block)
+        targets[r, : hi - t - 1] = f["labels"][t + 1 : hi]
+        teacher[r, : hi - t - 1] = f["hidden"][t + 1 : hi]
+    return {"context": context, "window": win, "root": root, "start": start, "targets": targets, "teacher": teacher}
+
+
+class GADModule(nn.Module):
+    """The block over windows; ``forward`` gives the loss and per-slot top-1 / top-5 accuracies."""
+
+    def __init__(self, block: GADBlock, vocab_size: int, decay: float, distill: bool) -> None:
+        super().__init__()
+        self.block, self.decay, self.distill = block, decay, distill
+        lookup = torch.full((vocab_size,), -100, dtype=torch.long)
+        lookup[block.draft_vocab] = torch.arange(block.draft_vocab.numel())
+        self.register_buffer("lookup", lookup, persistent=False)
+
+    def forward(self, context, window, root, start, targets, teacher, num_items_in_batch=None) -> dict:
+        logits = self.block(context, window, root, start).float()  # [B, k, V']
+        mapped = torch.where(targets >= 0, self.lookup[targets.clamp(min=0)], torch.full_like(targets, -100))
+        loss, metrics = logits.new_zeros(()), {}
+        rows = self.block._head.float()
+        for j in range(logits.shape[1]):
+            ok = targets[:, j] >= 0
+            n = ok.sum().clamp(min=1)
+            if self.distill:
+                te = F.log_softmax(teacher[:, j].float() @ rows.T, -1)
+                per = (F.kl_div(F.log_softmax(logits[:, j], -1), te, log_target=True, reduction="none").sum(-1) * ok).sum() / n
+            else:
+                per = F.cross_entropy(logits[:, j], mapped[:, j], ignore_index=-100, reduction="sum") / n
+            loss = loss + self.decay**j * per
+            with torch.no_grad():
+                hit = (logits[:, j].topk(TOPK, -1).indices == mapped[:, j, None]) & (mapped[:, j, None] >= 0)
+                metrics[f"head{j}_top1"] = (hit[:, 0] & ok).sum() / n
+                metrics[f"head{j}_top5"] = (hit.any(-1) & ok).sum() / n
+        return {"loss": loss, "metrics": metrics}
+
+
+@torch.inference_mode()
+def gad_heldout_accuracy(module: GADModule, feats: list[dict], per_conv: int = 16, seed: int = 1) -> list[list[float]]:
+    """acc[j][r]: share of held-out positions where slot j's r-th choice is the target's own token."""
+    cfg = module.block.config
+    ds = _Windows(feats, per_conv, cfg.block, seed)
+    hits, total = torch.zeros(cfg.block, TOPK), torch.zeros(cfg.block)
+    for start in range(0, len(ds), 64):
+        batch = window_batch(feats, [ds[i] for i in range(start, min(len(ds), start + 64))], cfg.window, cfg.block)
+        logits = module.block(batch["context"], batch["window"], batch["root"], batch["start"])
+        t = batch["targets"]
+        mapped = torch.where(t >= 0, module.lookup[t.clamp(min=0)], torch.full_like(t, -100))
+        top = logits.topk(TOPK, -1).indices
+        hits += ((top == mapped[..., None]) & (mapped[..., None] >= 0)).sum(0).float()
+        total += (t >= 0).sum(0)
+    return (hits / total.clamp(min=1)[:, None]).tolist()
+
+
+def train_gad(cfg: TrainConfig) -> Path:
+    """Train the GAD block drafter as ``cfg`` says; returns the directory of the final drafter."""
+    from specdec.models import load_model
+    from specdec.training.trainer import DrafterTrainer, PermutedDataset
+
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=str))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.num_conversations)
+    held = features_cached(model, tokenizer, convs[: cfg.heldout], cfg, out, "heldout") if cfg.heldout else []
+    feats = features_cached(model, tokenizer, convs[cfg.heldout :], cfg, out, "train")
+    head = model.get_output_embeddings().weight.detach()
+    draft_vocab = draft_vocabulary([f["labels"] for f in feats], head.shape[0], cfg.draft_vocab_size)
+    layers, rotary = decoder_layers(model, cfg.num_layers)
+    gcfg = GADConfig(hidden_size=head.shape[1], vocab_size=head.shape[0], block=cfg.num_heads, window=cfg.gad_window,
+                     num_layers=cfg.num_layers, draft_vocab_size=None if cfg.draft_vocab_size is None else draft_vocab.numel(),
+                     rms_norm_eps=getattr(model.config, "rms_norm_eps", 1e-5), target_model=str(cfg.model))
+    block = GADBlock(gcfg, layers, rotary, model.get_input_embeddings(), head, draft_vocab)
+    module = GADModule(block, head.shape[0], cfg.loss_decay, cfg.loss_type == "kl")
+    dataset = PermutedDataset(_Windows(feats, cfg.gad_windows, gcfg.block, cfg.seed).pairs, cfg.seed, cfg.shuffle)
+    trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset,
+                             data_collator=lambda pairs: window_batch(feats, pairs, gcfg.window, gcfg.block))
+    last = last_complete_checkpoint(out) if cfg.resume else None
+    if last:
+        log.warning("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+    final = out / "final"
+    if trainer.is_world_process_zero():
+        block.eval()
+        if held:
+            gcfg.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in gad_heldout_accuracy(module, held)]
+        gcfg.extra.update(train_seconds=round(time.perf_counter() - started, 1), trained_on=str(cfg.data))
+        block.save_pretrained(final)
+    return final
