@@ -275,15 +275,27 @@ class MedusaDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, state: DraftState) -> TokenTree:
-        h = state.hidden_states[-1]  # [H] the state that predicted the root
-        logits = self.heads(h)  # [K, V_out]
+        return self._tree(state.root, self.heads(state.hidden_states[-1]))  # the state that predicted the root
+
+    @staticmethod
+    @torch.inference_mode()
+    def propose_batch(drafters: list["MedusaDrafter"], states: list[DraftState]) -> list[TokenTree]:
+        """Every row of a batch at once: one call of the shared heads over the rows' last hidden states."""
+        heads = drafters[0].heads
+        if any(d.heads is not heads for d in drafters):
+            return [d.propose(s) for d, s in zip(drafters, states)]
+        logits = heads(torch.stack([s.hidden_states[-1] for s in states]))  # [K, B, V_out]
+        return [d._tree(s.root, logits[:, b]) for b, (d, s) in enumerate(zip(drafters, states))]
+
+    def _tree(self, root: int, logits: Tensor) -> TokenTree:
+        """The candidate tree from the heads' logits [K, V_out] for one sequence."""
         if self.budget > 0:
             self._keys = {}
-            return self._dynamic(state.root, logits)
+            return self._dynamic(root, logits)
         top = torch.topk(logits, self.k_needed, dim=-1).indices  # [K, k]
         vocab = self.heads.draft_vocab
         tokens = vocab[top[(self.depths - 1).clamp(min=0), self.choices]].cpu()
-        tokens[0] = state.root
+        tokens[0] = root
         tree = TokenTree(tokens, self.parents)
         self._keys = dict(zip(tree.token_paths[1:], self.node_keys[1:]))
         tree.scores = torch.tensor(self.rates.path_scores(self.parents.tolist(), self.node_keys))

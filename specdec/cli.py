@@ -26,7 +26,9 @@ def _add_generate(sub) -> None:
     )
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local HF model directory or a .gguf file (default: %(default)s)")
     p.add_argument("--drafter", default="prompt-lookup", help="drafter spec, e.g. 'prompt-lookup', 'prompt-lookup:max_ngram=4', 'none' (default: %(default)s); see `specdec drafters`")
-    p.add_argument("--prompt", required=True, help="the user message; '-' reads it from standard input")
+    p.add_argument("--prompt", action="append", default=None, help="the user message; '-' reads it from standard input; "
+                   "repeat it (or use --prompts-file) to generate for several prompts as one batch")
+    p.add_argument("--prompts-file", default=None, help="a file of prompts, one per line (or a .jsonl with a 'prompt' or 'turns' field), run as one batch")
     p.add_argument("--raw", action="store_true", help="use the prompt as raw text instead of applying the chat template")
     p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, exact (default: %(default)s)")
@@ -71,55 +73,79 @@ def _with_source_text(drafter, text: str | None):
     return drafter
 
 
+def _read_prompts(args) -> list[str]:
+    prompts = [sys.stdin.read() if p == "-" else p for p in (args.prompt or [])]
+    if args.prompts_file:
+        from pathlib import Path
+
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist")
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                rec = json.loads(line)
+                prompts.append(rec["prompt"] if "prompt" in rec else rec["turns"][0])
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise ValueError("give a prompt: --prompt 'some text' (repeatable) or --prompts-file FILE")
+    if any(not p.strip() for p in prompts):
+        raise ValueError("the prompt is empty; pass --prompt 'some text'")
+    return prompts
+
+
 def _cmd_generate(args) -> int:
     import torch
 
-    from specdec.engine import generate, prepare_input_ids
     from specdec.drafters import build_drafter
+    from specdec.engine import generate, prepare_input_ids
     from specdec.models import load_model
 
-    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt_text.strip():
-        raise ValueError("the prompt is empty; pass --prompt 'some text'")
+    texts = _read_prompts(args)
     drafter = _with_source_text(build_drafter(args.drafter), args.source_text)  # bad specs fail before the model loads
     config = _generation_config(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     use_chat = not args.raw and getattr(tokenizer, "chat_template", None)
-    prompt = [{"role": "user", "content": prompt_text}] if use_chat else prompt_text
+    prompts = [[{"role": "user", "content": t}] if use_chat else t for t in texts]
+    batch = prompts if len(prompts) > 1 else prompts[0]
     if args.compare:  # warm both paths up so neither timing pays first-call costs
-        generate(model, tokenizer, prompt, config, drafter=args.drafter, max_new_tokens=4)
-    result = generate(model, tokenizer, prompt, config, drafter=drafter)
-    out = {"text": result.text, "finish_reason": result.finish_reason, "drafter": args.drafter, "stats": result.stats.as_dict()}
-    if args.compare:
-        ids = prepare_input_ids(tokenizer, prompt)[None]
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.max_new_tokens)
-        hf_s = time.perf_counter() - t0
-        ref_ids = ref[0, ids.shape[1]:].tolist()
-        out["hf_greedy"] = {
-            "wall_time_s": round(hf_s, 4),
-            "new_tokens": len(ref_ids),
-            "speedup": round(hf_s / result.stats.wall_time_s, 3) if result.stats.wall_time_s else None,
-            "identical": ref_ids == result.token_ids if args.temperature == 0 else None,
-        }
+        generate(model, tokenizer, batch, config, drafter=args.drafter, max_new_tokens=4)
+    results = generate(model, tokenizer, batch, config, drafter=drafter)
+    results = results if isinstance(results, list) else [results]
+    outs = []
+    for prompt, result in zip(prompts, results):
+        out = {"text": result.text, "finish_reason": result.finish_reason, "drafter": args.drafter, "stats": result.stats.as_dict()}
+        if args.compare:
+            ids = prepare_input_ids(tokenizer, prompt)[None]
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.max_new_tokens)
+            hf_s = time.perf_counter() - t0
+            ref_ids = ref[0, ids.shape[1]:].tolist()
+            out["hf_greedy"] = {
+                "wall_time_s": round(hf_s, 4),
+                "new_tokens": len(ref_ids),
+                "speedup": round(hf_s / result.stats.wall_time_s, 3) if result.stats.wall_time_s else None,
+                "identical": ref_ids == result.token_ids if args.temperature == 0 else None,
+            }
+        outs.append(out)
     if args.json:
-        _say(json.dumps(out, indent=2))
+        _say(json.dumps(outs if len(outs) > 1 else outs[0], indent=2))
         return 0
-    s = result.stats
-    _say(result.text)
-    print(
-        f"\n[{args.drafter}] {s.new_tokens} tokens in {s.target_forwards} target forwards "
-        f"(mean accepted length {s.mean_accepted_length:.2f}), {s.tokens_per_s:.1f} tok/s, finish: {result.finish_reason}",
-        file=sys.stderr,
-    )
-    if args.compare:
-        hf = out["hf_greedy"]
-        print(
-            f"[hf greedy] {hf['new_tokens']} tokens in {hf['wall_time_s']:.2f}s; speed-up {hf['speedup']:.2f}x; "
-            f"identical output: {hf['identical']}",
-            file=sys.stderr,
-        )
+    for i, (out, result) in enumerate(zip(outs, results)):
+        if len(outs) > 1:
+            _say(f"=== prompt {i + 1} ===")
+        _say(result.text)
+        s = result.stats
+        print(f"\n[{args.drafter}] {s.new_tokens} tokens in {s.target_forwards} target forwards "
+              f"(mean accepted length {s.mean_accepted_length:.2f}), {s.tokens_per_s:.1f} tok/s, finish: {result.finish_reason}",
+              file=sys.stderr)
+        if args.compare:
+            hf = out["hf_greedy"]
+            print(f"[hf greedy] {hf['new_tokens']} tokens in {hf['wall_time_s']:.2f}s; speed-up {hf['speedup']:.2f}x; "
+                  f"identical output: {hf['identical']}", file=sys.stderr)
     return 0
 
 

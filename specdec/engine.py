@@ -33,7 +33,7 @@ from specdec.tree import TokenTree
 from specdec.verifiers import make_verifier
 from specdec.verifiers.base import Verifier
 
-__all__ = ["GenerationResult", "GenerationStats", "StepProfile", "generate", "stream", "decode_steps", "prepare_input_ids"]
+__all__ = ["GenerationResult", "GenerationStats", "StepProfile", "generate", "stream", "decode_steps", "prepare_input_ids", "is_batch"]
 
 
 @dataclass
@@ -297,9 +297,9 @@ def _emit(pending: list[int], new: list[int], eos_ids: set[int], stop: _StopStri
 # --------------------------------------------------------------------------- public calls
 @dataclass
 class _Run:
-    """Everything a generation needs, validated before any model work."""
+    """Everything a generation needs, validated before any model work (``inputs``: one [T] per sequence)."""
 
-    input_ids: Tensor
+    inputs: list[Tensor]
     drafter: Drafter
     verifier: Verifier
     config: GenerationConfig
@@ -310,9 +310,22 @@ class _Run:
     cost: Callable[[int], float] | None
 
 
-def _setup(model, tokenizer, prompt, drafter, config: GenerationConfig | None, options: dict) -> _Run:
-    """Validate everything before any model work; return the pieces of a run."""
-    config = options_into(GenerationConfig, options, what="generation option", base=config or GenerationConfig())
+def is_batch(prompt) -> bool:
+    """A list whose items are prompts (strings, chat-message lists, id tensors or id lists) is a batch;
+    a list of message dicts is one chat, and a list of ints is one prompt of token ids."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        return False
+
+    def one(p) -> bool:
+        if isinstance(p, (str, Tensor)):
+            return True
+        return isinstance(p, (list, tuple)) and bool(p) and (all(isinstance(m, dict) for m in p) or all(isinstance(t, int) for t in p))
+
+    return all(one(p) for p in prompt)
+
+
+def _input_ids(model, tokenizer, prompt) -> Tensor:
+    """One prompt's [T] ids, checked against the model's context and vocabulary."""
     input_ids = prepare_input_ids(tokenizer, prompt)
     if input_ids.numel() == 0:
         raise ValueError("the prompt has no tokens; give a non-empty prompt")
@@ -322,6 +335,13 @@ def _setup(model, tokenizer, prompt, drafter, config: GenerationConfig | None, o
     vocab = model.get_output_embeddings().weight.shape[0]
     if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
         raise ValueError(f"prompt token ids must lie in [0, {vocab}) for this model")
+    return input_ids
+
+
+def _setup(model, tokenizer, prompts: list, drafter, config: GenerationConfig | None, options: dict) -> _Run:
+    """Validate everything before any model work; return the pieces of a run."""
+    config = options_into(GenerationConfig, options, what="generation option", base=config or GenerationConfig())
+    inputs = [_input_ids(model, tokenizer, p) for p in prompts]
     model_dtype = str(getattr(model, "dtype", "")).replace("torch.", "")
     if config.dtype is not None and config.dtype != model_dtype:
         raise ValueError(f"dtype={config.dtype!r} but the model is {model_dtype}; specdec never converts your model: "
@@ -340,7 +360,7 @@ def _setup(model, tokenizer, prompt, drafter, config: GenerationConfig | None, o
     fast, profile = _hardware(model, config, attn)  # the first model work: everything above is validated
     cost = profile.cost if profile is not None and config.size_trees else None
     target.cost, target.step_ms = cost, (profile.step_ms if profile is not None else None)
-    return _Run(input_ids, drafter_obj, verifier, config, stop_checker, generator, attn, fast, cost)
+    return _Run(inputs, drafter_obj, verifier, config, stop_checker, generator, attn, fast, cost)
 
 
 def _hardware(model, config: GenerationConfig, attn: str):
@@ -353,83 +373,99 @@ def _hardware(model, config: GenerationConfig, attn: str):
     return (fast_linears_for(model, profile) if config.fast else None), profile
 
 
-def _events(model, tokenizer, run: _Run, stats: GenerationStats) -> Iterator[StepEvent]:
-    if run.config.max_new_tokens == 0:
+def _events(model, tokenizer, run: _Run, stats: list[GenerationStats]) -> Iterator[tuple[int, StepEvent]]:
+    """(sequence index, event) pairs: one sequence through the single loop, several through the batched one."""
+    c = run.config
+    if c.max_new_tokens == 0:
         return iter(())
-    return decode_steps(
-        model, run.input_ids, run.drafter, run.verifier, max_new_tokens=run.config.max_new_tokens,
-        eos_ids=_eos_ids(model, tokenizer), stop=run.stop, generator=run.generator, stats=stats,
-        attn=run.attn, fast=run.fast, route=run.config.fast, cost=run.cost, max_nodes=run.config.max_tree_nodes,
-    )
+    common = dict(max_new_tokens=c.max_new_tokens, eos_ids=_eos_ids(model, tokenizer), generator=run.generator, attn=run.attn,
+                  fast=run.fast, route=c.fast, cost=run.cost, max_nodes=c.max_tree_nodes)
+    if len(run.inputs) == 1:
+        steps = decode_steps(model, run.inputs[0], run.drafter, run.verifier, stop=run.stop, stats=stats[0], **common)
+        return ((0, e) for e in steps)
+    from specdec.batch import decode_batch
+
+    drafters = [run.drafter] + [run.drafter.spawn() for _ in run.inputs[1:]]
+    return decode_batch(model, run.inputs, drafters, run.verifier, stops=[run.stop] * len(run.inputs), stats=stats, **common)
 
 
-def _generate_events(model, tokenizer, prompt, drafter, config, options, holder: dict) -> Iterator[StepEvent]:
-    run = _setup(model, tokenizer, prompt, drafter, config, options)
-    stats = GenerationStats(prompt_tokens=run.input_ids.numel())
-    new: list[int] = []
-    reason = "length"
+def _generate_events(model, tokenizer, prompts: list, drafter, config, options, holder: dict) -> Iterator[tuple[int, StepEvent]]:
+    """Run and yield (sequence index, event); the finished results land in ``holder["results"]``, in prompt order."""
+    run = _setup(model, tokenizer, prompts, drafter, config, options)
+    stats = [GenerationStats(prompt_tokens=ids.numel()) for ids in run.inputs]
+    new: list[list[int]] = [[] for _ in run.inputs]
+    reason = ["length"] * len(run.inputs)
     t0 = time.perf_counter()
-    for event in _events(model, tokenizer, run, stats):
-        new.extend(event.new_tokens)
-        reason = event.finish_reason or reason
-        stats.wall_time_s = time.perf_counter() - t0
-        yield event
-    stats.wall_time_s = time.perf_counter() - t0
-    text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
-    holder["result"] = GenerationResult(text=text, token_ids=new, stats=stats, finish_reason=reason)
+    for i, event in _events(model, tokenizer, run, stats):
+        new[i].extend(event.new_tokens)
+        reason[i] = event.finish_reason or reason[i]
+        stats[i].wall_time_s = time.perf_counter() - t0
+        yield i, event
+    holder["results"] = [
+        GenerationResult(text=tokenizer.decode(n, skip_special_tokens=True) if tokenizer is not None else None,
+                         token_ids=n, stats=s, finish_reason=r)
+        for n, s, r in zip(new, stats, reason)
+    ]
 
 
 def stream(model, tokenizer, prompt, config: GenerationConfig | None = None, *,
-           drafter: "str | Drafter | None" = "prompt-lookup", result: dict | None = None, **options) -> Iterator[str]:
+           drafter: "str | Drafter | None" = "prompt-lookup", result: dict | None = None, **options) -> Iterator:
     """Speculative generation that yields text as it is accepted.
 
     Takes the same arguments as :func:`generate`. Yields text pieces (never a
-    half-decoded multi-byte character). If ``result`` is a dict, the finished
-    :class:`GenerationResult` is stored in it under ``"result"``.
+    half-decoded multi-byte character); for a batch of prompts, ``(index,
+    piece)`` pairs as each sequence advances. If ``result`` is a dict, the
+    finished :class:`GenerationResult` (a list of them for a batch) is stored in
+    it under ``"result"``.
     """
     if tokenizer is None:
         raise ValueError("stream() yields text and needs a tokenizer; use generate() for token ids only")
-    sent = 0
-    ids: list[int] = []
+    batch = is_batch(prompt)
+    prompts = list(prompt) if batch else [prompt]
+    sent = [0] * len(prompts)
+    ids: list[list[int]] = [[] for _ in prompts]
     holder: dict = {}
-    for event in _generate_events(model, tokenizer, prompt, drafter, config, options, holder):
-        ids.extend(event.new_tokens)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+    for i, event in _generate_events(model, tokenizer, prompts, drafter, config, options, holder):
+        ids[i].extend(event.new_tokens)
+        text = tokenizer.decode(ids[i], skip_special_tokens=True)
         if event.finish_reason is None and text.endswith("\ufffd"):
             continue  # wait for the rest of a multi-byte character
-        if len(text) > sent:
-            yield text[sent:]
-            sent = len(text)
+        if len(text) > sent[i]:
+            yield (i, text[sent[i] :]) if batch else text[sent[i] :]
+            sent[i] = len(text)
     if result is not None:
-        result["result"] = holder["result"]
+        result["result"] = holder["results"] if batch else holder["results"][0]
 
 
 def generate(model, tokenizer, prompt, config: GenerationConfig | None = None, *,
-             drafter: "str | Drafter | None" = "prompt-lookup", **options) -> GenerationResult:
+             drafter: "str | Drafter | None" = "prompt-lookup", **options):
     """Generate with speculative decoding; greedy output equals the engine's own plain greedy output.
 
     Args:
         model: a HF causal LM (see :func:`specdec.load_model`).
         tokenizer: its tokenizer; may be None when ``prompt`` is token ids.
         prompt: a string (used as is), a list of chat messages (chat template
-            applied with the generation prompt), or token ids ([T] or [1, T]).
+            applied with the generation prompt), or token ids ([T] or [1, T]);
+            or a **list of such prompts** (a batch: see :func:`is_batch`), run
+            together, each row drafting, verifying and committing on its own.
         config: a :class:`~specdec.config.GenerationConfig`; keyword
             ``options`` (its field names: ``max_new_tokens``, ``temperature``,
             ``top_p``, ``top_k``, ``repetition_penalty``, ``acceptance``,
             ``stop``, ``seed``, ``attn``, ``fast``, ``dtype``, ``size_trees``,
             ``max_tree_nodes``, ...) override it field by field.
         drafter: a spec string (``"prompt-lookup"``, ``"none"``, ...) or a
-            :class:`~specdec.drafters.Drafter`.
+            :class:`~specdec.drafters.Drafter` (for a batch, each sequence gets
+            its own copy through ``Drafter.spawn``).
 
     Returns:
         :class:`GenerationResult` with ``text``, ``token_ids`` (new only),
-        ``stats`` and ``finish_reason``.
+        ``stats`` and ``finish_reason``; a list of them, in prompt order, for a batch.
 
     The first call on a model measures this machine's forward cost (a few
     seconds; cached under ``$SPECDEC_CACHE``, see :mod:`specdec.profile`).
     """
+    batch = is_batch(prompt)
     holder: dict = {}
-    for _ in _generate_events(model, tokenizer, prompt, drafter, config, options, holder):
+    for _ in _generate_events(model, tokenizer, list(prompt) if batch else [prompt], drafter, config, options, holder):
         pass
-    return holder["result"]
-
+    return holder["results"] if batch else holder["results"][0]

@@ -112,3 +112,25 @@ def test_torch_backend_and_dispatch():
                                ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="backend"):
         tree_attention(q, k, v, anc, backend="cuda")
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2)])
+def test_ragged_batch_matches_float64_reference_row_by_row(hq, hkv):
+    """Rows with different prefixes and different trees in one call: each row equals its own single-row attention."""
+    g = torch.Generator().manual_seed(7)
+    prefixes, n, d = [3, 17, 0], 9, 32
+    total = max(prefixes) + n + 2  # keys past each row's tree are garbage the kernel must not read
+    q = torch.randn(3, hq, n, d, generator=g)
+    k = torch.randn(3, hkv, total, d, generator=g)
+    v = torch.randn(3, hkv, total, d, generator=g)
+    anc = torch.stack([random_tree(n, kind, g) for kind in ("random", "chain", "star")])
+    p = torch.tensor(prefixes)
+    out = tree_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), anc.to(DEVICE), prefix_lens=p.to(DEVICE)).cpu()
+    from specdec.tree_attention.reference import tree_attention_torch
+
+    torch_out = tree_attention_torch(q, k, v, anc, prefix_lens=p)
+    for b, pb in enumerate(prefixes):
+        cut = slice(0, pb + n)
+        ref = reference64(q[b : b + 1], k[b : b + 1, :, cut], v[b : b + 1, :, cut], anc[b])
+        assert ((out[b : b + 1].double() - ref).norm() / ref.norm()) < 1e-5
+        torch.testing.assert_close(torch_out[b : b + 1].double(), ref, rtol=1e-5, atol=1e-5)

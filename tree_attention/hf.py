@@ -43,13 +43,16 @@ class TreeAttention:
         backend: ``"torch"`` or ``"triton"``.
         ancestor_mask: [N, N] bool, node i sees node j.
         mask: [1, 1, N, P + N] additive float mask (torch backend), else None.
-        bits: [N, ceil(N / 32)] int32 packed ancestor rows (triton backend), else None.
+        bits: [N, ceil(N / 32)] int32 packed ancestor rows (triton backend), else None;
+            [B, N, W] for a batch.
+        prefix_lens: [B] each row's committed prefix in a ragged batch, else None.
     """
 
     backend: str
     ancestor_mask: Tensor
     mask: Tensor | None = None
     bits: Tensor | None = None
+    prefix_lens: Tensor | None = None  # [B] per-row prefixes of a ragged batch (None: one prefix, S - N)
 
     @classmethod
     def build(cls, backend: str, prefix_len: int, ancestor_mask: Tensor, dtype: torch.dtype) -> "TreeAttention":
@@ -58,6 +61,20 @@ class TreeAttention:
 
             return cls(backend, ancestor_mask, bits=pack_ancestor_mask(ancestor_mask))
         return cls(backend, ancestor_mask, mask=additive_tree_mask(prefix_len, ancestor_mask, dtype))
+
+    @classmethod
+    def build_batch(cls, backend: str, prefix_lens: Tensor, ancestor_mask: Tensor, total: int, dtype: torch.dtype) -> "TreeAttention":
+        """A ragged batch: row b's prefix is ``prefix_lens[b]``, its tree ``ancestor_mask[b]`` ([B, N, N]), keys S = ``total``."""
+        if backend == "triton":
+            from specdec.tree_attention.triton_kernel import pack_ancestor_mask
+
+            bits = torch.stack([pack_ancestor_mask(m) for m in ancestor_mask])
+            return cls(backend, ancestor_mask, bits=bits, prefix_lens=prefix_lens)
+        from specdec.tree_attention.reference import ragged_tree_mask
+
+        visible = ragged_tree_mask(prefix_lens, ancestor_mask, total)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
+        return cls(backend, ancestor_mask, mask=mask[:, None], prefix_lens=prefix_lens)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, specdec_tree: TreeAttention | None = None, **kwargs):
@@ -69,7 +86,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if specdec_tree.backend == "triton":
         from specdec.tree_attention.triton_kernel import tree_attention_triton
 
-        out = tree_attention_triton(query, key, value, packed_mask=specdec_tree.bits, scale=scaling)
+        out = tree_attention_triton(query, key, value, packed_mask=specdec_tree.bits, scale=scaling, prefix_lens=specdec_tree.prefix_lens)
     else:
         gqa = query.shape[1] != key.shape[1]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=specdec_tree.mask.to(query.dtype), scale=scaling, enable_gqa=gqa)

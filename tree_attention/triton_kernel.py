@@ -58,12 +58,12 @@ def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale):
 
 @triton.jit
 def _tree_attn_fwd(
-    Q, K, V, Bits, Out,
+    Q, K, V, Bits, Prefix, Out,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, son, sod,
-    N, P, W, Hq, GROUP, scale,
+    sbb, N, W, Hq, GROUP, scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -71,6 +71,7 @@ def _tree_attn_fwd(
     b = pid_bh // Hq
     h = pid_bh % Hq
     kvh = h // GROUP
+    P = tl.load(Prefix + b)  # this row's committed prefix; its tree keys follow it
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # tree node index of each query
     dims = tl.arange(0, D)
@@ -105,7 +106,7 @@ def _tree_attn_fwd(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        word = tl.load(Bits + rows[:, None] * W + (cols // 32)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+        word = tl.load(Bits + b * sbb + rows[:, None] * W + (cols // 32)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
         visible = ((word >> (cols % 32)[None, :]) & 1) != 0
         m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale)
 
@@ -115,15 +116,19 @@ def _tree_attn_fwd(
 
 def tree_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, ancestor_mask: Tensor | None = None, *, scale: float | None = None,
-    packed_mask: Tensor | None = None, block_m: int = 16, block_n: int = 32,
+    packed_mask: Tensor | None = None, prefix_lens: Tensor | None = None, block_m: int = 16, block_n: int = 32,
 ) -> Tensor:
     """Tree attention with the Triton kernel.
 
     Args:
         q: [B, Hq, N, D] tree-node queries.
-        k, v: [B, Hkv, P + N, D], the tree nodes' keys/values last; Hq % Hkv == 0.
-        ancestor_mask: [N, N] bool (or give ``packed_mask`` from :func:`pack_ancestor_mask`).
+        k, v: [B, Hkv, S, D] keys/values; Hq % Hkv == 0. Row b holds its committed prefix at
+            0 .. P_b - 1 and its N tree nodes right after, at P_b .. P_b + N - 1 (S >= max P_b + N;
+            anything past a row's tree is never read).
+        ancestor_mask: [N, N] bool, or [B, N, N] for a batch of different trees (or give
+            ``packed_mask``, [N, W] / [B, N, W], from :func:`pack_ancestor_mask`).
         scale: softmax scale, default 1 / sqrt(D).
+        prefix_lens: [B] P_b per row (ragged batches); default S - N for every row.
 
     Returns:
         [B, Hq, N, D] in q's dtype.
@@ -134,18 +139,25 @@ def tree_attention_triton(
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if d & (d - 1) or d > 256:
         raise ValueError(f"head dim must be a power of two up to 256, got {d}")
-    prefix = total - n
-    if prefix < 0 or v.shape[2] != total:
-        raise ValueError("k and v must hold the prefix followed by the N tree nodes")
+    if v.shape[2] != total or total < n:
+        raise ValueError("k and v must hold each row's prefix followed by its N tree nodes")
     if packed_mask is None:
-        packed_mask = pack_ancestor_mask(ancestor_mask.to(q.device))
+        am = ancestor_mask.to(q.device)
+        packed_mask = torch.stack([pack_ancestor_mask(m) for m in am]) if am.dim() == 3 else pack_ancestor_mask(am)
+    bits = packed_mask if packed_mask.dim() == 3 else packed_mask[None].expand(bsz, -1, -1)
+    bits = bits.contiguous()
+    if prefix_lens is None:
+        prefix_lens = torch.full((bsz,), total - n, dtype=torch.int32, device=q.device)
+    prefix_lens = prefix_lens.to(device=q.device, dtype=torch.int32)
+    if int(prefix_lens.max()) + n > total or int(prefix_lens.min()) < 0:
+        raise ValueError("every row's prefix plus its N tree nodes must fit in k and v")
     out = torch.empty_like(q)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     grid = (triton.cdiv(n, block_m), bsz * hq)
     _tree_attn_fwd[grid](
-        q, k, v, packed_mask, out,
+        q, k, v, bits, prefix_lens, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        n, prefix, packed_mask.shape[1], hq, hq // hkv, scale,
+        bits.stride(0) if packed_mask.dim() == 3 else 0, n, bits.shape[2], hq, hq // hkv, scale,
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_INTERPRET,
     )
     return out

@@ -1,0 +1,159 @@
+"""Batch > 1: each row of a batch equals that prompt alone, for every drafter; ragged commits; sampling at batch 3."""
+
+import itertools
+
+import pytest
+import torch
+
+import specdec
+from conftest import tiny_model
+from specdec.batch import BatchRunner
+from specdec.runner import TreeRunner
+from specdec.tree import TokenTree
+
+
+def prompts_of_many_lengths(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, vocab, (6,), generator=g)
+    return [torch.randint(0, vocab, (3,), generator=g), torch.cat([base, base, base[:3]]), torch.randint(0, vocab, (31,), generator=g),
+            torch.cat([torch.randint(0, vocab, (9,), generator=g), base, base])]
+
+
+def drafter_specs(model, tmp_path):
+    """Every kind of drafter, small and random where it is trained."""
+    from test_clover import random_heads as clover_heads
+    from test_gad import random_block
+    from test_medusa import random_heads as medusa_heads
+    from test_ppd import random_tokens
+
+    from specdec.datastore import Datastore
+    from specdec.drafters.clover import CloverDrafter
+    from specdec.drafters.draft_model import DraftModelConfig, DraftModelDrafter
+    from specdec.drafters.gad import GADDrafter
+    from specdec.drafters.medusa import MedusaDrafter
+    from specdec.drafters.ppd import PPDDrafter
+    from specdec.drafters.rest import RestConfig, RestDrafter
+
+    vocab = model.config.vocab_size
+    store = Datastore.from_documents([torch.randint(0, vocab, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(5)], vocab)
+    return {
+        "none": lambda: "none",
+        "prompt-lookup": lambda: "prompt-lookup:adaptive=false",
+        "medusa": lambda: MedusaDrafter(medusa_heads(model)),
+        "clover": lambda: CloverDrafter.from_heads(clover_heads(model)),
+        "ppd": lambda: PPDDrafter(random_tokens(model)),
+        "gad": lambda: GADDrafter.from_block(random_block(model)),
+        "rest": lambda: RestDrafter(store, RestConfig(min_span=1)),
+        "suffix": lambda: "suffix",
+        "iad": lambda: "iad",
+        "draft-model": lambda: DraftModelDrafter(tiny_model(model.config.model_type, seed=3), config=DraftModelConfig(k=3, fast=False)),
+        "medusa+prompt-lookup": lambda: "fused",
+    }
+
+
+@pytest.mark.parametrize("kind", ["none", "prompt-lookup", "medusa", "clover", "ppd", "gad", "rest", "suffix", "iad", "draft-model", "medusa+prompt-lookup"])
+def test_every_row_equals_its_prompt_alone(tiny, kind, tmp_path):
+    specs = drafter_specs(tiny, tmp_path)
+    if kind == "medusa+prompt-lookup":
+        from specdec.drafters.fused import FusedDrafter
+        from specdec.drafters.prompt_lookup import PromptLookupDrafter
+
+        make = lambda: FusedDrafter([specs["medusa"](), PromptLookupDrafter()])  # noqa: E731
+    else:
+        make = specs[kind]
+    prompts = prompts_of_many_lengths(tiny.config.vocab_size)
+    # a row-dependent finish: EOS is a token some rows meet early and others never
+    eos = specdec.generate(tiny, None, prompts[2], drafter="none", max_new_tokens=6).token_ids[5]
+    tiny.generation_config.eos_token_id = eos
+    try:
+        alone = [specdec.generate(tiny, None, p, drafter=make(), max_new_tokens=24, size_trees=False) for p in prompts]
+        for sized in (False, True):
+            together = specdec.generate(tiny, None, prompts, drafter=make(), max_new_tokens=24, size_trees=sized)
+            assert [r.token_ids for r in together] == [r.token_ids for r in alone], (kind, sized)
+            assert [r.finish_reason for r in together] == [r.finish_reason for r in alone]
+    finally:
+        tiny.generation_config.eos_token_id = None
+    assert len({len(r.token_ids) for r in alone}) > 1  # the rows finished at different steps
+
+
+def test_stop_strings_per_row_and_streams(default_model):
+    model, tok = default_model
+    prompts = ["Count from one to twenty in words, separated by commas:", "Name three colours.", "Write the alphabet in capitals:"]
+    alone = [specdec.generate(model, tok, p, drafter="prompt-lookup", max_new_tokens=30, stop=["ten", "K"]) for p in prompts]
+    together = specdec.generate(model, tok, prompts, drafter="prompt-lookup", max_new_tokens=30, stop=["ten", "K"])
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.finish_reason for r in together] == [r.finish_reason for r in alone]
+    pieces = {i: "" for i in range(3)}
+    for i, piece in specdec.stream(model, tok, prompts, drafter="prompt-lookup", max_new_tokens=30, stop=["ten", "K"]):
+        pieces[i] += piece
+    assert [pieces[i] for i in range(3)] == [r.text for r in alone]
+
+
+def test_a_list_of_messages_is_one_chat_and_a_list_of_prompts_a_batch():
+    from specdec.engine import is_batch
+
+    assert not is_batch([{"role": "user", "content": "hi"}]) and not is_batch([1, 2, 3]) and not is_batch("hi")
+    assert is_batch(["a", "b"]) and is_batch([[{"role": "user", "content": "hi"}]]) and is_batch([[1, 2], [3]])
+    assert is_batch([torch.tensor([1, 2])])
+
+
+def test_ragged_commit_equals_recomputing_each_row():
+    """Rows of different lengths commit different paths; afterwards each row's next logits match a plain run."""
+    model = tiny_model("llama")
+    prompts = [torch.tensor([5, 9, 2, 7]), torch.tensor([3, 3, 8, 1, 4, 6, 2]), torch.tensor([13, 11])]
+    trees = [TokenTree.from_sequences(int(p[-1]), seqs) for p, seqs in
+             zip(prompts, ([[1, 2, 3], [4, 5], [1, 6]], [[7, 8]], [[9], [10, 11, 12]]))]
+    paths = [trees[0].path_to(int(torch.nonzero(trees[0].tokens == 6))), torch.tensor([0, 1, 2]), torch.tensor([0])]
+    with torch.inference_mode(), BatchRunner(model) as runner:
+        runner.prefill([p[:-1] for p in prompts])
+        assert runner.lengths == [3, 6, 1]
+        runner.forward(trees)
+        runner.commit(paths)
+        assert runner.lengths == [3 + 3, 6 + 3, 1 + 1]
+        nxt = runner.forward([TokenTree.root_only(8)] * 3).logits[:, 0]
+    for b, (p, t, path) in enumerate(zip(prompts, trees, paths)):
+        full = torch.cat([p, t.tokens[path[1:]], torch.tensor([8])])
+        with torch.inference_mode():
+            ref = model(full[None]).logits[0, -1]
+        torch.testing.assert_close(nxt[b], ref, rtol=1e-9, atol=1e-9)
+
+
+def test_sampling_at_batch_3_reproduces_the_target_distribution():
+    """The chi-square test of test_sampling_statistics, three rows per call (vocab 4, real tiny model)."""
+    from test_sampling_statistics import chi_square_pvalue
+
+    from specdec.batch import decode_batch
+    from specdec.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter
+    from specdec.verifiers import SamplingConfig, SpeculativeSampler
+
+    model = tiny_model("llama", vocab_size=4, seed=5)
+    prompt = torch.tensor([1, 2, 3, 1, 2])
+    probs = {}
+    with torch.inference_mode():
+        for seq in itertools.product(range(4), repeat=3):
+            p = 1.0
+            for i in range(3):
+                logits = model(torch.cat([prompt, torch.tensor(seq[:i], dtype=torch.long)])[None]).logits[0, -1]
+                p *= float(torch.softmax(logits.double(), -1)[seq[i]])
+            probs[seq] = p
+    counts, g = {}, torch.Generator().manual_seed(3)
+    calls = 1200
+    for _ in range(calls):
+        drafters = [PromptLookupDrafter(PromptLookupConfig(adaptive=False, min_ngram=1, num_tokens=3)) for _ in range(3)]
+        outs = {i: [] for i in range(3)}
+        for i, ev in decode_batch(model, [prompt] * 3, drafters, SpeculativeSampler(SamplingConfig(temperature=1.0)),
+                                  max_new_tokens=3, eos_ids=set(), generator=g):
+            outs[i] += ev.new_tokens
+        for o in outs.values():
+            counts[tuple(o)] = counts.get(tuple(o), 0) + 1
+    assert sum(counts.values()) == 3 * calls
+    assert chi_square_pvalue(counts, probs, 3 * calls) > 0.001
+
+
+def test_batch_of_one_is_the_single_path(tiny):
+    ids = torch.tensor([4, 5, 6, 4, 5])
+    one = specdec.generate(tiny, None, [ids], drafter="prompt-lookup", max_new_tokens=10)
+    assert isinstance(one, list) and one[0].token_ids == specdec.generate(tiny, None, ids, drafter="prompt-lookup", max_new_tokens=10).token_ids
+    with torch.inference_mode(), TreeRunner(tiny) as r:  # the single runner is untouched by batching
+        r.prefill(ids)
+        assert r.prefix_len == 5
