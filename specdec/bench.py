@@ -484,3 +484,89 @@ def _plots(report: dict, out: Path) -> list[str]:
     fig.savefig(out / "accepted_lengths.png", dpi=110)
     plt.close(fig)
     return ["speedup.png", "accepted_lengths.png"]
+
+
+# --------------------------------------------------------------------------- throughput at batch > 1
+def _hf_batch(model, tokenizer, batch: list, max_new_tokens: int) -> tuple[int, float]:
+    """HF batched greedy (left padding); returns (new tokens, wall seconds)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(ids.numel() for ids in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, width - x.numel() :], mask[i, width - x.numel() :] = x, 1
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
+    wall = time.perf_counter() - t0
+    new = out[:, width:]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) if eos is not None else set()
+    count = 0
+    for row in new.tolist():  # tokens up to and including the first EOS, as generate() counts them
+        n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        count += n
+    return count, wall
+
+
+def run_throughput(model, tokenizer, drafters: list[str], questions: list[dict], *, out_dir: str | Path, model_name: str,
+                   batch_sizes: list[int], max_new_tokens: int = 64, fast: bool = True, progress: bool = True) -> dict:
+    """Tokens per second at each batch size: HF batched greedy (``hf-greedy``), specdec's plain decoding
+    (``none``) and each drafter, over the same prompts in groups of B (the last, short group dropped).
+
+    Every method runs each group once, interleaved, after one warm-up group; tokens/s = Σ new tokens / Σ wall time.
+    """
+    from specdec.drafters import build_drafter
+
+    for spec in drafters:
+        build_drafter(spec)
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError("batch sizes must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    items = [ids for _, _, ids in _prompts(tokenizer, questions, False, model, max_new_tokens)]
+    methods = ["hf-greedy"] + ([PLAIN] if PLAIN not in drafters else []) + list(drafters)
+    rows = []
+    bar = _progress(sum(len(items) // b for b in batch_sizes), progress)
+    for b in batch_sizes:
+        groups = [items[i : i + b] for i in range(0, len(items) - b + 1, b)]
+        if not groups:
+            raise ValueError(f"batch size {b} is larger than the {len(items)} prompts selected")
+        totals = {m: [0, 0.0] for m in methods}
+        for gi, group in enumerate([groups[0]] + groups):  # the first pass over group 0 warms up
+            for m in methods[gi % len(methods):] + methods[: gi % len(methods)]:
+                if m == "hf-greedy":
+                    n, wall = _hf_batch(model, tokenizer, group, max_new_tokens)
+                else:
+                    t0 = time.perf_counter()
+                    res = generate(model, tokenizer, group if b > 1 else group[0], drafter=m, max_new_tokens=max_new_tokens, fast=fast)
+                    wall = time.perf_counter() - t0
+                    n = sum(r.stats.new_tokens for r in (res if isinstance(res, list) else [res]))
+                if gi:
+                    totals[m][0] += n
+                    totals[m][1] += wall
+            if gi and bar is not None:
+                bar.update(1)
+        base = totals["hf-greedy"][0] / totals["hf-greedy"][1]
+        for m in methods:
+            tps = totals[m][0] / totals[m][1]
+            rows.append({"method": m, "batch_size": b, "groups": len(groups), "new_tokens": totals[m][0],
+                         "wall_time_s": round(totals[m][1], 3), "tokens_per_s": round(tps, 3), "vs_hf_greedy": round(tps / base, 4)})
+    if bar is not None:
+        bar.close()
+    import specdec
+
+    report = {"model": model_name, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+              "threads": torch.get_num_threads(), "max_new_tokens": max_new_tokens, "fast": fast,
+              "specdec_version": specdec.__version__, "throughput": rows}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    sizes = sorted({r["batch_size"] for r in rows})
+    lines = [f"# specdec throughput: {report['model']}", "",
+             f"device {report['device']}, {report['dtype']}, {report['threads']} threads, max_new_tokens {max_new_tokens}; "
+             "tokens/s = Σ new tokens / Σ wall time over the same groups of prompts (× HF batched greedy at that batch size).", "",
+             "| method | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for m in methods:
+        cells = [next(f"{r['tokens_per_s']:.1f} tok/s ({r['vs_hf_greedy']:.2f}×)" for r in rows if r["method"] == m and r["batch_size"] == b) for b in sizes]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return report

@@ -185,6 +185,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--profile", action="store_true", help="add the per-step time breakdown (draft, forward, accept, commit, other)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="model dtype (default float32); HF generate runs the same model, so the same dtype")
     p.add_argument("--no-fast", dest="fast", action="store_false", help="specdec runs with the model's own kernels instead of the measured fast ones")
+    p.add_argument("--batch-size", type=int, action="append", default=None, help="throughput mode: generate in batches of this size (repeatable, e.g. --batch-size 1 --batch-size 4 --batch-size 16) and report tokens/s against HF batched greedy")
     p.add_argument("--passes", type=int, default=1, help="run the prompt set this many times (a repeated workload; default: %(default)s)")
     p.add_argument("--reuse-drafter", action="store_true", help="keep one drafter per spec across all prompts and passes, so drafters that learn from earlier outputs (suffix) can")
     p.add_argument("--out", required=True, help="output directory for report.json, report.md and the plots")
@@ -205,6 +206,15 @@ def _cmd_bench(args) -> int:
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
     questions = load_questions(args.prompts, limit=args.limit, categories=cats)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
+    if args.batch_size:
+        from specdec.bench import run_throughput
+
+        report = run_throughput(model, tokenizer, args.drafter, questions, out_dir=args.out, model_name=str(args.model),
+                                batch_sizes=args.batch_size, max_new_tokens=args.max_new_tokens, fast=args.fast)
+        for r in report["throughput"]:
+            _say(f"{r['method']:>24} batch {r['batch_size']:>3}: {r['tokens_per_s']:.1f} tok/s ({r['vs_hf_greedy']:.2f}x HF batched greedy)")
+        _say(f"report: {args.out}/report.md")
+        return 0
     report = run_bench(
         model, tokenizer, args.drafter, questions, out_dir=args.out, model_name=str(args.model),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,

@@ -102,3 +102,18 @@ def test_question_loading_errors(tmp_path):
         load_questions("spec-bench", categories=["nope"])
     qs = load_questions("spec-bench", limit=2)
     assert len(qs) == 2 * 13
+
+
+def test_throughput_mode_reports_tokens_per_second_per_batch_size(tiny_dir, tmp_path):
+    out = tmp_path / "tp"
+    rc = main(["bench", "--model", str(tiny_dir), "--drafter", "prompt-lookup", "--prompts", "mt-bench", "--limit", "1",
+               "--categories", "writing,coding,math,roleplay", "--max-new-tokens", "6", "--batch-size", "1", "--batch-size", "2",
+               "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = report["throughput"]
+    assert {(r["method"], r["batch_size"]) for r in rows} == {(m, b) for m in ("hf-greedy", "none", "prompt-lookup") for b in (1, 2)}
+    for r in rows:
+        assert r["tokens_per_s"] == pytest.approx(r["new_tokens"] / r["wall_time_s"], rel=1e-2)
+        assert r["groups"] == 4 // r["batch_size"]
+    assert "batch 2" in (out / "report.md").read_text()
