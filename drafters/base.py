@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from specdec.tree import TokenTree
 
 __all__ = ["Target", "DraftState", "StepResult", "Drafter", "NoDrafter", "register_drafter", "build_drafter",
-           "registered_drafters", "parse_spec", "read_drafter_config", "read_drafter_weights"]
+           "registered_drafters", "parse_spec", "read_drafter_config", "read_drafter_weights", "drafter_path"]
 
 
 @dataclass
@@ -278,6 +278,23 @@ def config_from_options(cls, kwargs: dict[str, str], spec_name: str) -> Any:
     from specdec.config import options_into
 
     return options_into(cls, kwargs, what=f"option for drafter {spec_name!r}:")
+
+
+def drafter_path(args: list[str], shipped: str, spec: str):
+    """The directory a trained drafter's spec names: its one positional argument, else the one shipped in
+    ``specdec/data/<shipped>`` (an error says how to give one when none ships)."""
+    from importlib import resources
+    from pathlib import Path
+
+    if len(args) > 1:
+        raise ValueError(f"{spec} takes one path, got {args}")
+    if args:
+        return Path(args[0])
+    path = Path(str(resources.files("specdec.data").joinpath(shipped)))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no {spec} drafter ships with this installation; give one: {spec}:PATH "
+                                f"(train one with `specdec train`, see docs/)")
+    return path
 
 
 def read_drafter_config(path) -> dict:

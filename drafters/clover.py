@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, read_drafter_config,
-                                   read_drafter_weights, register_drafter)
+from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
+                                   read_drafter_config, read_drafter_weights, register_drafter)
 from specdec.drafters.trie import depth_bucket, freq_bucket, frequency_prior
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree
@@ -244,12 +244,6 @@ class CloverDrafterConfig:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
 
 
-def _shipped_path() -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("specdec.data").joinpath("clover-smollm2-135m")))
-
-
 @register_drafter("clover")
 class CloverDrafter(Drafter):
     """Drafts a tree depth by depth with Clover heads; each child is conditioned on its own parent's token."""
@@ -266,12 +260,8 @@ class CloverDrafter(Drafter):
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "CloverDrafter":
-        if len(args) > 1:
-            raise ValueError(f"clover takes one path, got {args}")
         opts = config_from_options(CloverDrafterConfig, kwargs, cls.name)
-        path = Path(args[0]) if args else _shipped_path()
-        if not args and not (path / "config.json").is_file():
-            raise FileNotFoundError("no Clover heads ship with this installation; give one: clover:PATH")
+        path = drafter_path(args, "clover-smollm2-135m", cls.name)
         config, state = CloverHeads.from_pretrained(path)
         return cls(config, state, opts, str(path))
 

@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, read_drafter_config,
-                                   read_drafter_weights, register_drafter)
+from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
+                                   read_drafter_config, read_drafter_weights, register_drafter)
 from specdec.drafters.trie import depth_bucket, freq_bucket, frequency_prior
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree
@@ -169,12 +169,6 @@ class GADDrafterConfig:
             raise ValueError("gad options need block >= 0 and decay in [0, 1)")
 
 
-def _shipped_path() -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("specdec.data").joinpath("gad-smollm2-135m")))
-
-
 @register_drafter("gad")
 class GADDrafter(Drafter):
     """Drafts a block of tokens from k mask slots filled in one small forward."""
@@ -191,12 +185,8 @@ class GADDrafter(Drafter):
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "GADDrafter":
-        if len(args) > 1:
-            raise ValueError(f"gad takes one path, got {args}")
         opts = config_from_options(GADDrafterConfig, kwargs, cls.name)
-        path = Path(args[0]) if args else _shipped_path()
-        if not args and not (path / "config.json").is_file():
-            raise FileNotFoundError("no GAD block drafter ships with this installation; give one: gad:PATH (see docs/aggressive.md)")
+        path = drafter_path(args, "gad-smollm2-135m", cls.name)
         raw = read_drafter_config(path / "config.json")
         config = GADConfig(**{k: v for k, v in raw.items() if k in GADConfig.__dataclass_fields__})
         return cls(config, read_drafter_weights(path / "model.safetensors"), opts, str(path))

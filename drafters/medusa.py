@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from specdec.drafters.base import DraftState, Drafter, StepResult, Target, config_from_options, read_drafter_config, read_drafter_weights, register_drafter
+from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path, read_drafter_config,
+                                   read_drafter_weights, register_drafter)
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree, parents_from_paths
 
@@ -200,12 +201,6 @@ class MedusaDrafterConfig:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
 
 
-def _shipped_heads_path() -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("specdec.data").joinpath("medusa-smollm2-135m")))
-
-
 @register_drafter("medusa")
 class MedusaDrafter(Drafter):
     """Drafts a tree from the Medusa heads' top-k (a static candidate tree, or a dynamic budget).
@@ -240,13 +235,8 @@ class MedusaDrafter(Drafter):
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "MedusaDrafter":
-        if len(args) > 1:
-            raise ValueError(f"medusa takes one path, got {args}")
         opts = config_from_options(MedusaDrafterConfig, kwargs, cls.name)
-        path = Path(args[0]) if args else _shipped_heads_path()
-        if not args and not (path / "config.json").is_file():
-            raise FileNotFoundError("no Medusa heads ship with this installation; give one: medusa:PATH")
-        heads = MedusaHeads.from_pretrained(path)
+        heads = MedusaHeads.from_pretrained(drafter_path(args, "medusa-smollm2-135m", cls.name))
         accuracy = heads.config.extra.get("heldout_accuracy") or _CALIBRATION
         paths = tree_from_accuracies(accuracy, opts.tree) if opts.tree else None
         return cls(heads, paths=paths, budget=opts.budget, topk=opts.topk, decay=opts.decay)

@@ -45,8 +45,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, read_drafter_config,
-                                   read_drafter_weights, register_drafter)
+from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
+                                   read_drafter_config, read_drafter_weights, register_drafter)
 from specdec.drafters.medusa import tree_from_accuracies
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree, parents_from_paths
@@ -170,12 +170,6 @@ class PPDDrafterConfig:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
 
 
-def _shipped_path() -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("specdec.data").joinpath("ppd-smollm2-135m")))
-
-
 # per-depth top-k accuracies to build sparse trees from when a checkpoint has none measured
 _FALLBACK_ACCURACY = [[0.35, 0.08, 0.04, 0.03, 0.02], [0.2, 0.06, 0.03, 0.02, 0.02], [0.12, 0.04, 0.03, 0.02, 0.01]]
 
@@ -203,13 +197,8 @@ class PPDDrafter(Drafter):
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "PPDDrafter":
-        if len(args) > 1:
-            raise ValueError(f"ppd takes one path, got {args}")
         opts = config_from_options(PPDDrafterConfig, kwargs, cls.name)
-        path = Path(args[0]) if args else _shipped_path()
-        if not args and not (path / "config.json").is_file():
-            raise FileNotFoundError("no PPD prompt tokens ship with this installation; give one: ppd:PATH")
-        return cls(PromptTokens.from_pretrained(path), opts)
+        return cls(PromptTokens.from_pretrained(drafter_path(args, "ppd-smollm2-135m", cls.name)), opts)
 
     def _prior(self, key: tuple[int, int]) -> float:
         depth, choice = key

@@ -257,8 +257,10 @@ def _cmd_train(args) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_recipe(args.recipe, overrides)
+    from specdec.training.config import DRAFTER_OF
+
     final = train(config)
-    _say(f"drafter written to {final}  (use it as --drafter medusa:{final})")
+    _say(f"drafter written to {final}  (use it as --drafter {DRAFTER_OF.get(config.method, config.method)}:{final})")
     return 0
 
 

@@ -164,12 +164,9 @@ class GenerationConfig:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
         if self.acceptance not in ACCEPTANCES:
             raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCES)}, got {self.acceptance!r}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        from specdec.verifiers.sampling import check_warping
+
+        check_warping(self.top_k, self.top_p, self.repetition_penalty)
         if self.temperature == 0 and self.repetition_penalty not in (None, 1.0):
             raise ValueError("repetition_penalty is only supported with temperature > 0 for now")
         if not 0 < self.typical_epsilon <= 1 or self.typical_delta <= 0:

@@ -48,6 +48,24 @@ def default_tokenizer(default_model):
     return default_model[1]
 
 
+def save_tiny_target(path, tokenizer, seed: int = 7):
+    """A tiny random Llama with the default model's tokenizer, saved as a model directory (for training tests)."""
+    model = tiny_model("llama", vocab_size=len(tokenizer), dtype=torch.float32, seed=seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_conversations(path, pairs):
+    """A conversations .jsonl of (user, assistant) pairs."""
+    import json
+
+    with open(path, "w") as f:
+        for user, assistant in pairs:
+            f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}) + "\n")
+    return path
+
+
 def hf_greedy(model, ids: torch.Tensor, n: int, **kwargs) -> list[int]:
     """Plain HF greedy generation: the reference every drafter must reproduce."""
     ids = ids.to(model.device)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import specdec
-from conftest import hf_greedy, tiny_model
+from conftest import hf_greedy, save_tiny_target, tiny_model, write_conversations
 from specdec.drafters.clover import AttentionDecoder, CloverConfig, CloverDrafter, CloverHeads, decoder_parts
 
 
@@ -101,15 +101,8 @@ def test_heads_for_another_model_are_a_clear_error(tmp_path):
 def test_training_fits_clover_and_ships_a_drafter(method, tmp_path, default_tokenizer):
     from specdec.training import load_recipe, train
 
-    target = tmp_path / "target"
-    model = tiny_model("llama", vocab_size=len(default_tokenizer), dtype=torch.float32, seed=7)
-    model.save_pretrained(target)
-    default_tokenizer.save_pretrained(target)
-    data = tmp_path / "convs.jsonl"
-    with data.open("w") as f:
-        for i in range(16):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say something about topic {i}."},
-                                             {"role": "assistant", "content": f"Topic {i} is a fine topic. " * 3}]}) + "\n")
+    target = save_tiny_target(tmp_path / "target", default_tokenizer)
+    data = write_conversations(tmp_path / "convs.jsonl", [(f"Say something about topic {i}.", f"Topic {i} is a fine topic. " * 3) for i in range(16)])
     cfg = load_recipe(f"{method}-smollm2-cpu", dict(model=str(target), data=str(data), output_dir=str(tmp_path / "run"),
                                                     num_conversations=12, heldout=4, max_len=40, num_heads=3, draft_vocab_size=128,
                                                     batch_size=4, max_steps=4, epochs=1, save_steps=100, logging_steps=2, progress=False))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import specdec
-from conftest import hf_greedy, tiny_model
+from conftest import hf_greedy, save_tiny_target, tiny_model, write_conversations
 from specdec.drafters.base import DraftState, Target
 from specdec.drafters.gad import GADBlock, GADConfig, GADDrafter, block_mask, decoder_layers
 from specdec.training.gad import window_batch
@@ -64,15 +64,8 @@ def test_inference_reads_the_same_window_as_training():
 def test_training_ships_a_gad_drafter(tmp_path, default_tokenizer):
     from specdec.training import load_recipe, train
 
-    target = tmp_path / "target"
-    model = tiny_model("llama", vocab_size=len(default_tokenizer), dtype=torch.float32, seed=7)
-    model.save_pretrained(target)
-    default_tokenizer.save_pretrained(target)
-    data = tmp_path / "convs.jsonl"
-    with data.open("w") as f:
-        for i in range(12):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}."},
-                                             {"role": "assistant", "content": " ".join(str(j) for j in range(i + 8))}]}) + "\n")
+    target = save_tiny_target(tmp_path / "target", default_tokenizer)
+    data = write_conversations(tmp_path / "convs.jsonl", [(f"Count to {i}.", " ".join(str(j) for j in range(i + 8))) for i in range(12)])
     cfg = load_recipe("gad-smollm2-cpu", dict(model=str(target), data=str(data), output_dir=str(tmp_path / "run"), num_conversations=9,
                                               heldout=3, max_len=48, num_heads=4, gad_window=6, gad_windows=4, draft_vocab_size=128,
                                               batch_size=8, max_steps=3, epochs=1, save_steps=100, logging_steps=1, progress=False))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import specdec
-from conftest import hf_greedy, tiny_model
+from conftest import hf_greedy, save_tiny_target, tiny_model, write_conversations
 from specdec.drafters.base import StepResult
 from specdec.drafters.ppd import PPDConfig, PPDDrafter, PPDDrafterConfig, PromptTokens, attach_prompt_tokens
 from specdec.tree import TokenTree
@@ -104,15 +104,8 @@ def test_checkpoint_round_trip_and_fit_checks(tmp_path):
 def test_training_fits_prompt_tokens_and_ships_a_drafter(tmp_path, default_tokenizer):
     from specdec.training import load_recipe, train
 
-    target = tmp_path / "target"
-    model = tiny_model("llama", vocab_size=len(default_tokenizer), dtype=torch.float32, seed=7)
-    model.save_pretrained(target)
-    default_tokenizer.save_pretrained(target)
-    data = tmp_path / "convs.jsonl"
-    with data.open("w") as f:
-        for i in range(14):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Tell me about {i}."},
-                                             {"role": "assistant", "content": f"Number {i} is a number. " * 4}]}) + "\n")
+    target = save_tiny_target(tmp_path / "target", default_tokenizer)
+    data = write_conversations(tmp_path / "convs.jsonl", [(f"Tell me about {i}.", f"Number {i} is a number. " * 4) for i in range(14)])
     cfg = load_recipe("ppd-smollm2-cpu", dict(model=str(target), data=str(data), output_dir=str(tmp_path / "run"), num_conversations=10,
                                               heldout=4, max_len=48, num_heads=2, ppd_groups=3, batch_size=2, max_steps=4, epochs=1,
                                               save_steps=100, logging_steps=2, progress=False))
@@ -120,6 +113,7 @@ def test_training_fits_prompt_tokens_and_ships_a_drafter(tmp_path, default_token
     saved = json.loads((final / "config.json").read_text())
     assert saved["num_prompt_tokens"] == 2 and len(saved["extra"]["heldout_accuracy"]) == 2 and saved["extra"]["parameters"] == 2 * 32
     trained = PromptTokens.from_pretrained(final)
+    model = specdec.load_model(target)[0]
     init = model.get_input_embeddings()(torch.tensor(default_tokenizer("The next words are", add_special_tokens=False)["input_ids"][:2]))
     assert not torch.allclose(trained.embeds[:, 0].float(), init.float())  # it moved from its text initialisation
     model, tok = specdec.load_model(target)

@@ -93,7 +93,7 @@ def test_merge_unions_paths_and_keeps_sources():
 
 def test_merge_keeps_every_per_node_field():
     """Auxiliary flags and embeddings, draft distributions, scores and sources all survive a fusion."""
-    v, h = 10, 4
+    v = 10
     a = TokenTree(torch.tensor([5, 1, 0]), torch.tensor([-1, 0, 1]), auxiliary=torch.tensor([False, False, True]),
                   input_embeds=torch.arange(12.0).reshape(3, 4), scores=torch.tensor([1.0, 0.4, 0.0]))
     q = torch.softmax(torch.randn(3, v), -1)

@@ -25,7 +25,6 @@ shared Trainer glue (:mod:`specdec.training.trainer`).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -34,9 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.clover import CloverConfig, CloverHeads, decoder_parts
-from specdec.training.common import collate_features, draft_vocabulary, features_cached, last_complete_checkpoint, training_args
+from specdec.training.common import collate_features, draft_vocabulary, features_cached, fit, start_run
 from specdec.training.config import TrainConfig
-from specdec.training.data import load_conversations
 
 __all__ = ["CloverModule", "train_clover", "clover_heldout_accuracy"]
 
@@ -129,20 +127,9 @@ def clover_heldout_accuracy(module: CloverModule, items: list[dict]) -> list[lis
 
 def train_clover(cfg: TrainConfig) -> Path:
     """Train Clover (or Clover-2) heads as ``cfg`` says; returns the directory of the final drafter."""
-    from specdec.models import load_model
-    from specdec.training.trainer import DrafterTrainer, PermutedDataset
+    from specdec.training.trainer import PermutedDataset
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=str))
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.num_conversations)
-    heldout_convs, train_convs = convs[: cfg.heldout], convs[cfg.heldout :]
-    if not train_convs:
-        raise ValueError(f"{cfg.data} holds {len(convs)} conversations, all used for held-out evaluation; lower heldout")
+    out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
     held = features_cached(model, tokenizer, heldout_convs, cfg, out, "heldout") if heldout_convs else []
     train_feats = features_cached(model, tokenizer, train_convs, cfg, out, "train")
     lm_head = model.get_output_embeddings().weight.detach()
@@ -160,12 +147,7 @@ def train_clover(cfg: TrainConfig) -> Path:
     distill = cfg.method == "clover2" or cfg.loss_type == "kl"
     module = CloverModule(heads, vocab, cfg.loss_decay, distill, cfg.regression_weight if cfg.method == "clover2" else 0.0)
     dataset = PermutedDataset(train_feats, cfg.seed, cfg.shuffle)
-    trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset,
-                             data_collator=lambda batch: collate_features(batch, with_ids=True))
-    last = last_complete_checkpoint(out) if cfg.resume else None
-    if last:
-        log.warning("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
+    trainer = fit(module, dataset, lambda batch: collate_features(batch, with_ids=True), cfg, out)
 
     final = out / "final"
     if trainer.is_world_process_zero():

@@ -127,3 +127,39 @@ def last_complete_checkpoint(out: Path) -> str | None:
             continue
         return str(path)
     return None
+
+
+def start_run(cfg: TrainConfig):
+    """What every training run starts with: the output directory (with the settings written down), the seed,
+    the target frozen, and the conversations split into held-out and training ones.
+
+    Returns:
+        (out, model, tokenizer, heldout_convs, train_convs)
+    """
+    from specdec.models import load_model
+    from specdec.training.data import load_conversations
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=str))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.num_conversations)
+    heldout, train = convs[: cfg.heldout], convs[cfg.heldout :]
+    if not train:
+        raise ValueError(f"{cfg.data} holds {len(convs)} conversations, all used for held-out evaluation; lower heldout")
+    return out, model, tokenizer, heldout, train
+
+
+def fit(module, dataset, collate, cfg: TrainConfig, out: Path):
+    """Train ``module`` with the shared Trainer glue, resuming from the newest complete checkpoint; returns the trainer."""
+    from specdec.training.trainer import DrafterTrainer
+
+    trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset, data_collator=collate)
+    last = last_complete_checkpoint(out) if cfg.resume else None
+    if last:
+        log.warning("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+    return trainer

@@ -18,7 +18,7 @@ import yaml
 
 from specdec.config import coerce
 
-__all__ = ["TrainConfig", "load_recipe", "recipe_names", "METHODS", "register_method"]
+__all__ = ["TrainConfig", "load_recipe", "recipe_names", "METHODS", "DRAFTER_OF", "register_method"]
 
 # method -> "module:function" of its trainer (imported only when a run starts); a new drafter adds a line
 METHODS: dict[str, str] = {
@@ -31,9 +31,14 @@ METHODS: dict[str, str] = {
 }
 
 
-def register_method(name: str, trainer: str) -> None:
-    """Make ``specdec train`` accept ``method=name``, trained by ``trainer`` (``"module:function"``)."""
+# method -> the drafter spec name its result loads as
+DRAFTER_OF: dict[str, str] = {"medusa1": "medusa", "medusa2": "medusa", "clover": "clover", "clover2": "clover", "ppd": "ppd", "gad": "gad"}
+
+
+def register_method(name: str, trainer: str, drafter: str | None = None) -> None:
+    """Make ``specdec train`` accept ``method=name``, trained by ``trainer`` (``"module:function"``), giving a ``drafter``."""
     METHODS[name] = trainer
+    DRAFTER_OF[name] = drafter or name
 
 
 @dataclass

@@ -18,19 +18,17 @@ was enough. The layers start as copies of the target's last layers.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from specdec.drafters.gad import GADBlock, GADConfig, decoder_layers
-from specdec.training.common import draft_vocabulary, features_cached, last_complete_checkpoint, training_args
+from specdec.training.common import draft_vocabulary, features_cached, fit, start_run
 from specdec.training.config import TrainConfig
-from specdec.training.data import load_conversations
 
 __all__ = ["GADModule", "train_gad", "gad_heldout_accuracy"]
 
@@ -129,20 +127,12 @@ def gad_heldout_accuracy(module: GADModule, feats: list[dict], per_conv: int = 1
 
 def train_gad(cfg: TrainConfig) -> Path:
     """Train the GAD block drafter as ``cfg`` says; returns the directory of the final drafter."""
-    from specdec.models import load_model
-    from specdec.training.trainer import DrafterTrainer, PermutedDataset
+    from specdec.training.trainer import PermutedDataset
 
     started = time.perf_counter()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=str))
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.num_conversations)
-    held = features_cached(model, tokenizer, convs[: cfg.heldout], cfg, out, "heldout") if cfg.heldout else []
-    feats = features_cached(model, tokenizer, convs[cfg.heldout :], cfg, out, "train")
+    out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
+    held = features_cached(model, tokenizer, heldout_convs, cfg, out, "heldout") if heldout_convs else []
+    feats = features_cached(model, tokenizer, train_convs, cfg, out, "train")
     head = model.get_output_embeddings().weight.detach()
     draft_vocab = draft_vocabulary([f["labels"] for f in feats], head.shape[0], cfg.draft_vocab_size)
     layers, rotary = decoder_layers(model, cfg.num_layers)
@@ -152,12 +142,7 @@ def train_gad(cfg: TrainConfig) -> Path:
     block = GADBlock(gcfg, layers, rotary, model.get_input_embeddings(), head, draft_vocab)
     module = GADModule(block, head.shape[0], cfg.loss_decay, cfg.loss_type == "kl")
     dataset = PermutedDataset(_Windows(feats, cfg.gad_windows, gcfg.block, cfg.seed).pairs, cfg.seed, cfg.shuffle)
-    trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset,
-                             data_collator=lambda pairs: window_batch(feats, pairs, gcfg.window, gcfg.block))
-    last = last_complete_checkpoint(out) if cfg.resume else None
-    if last:
-        log.warning("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
+    trainer = fit(module, dataset, lambda pairs: window_batch(feats, pairs, gcfg.window, gcfg.block), cfg, out)
     final = out / "final"
     if trainer.is_world_process_zero():
         block.eval()

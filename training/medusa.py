@@ -13,7 +13,6 @@ states across epochs (cached in ``output_dir/features.pt``).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -22,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.medusa import MedusaConfig, MedusaHeads, tree_from_accuracies
-from specdec.training.common import collate_features, draft_vocabulary, features_cached, last_complete_checkpoint, training_args
+from specdec.training.common import collate_features, draft_vocabulary, features_cached, fit, start_run
 from specdec.training.config import TrainConfig
-from specdec.training.data import load_conversations, tokenize_conversation
+from specdec.training.data import tokenize_conversation
 
 __all__ = ["MedusaLoss", "Medusa1Module", "Medusa2Module", "train_medusa", "heldout_accuracy"]
 
@@ -182,23 +181,11 @@ def heldout_accuracy(heads: MedusaHeads, loss: MedusaLoss, items: list[dict]) ->
 # ---------------------------------------------------------------------- the run
 def train_medusa(cfg: TrainConfig) -> Path:
     """Train Medusa heads as ``cfg`` says; returns the directory of the final drafter."""
-    from specdec.models import load_model
-    from specdec.training.trainer import DrafterTrainer, PermutedDataset
+    from specdec.training.trainer import PermutedDataset
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=str))
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-    convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.num_conversations)
-    heldout_convs, train_convs = convs[: cfg.heldout], convs[cfg.heldout :]
-    if not train_convs:
-        raise ValueError(f"{cfg.data} holds {len(convs)} conversations, all used for held-out evaluation; lower heldout")
+    out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
     lm_head = model.get_output_embeddings().weight.detach()
     vocab = lm_head.shape[0]
-
-    for p in model.parameters():
-        p.requires_grad_(False)
     held_feats = features_cached(model, tokenizer, heldout_convs, cfg, out, "heldout") if heldout_convs else []
     if cfg.method == "medusa1":  # the frozen target's features, computed once and reused every epoch
         train_feats = features_cached(model, tokenizer, train_convs, cfg, out, "train")
@@ -220,8 +207,6 @@ def train_medusa(cfg: TrainConfig) -> Path:
     else:
         from peft import LoraConfig, get_peft_model
 
-        for p in model.parameters():
-            p.requires_grad_(False)
         peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, lora_dropout=0.0))
         if cfg.gradient_checkpointing:
             peft_model.enable_input_require_grads()
@@ -229,11 +214,7 @@ def train_medusa(cfg: TrainConfig) -> Path:
         dataset = PermutedDataset([{"input_ids": s} for s in seqs if s.numel() > cfg.num_heads + 1], cfg.seed, cfg.shuffle)
         collate = _collate_tokens(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
-    trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset, data_collator=collate)
-    last = last_complete_checkpoint(out) if cfg.resume else None
-    if last:
-        log.warning("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
+    trainer = fit(module, dataset, collate, cfg, out)
 
     final = out / "final"
     if trainer.is_world_process_zero():

@@ -26,7 +26,6 @@ dynamic sparse tree at inference.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -35,9 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.ppd import PPDConfig, PromptTokens
-from specdec.training.common import last_complete_checkpoint, training_args
+from specdec.training.common import fit, start_run
 from specdec.training.config import TrainConfig
-from specdec.training.data import load_conversations, tokenize_conversation
+from specdec.training.data import tokenize_conversation
 
 __all__ = ["PPDModule", "train_ppd", "ppd_heldout_accuracy", "ppd_examples"]
 
@@ -164,20 +163,12 @@ def train_ppd(cfg: TrainConfig) -> Path:
     """Train PPD prompt tokens as ``cfg`` says; returns the directory of the final drafter."""
     import time
 
-    from specdec.models import load_model
-    from specdec.training.trainer import DrafterTrainer, PermutedDataset
+    from specdec.training.trainer import PermutedDataset
 
     started = time.perf_counter()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=str))
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.num_conversations)
-    held = ppd_examples(tokenizer, convs[: cfg.heldout], cfg, seed=cfg.seed + 1)
-    train_ex = ppd_examples(tokenizer, convs[cfg.heldout :], cfg, seed=cfg.seed)
+    out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
+    held = ppd_examples(tokenizer, heldout_convs, cfg, seed=cfg.seed + 1)
+    train_ex = ppd_examples(tokenizer, train_convs, cfg, seed=cfg.seed)
     if not train_ex:
         raise ValueError(f"{cfg.data} gave no conversation with an answer longer than {cfg.num_heads + 2} tokens")
     m, v, h = cfg.num_heads, cfg.ppd_virtual, model.config.hidden_size
@@ -188,12 +179,7 @@ def train_ppd(cfg: TrainConfig) -> Path:
                      extra={"init_text": cfg.ppd_init_text, "trained_on": str(cfg.data)})
     tokens = PromptTokens(pcfg, init.reshape(m, v, h))
     module = PPDModule(model, tokens, cfg.loss_decay, cfg.loss_type)
-    trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=PermutedDataset(train_ex, cfg.seed, cfg.shuffle),
-                             data_collator=collate_examples)
-    last = last_complete_checkpoint(out) if cfg.resume else None
-    if last:
-        log.warning("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
+    trainer = fit(module, PermutedDataset(train_ex, cfg.seed, cfg.shuffle), collate_examples, cfg, out)
     final = out / "final"
     if trainer.is_world_process_zero():
         tokens.eval()

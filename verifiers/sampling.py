@@ -59,12 +59,17 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check_warping(self.top_k, self.top_p, self.repetition_penalty)
+
+
+def check_warping(top_k: int | None, top_p: float | None, repetition_penalty: float | None) -> None:
+    """The one check of the warping settings (GenerationConfig runs it too, before any model work)."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
 
 
 class Warper:
