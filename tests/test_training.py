@@ -40,7 +40,7 @@ def convs(tmp_path_factory):
 
 
 def settings(target, data, out, **extra):
-    base = dict(model=str(target), data=str(data), output_dir=str(out), num_conversations=20, heldout=4, max_len=48,
+    base = dict(model=str(target), data=str(data), output_dir=str(out), features_dir="", num_conversations=20, heldout=4, max_len=48,
                 num_heads=3, draft_vocab_size=256, batch_size=4, max_steps=6, epochs=1, lr=3e-3, save_steps=100,
                 logging_steps=2, progress=False)
     base.update(extra)

@@ -102,8 +102,18 @@ def training_args(cfg: TrainConfig, out: Path):
 
 
 def features_cached(model, tokenizer, convs, cfg: TrainConfig, path: Path, desc: str) -> list[dict]:
-    key = hashlib.sha1(json.dumps([FEATURES_VERSION, cfg.model, cfg.data, cfg.num_conversations, cfg.heldout, cfg.max_len, cfg.label_source, desc, len(convs)]).encode()).hexdigest()[:10]
-    file = path / f"{desc}-{key}.pt"
+    """The target's features for ``convs``, computed once and cached in ``cfg.features_dir`` (default: ``path``).
+
+    The cache key covers the model, the data (for a file, also its size and modification time), the split and
+    the settings that shape the features, so several methods can share one directory of features.
+    """
+    data = Path(cfg.data)
+    stamp = [data.stat().st_size, int(data.stat().st_mtime)] if data.is_file() else []
+    key = hashlib.sha1(json.dumps([FEATURES_VERSION, cfg.model, cfg.data, stamp, cfg.num_conversations, cfg.heldout, cfg.max_len,
+                                   cfg.label_source, desc, len(convs)]).encode()).hexdigest()[:10]
+    where = Path(cfg.features_dir) if cfg.features_dir else path
+    where.mkdir(parents=True, exist_ok=True)
+    file = where / f"{desc}-{key}.pt"
     if file.is_file():
         return torch.load(file)
     items = extract_features(model, tokenizer, convs, cfg, desc=desc)

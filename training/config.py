@@ -77,6 +77,7 @@ class TrainConfig:
     model: str = "default"
     data: str = "sharegpt"
     output_dir: str = "runs/medusa"
+    features_dir: str = ""  # where the target's features are cached ("" = output_dir); methods can share one
     num_conversations: int = 600
     heldout: int = 60
     max_len: int = 256
