@@ -173,9 +173,12 @@ class Drafter:
         name: the registry name.
         needs_hidden_states: ask the engine for the target's last hidden states.
         vocab_size: the vocabulary the drafter was built for (None: any).
+        shared_state: names of attributes that every :meth:`spawn` shares as they are (read-only
+            resources such as a datastore); tensors, modules and the Target are always shared.
     """
 
     name: str = "drafter"
+    shared_state: tuple[str, ...] = ()
     needs_hidden_states: bool = False
     vocab_size: int | None = None
 
@@ -201,8 +204,18 @@ class Drafter:
         """A fresh drafter of the same kind for another sequence (batch > 1): per-sequence state is
         copied, large read-only tensors (weights) are shared."""
         shared = (Tensor, nn.Module, Target, Drafter)
+        kept = {k for k, v in self.__dict__.items() if isinstance(v, shared) or k in self.shared_state}
         clone = copy.copy(self)
-        clone.__dict__ = {k: (v if isinstance(v, shared) else copy.deepcopy(v)) for k, v in self.__dict__.items()}
+        # The memo makes every reference to a shared object, or to this drafter, inside the copied state
+        # (a bound method such as a prior in AcceptanceRates, a Target's model) point at the original or the
+        # clone: deep-copying through them would copy the target model with every spawn.
+        memo: dict[int, object] = {id(self): clone}
+        for k in kept:
+            v = self.__dict__[k]
+            memo[id(v)] = v
+            if isinstance(v, Target):
+                memo[id(v.model)] = v.model
+        clone.__dict__ = {k: (v if k in kept else copy.deepcopy(v, memo)) for k, v in self.__dict__.items()}
         return clone
 
 

@@ -36,7 +36,7 @@ from specdec.cache import _MIN_CAPACITY, TreeKVCache, _TreeLayer
 from specdec.drafters.base import DraftState, Drafter
 from specdec.kernels import FastLinears
 from specdec.runner import ForwardOutput, TreeRunner, _upcast
-from specdec.sizing import trim
+from specdec.sizing import trim_batch
 from specdec.tree import TokenTree
 from specdec.tree_attention.hf import TreeAttention
 from specdec.tree_attention.reference import ragged_tree_mask
@@ -84,8 +84,13 @@ class _BatchLayer(_TreeLayer):
         self._refresh_views()
 
     def keep_rows(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (a finished row leaves the batch): the live entries move, the capacity stays."""
         idx = torch.tensor(rows, device=self._k.device)
-        self._k, self._v = self._k.index_select(0, idx), self._v.index_select(0, idx)
+        live = max((self.lengths[r] for r in rows), default=0)
+        k, v = self._k.new_empty(len(rows), *self._k.shape[1:]), self._v.new_empty(len(rows), *self._v.shape[1:])
+        k[:, :, :live] = self._k[:, :, :live].index_select(0, idx)
+        v[:, :, :live] = self._v[:, :, :live].index_select(0, idx)
+        self._k, self._v = k, v
         self.lengths = [self.lengths[r] for r in rows]
         self.length = max(self.lengths) if rows else 0
         self._refresh_views()
@@ -262,11 +267,11 @@ def decode_batch(
             if len(live) < len(rows):
                 runner.keep(live)
                 rows = [rows[p] for p in live]
-            # 2. Draft per row (or all rows at once), size each tree.
+            # 2. Draft per row (or all rows at once), size the trees together (one padded forward).
             states = [DraftState(r.ids, r.prompt_len, r.hidden, r.hidden_start) for r in rows]
             trees = _propose(rows, states)
             if cost is not None:
-                trees = [trim(t, cost, max_nodes) for t in trees]
+                trees = trim_batch(trees, cost, max_nodes)
             # 3. One forward for every row; accept and commit per row.
             lengths = runner.lengths
             out = runner.forward(trees, hidden=hidden_needed)

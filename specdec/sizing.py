@@ -34,7 +34,7 @@ from torch import Tensor
 
 from specdec.tree import TokenTree
 
-__all__ = ["best_size", "trim", "AcceptanceRates", "judged_nodes", "monotone_scores", "learn"]
+__all__ = ["best_size", "trim", "trim_batch", "AcceptanceRates", "judged_nodes", "monotone_scores", "learn"]
 
 
 def monotone_scores(tree: TokenTree) -> Tensor:
@@ -78,31 +78,85 @@ def trim(tree: TokenTree, cost: Callable[[int], float], max_nodes: int = 64) -> 
     """
     if tree.scores is None or len(tree) == 1:
         return tree
-    s = monotone_scores(tree)
-    drafts = torch.arange(1, len(tree))
-    aux = tree.auxiliary
-    owner = None
-    if aux is not None:
-        drafts = drafts[~aux[1:]]
-        owner = _aux_owner(tree)  # [N]: the draft node (or root) each auxiliary node hangs below
-    # ties go to the lower index, which is always the parent: every prefix of this order is ancestor-closed
-    order = sorted(drafts.tolist(), key=lambda i: (-float(s[i]), i))
-    extra = [0] * len(tree)  # auxiliary nodes that come with each node
-    if owner is not None:
-        for node in torch.nonzero(aux).flatten().tolist():
-            extra[int(owner[node])] += 1
-    sizes = [1 + extra[0]]  # sizes[k]: nodes in the forward when the k best drafts are kept
-    for i in order:
-        if sizes[-1] + 1 + extra[i] > max_nodes:
-            break
-        sizes.append(sizes[-1] + 1 + extra[i])
-    k, _ = best_size(s[order[: len(sizes) - 1]], lambda n: cost(sizes[n - 1]), len(sizes))
-    keep = torch.zeros(len(tree), dtype=torch.bool)
-    keep[0] = True
-    keep[order[:k]] = True
-    if owner is not None:
-        keep |= aux & keep[owner]
-    return tree.subtree(torch.nonzero(keep).flatten())
+    plan = _Candidates(tree, max_nodes)
+    k, _ = best_size(plan.scores, lambda n: cost(plan.sizes[n - 1]), len(plan.sizes))
+    return plan.keep(k)
+
+
+def trim_batch(trees: list[TokenTree], cost: Callable[[int], float], max_nodes: int = 64) -> list[TokenTree]:
+    """Size the trees of a batch together: one forward holds every row's tree padded to the largest.
+
+    A batched step over B rows with trees padded to n nodes runs B·n rows through the target, so it costs
+    ``cost(B·n)`` (the profile, extrapolated past its last point), and emits Σ_b (1 + the kept scores of
+    row b). For every common size n each row keeps its best drafts that fit in n; the n with the most
+    expected tokens per unit of cost wins (n = 1: a plain batched step). With one row this is :func:`trim`.
+    Rows whose trees carry no scores keep them whole, and n is at least their size.
+    """
+    if len(trees) == 1:
+        return [trim(trees[0], cost, max_nodes)]
+    plans = [_Candidates(t, max_nodes) if t.scores is not None and len(t) > 1 else None for t in trees]
+    floor = max(len(t) if p is None else p.sizes[0] for t, p in zip(trees, plans))  # every row keeps at least its root
+    top = max([floor] + [p.sizes[-1] for p in plans if p is not None])
+    best_n, best_ratio = floor, -1.0
+    for n in range(floor, top + 1):
+        gain = sum(p.gain_within(n) if p is not None else 1.0 for p in plans)
+        ratio = gain / cost(len(trees) * n)
+        if ratio > best_ratio + 1e-12:
+            best_n, best_ratio = n, ratio
+    return [t if p is None else p.keep(p.fits(best_n)) for t, p in zip(trees, plans)]
+
+
+class _Candidates:
+    """One tree's draft nodes in the order they are worth keeping, with the forward size after each.
+
+    Attributes:
+        order: draft node indices (auxiliary nodes excluded), best first; every prefix is ancestor-closed.
+        scores: [len(sizes) - 1] float64 monotone scores of ``order``'s nodes that fit in ``max_nodes``.
+        sizes: sizes[k] = nodes in the forward when the k best drafts (and their auxiliary nodes) are kept.
+    """
+
+    def __init__(self, tree: TokenTree, max_nodes: int) -> None:
+        self.tree = tree
+        s = monotone_scores(tree)
+        drafts = torch.arange(1, len(tree))
+        aux = tree.auxiliary
+        self.owner = None
+        if aux is not None:
+            drafts = drafts[~aux[1:]]
+            self.owner = _aux_owner(tree)  # [N]: the draft node (or root) each auxiliary node hangs below
+        # ties go to the lower index, which is always the parent: every prefix of this order is ancestor-closed
+        self.order = sorted(drafts.tolist(), key=lambda i: (-float(s[i]), i))
+        extra = [0] * len(tree)  # auxiliary nodes that come with each node
+        if self.owner is not None:
+            for node in torch.nonzero(aux).flatten().tolist():
+                extra[int(self.owner[node])] += 1
+        self.sizes = [1 + extra[0]]
+        for i in self.order:
+            if self.sizes[-1] + 1 + extra[i] > max_nodes:
+                break
+            self.sizes.append(self.sizes[-1] + 1 + extra[i])
+        self.scores = s[self.order[: len(self.sizes) - 1]]
+        self._gains = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.scores, 0)]) + 1.0
+
+    def fits(self, n: int) -> int:
+        """The most drafts whose forward fits in n nodes (0 when even the root's does not)."""
+        k = 0
+        while k + 1 < len(self.sizes) and self.sizes[k + 1] <= n:
+            k += 1
+        return k
+
+    def gain_within(self, n: int) -> float:
+        """Expected tokens emitted when the row's tree is cut to n nodes."""
+        return float(self._gains[self.fits(n)])
+
+    def keep(self, k: int) -> TokenTree:
+        """The subtree of the root, the k best drafts and their auxiliary nodes."""
+        keep = torch.zeros(len(self.tree), dtype=torch.bool)
+        keep[0] = True
+        keep[self.order[:k]] = True
+        if self.owner is not None:
+            keep |= self.tree.auxiliary & keep[self.owner]
+        return self.tree.subtree(torch.nonzero(keep).flatten())
 
 
 def _aux_owner(tree: TokenTree) -> Tensor:

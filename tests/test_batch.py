@@ -157,3 +157,47 @@ def test_batch_of_one_is_the_single_path(tiny):
     with torch.inference_mode(), TreeRunner(tiny) as r:  # the single runner is untouched by batching
         r.prefill(ids)
         assert r.prefix_len == 5
+
+
+def test_a_finished_row_leaves_the_batch_and_the_others_go_on_as_alone():
+    """keep_rows drops a row (moving only the live entries) and the kept rows' next logits match a plain run."""
+    model = tiny_model("llama")
+    prompts = [torch.tensor([5, 9, 2, 7]), torch.tensor([3, 3, 8, 1, 4, 6, 2]), torch.tensor([13, 11])]
+    with torch.inference_mode(), BatchRunner(model) as runner:
+        runner.prefill([p[:-1] for p in prompts])
+        runner.keep([2, 0])
+        assert runner.lengths == [1, 3]
+        nxt = runner.forward([TokenTree.root_only(int(prompts[2][-1])), TokenTree.root_only(int(prompts[0][-1]))]).logits[:, 0]
+    for b, p in enumerate([prompts[2], prompts[0]]):
+        with torch.inference_mode():
+            ref = model(p[None]).logits[0, -1]
+        torch.testing.assert_close(nxt[b], ref, rtol=1e-9, atol=1e-9)
+
+
+def test_spawned_drafters_share_the_target_and_own_their_state(tiny):
+    """A row's drafter is a copy of the state only: the target model is shared (never deep-copied through a
+    bound method the state holds), and learning in one row does not move another's estimates."""
+    from specdec.drafters import build_drafter
+    from specdec.drafters.base import Target
+
+    drafter = build_drafter("prompt-lookup")
+    drafter.bind(Target.of(tiny))
+    clone = drafter.spawn()
+    assert clone.target is drafter.target and clone.target.model is tiny
+    assert clone.rates is not drafter.rates
+    assert clone.rates.prior.__self__ is clone  # the prior the copied estimates use is the clone's own
+    key = (2, 1, 0)
+    before = drafter.rates[key]
+    clone.rates.update(key, accepted=False)
+    assert drafter.rates[key] == before != clone.rates[key]
+
+
+def test_spawned_rest_drafters_share_one_datastore(tiny):
+    from specdec.datastore import Datastore
+    from specdec.drafters.base import Target
+    from specdec.drafters.rest import RestDrafter
+
+    drafter = RestDrafter(Datastore.from_documents([[1, 2, 3, 4], [2, 3, 5]], vocab_size=96))
+    drafter.bind(Target.of(tiny))
+    clone = drafter.spawn()
+    assert clone.store is drafter.store and clone.rates is not drafter.rates

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specdec.sizing import AcceptanceRates, best_size, learn, monotone_scores, judged_nodes, trim
+from specdec.sizing import AcceptanceRates, best_size, learn, monotone_scores, judged_nodes, trim, trim_batch
 from specdec.tree import TokenTree
 
 
@@ -61,6 +61,44 @@ def test_trim_is_optimal_and_keeps_a_tree(tree, jump, slope):
     assert ratio == pytest.approx(brute_force_best(tree, cost), rel=1e-9)
     kept = set(trimmed.token_paths)
     assert all(p[:-1] in kept for p in kept if p)  # every kept node's parent is kept
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(scored_trees(max_n=6), min_size=1, max_size=4), st.floats(0.01, 0.6), st.floats(0.0, 0.1))
+def test_batch_sizing_is_optimal_for_the_padded_forward(trees, jump, slope):
+    """The batch's forward holds B rows padded to the largest kept tree: brute force over every choice of
+    one ancestor-closed node set per row, scored as total expected tokens / cost(B * largest size)."""
+    cost = lambda n: 1.0 if n == 1 else 1.0 + jump + slope * (n - 2)  # noqa: E731
+    kept = trim_batch(trees, cost)
+    got = sum(1 + float(monotone_scores(t)[1:].sum()) for t in kept) / cost(len(trees) * max(len(t) for t in kept))
+
+    def options(tree):  # (size, gain) of every ancestor-closed subset with the root
+        s, parents, out = monotone_scores(tree), tree.parents.tolist(), [(1, 1.0)]
+        for r in range(1, len(tree)):
+            for subset in itertools.combinations(range(1, len(tree)), r):
+                if all(parents[i] in set(subset) | {0} for i in subset):
+                    out.append((r + 1, 1 + sum(float(s[i]) for i in subset)))
+        return out
+
+    best = max(sum(g for _, g in combo) / cost(len(trees) * max(n for n, _ in combo))
+               for combo in itertools.product(*[options(t) for t in trees]))
+    assert got == pytest.approx(best, rel=1e-9)
+    for tree, k in zip(trees, kept):
+        paths = set(k.token_paths)
+        assert all(p[:-1] in paths for p in paths if p) and set(paths) <= set(tree.token_paths)
+    if len(trees) == 1:
+        assert kept[0].tokens.tolist() == trim(trees[0], cost).tokens.tolist()
+
+
+def test_a_big_batch_drafts_less_than_one_row():
+    """On a CPU-like curve, drafts that pay for one row pay less when sixteen rows share the forward."""
+    from specdec.profile import CostProfile
+
+    v = CostProfile(step_ms=30.0, v={1: 1.0, 2: 1.0, 4: 1.15, 8: 1.33, 16: 1.57, 32: 2.02, 64: 2.71}).cost
+    tree = TokenTree.from_sequences(5, [[1, 2, 3]], scores=[[0.3, 0.2, 0.1]])
+    assert len(trim_batch([tree], v)[0]) == 3  # (1 + .3 + .2) / v(3) = 1.395 beats 1.3 / v(2) and 1.6 / v(4)
+    # sixteen rows: 16 * 1.3 / v(32) = 10.30 beats 16 / v(16) = 10.19 and 16 * 1.5 / v(48) = 10.15
+    assert [len(t) for t in trim_batch([tree] * 16, v)] == [2] * 16
 
 
 def test_monotone_scores_cap_children_by_parents_and_zero_auxiliary_nodes():
