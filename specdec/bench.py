@@ -551,7 +551,7 @@ def run_throughput(model, tokenizer, drafters: list[str], questions: list[dict],
         for m in methods:
             tps = totals[m][0] / totals[m][1]
             rows.append({"method": m, "batch_size": b, "groups": len(groups), "new_tokens": totals[m][0],
-                         "wall_time_s": round(totals[m][1], 3), "tokens_per_s": round(tps, 3), "vs_hf_greedy": round(tps / base, 4)})
+                         "wall_time_s": round(totals[m][1], 6), "tokens_per_s": round(tps, 3), "vs_hf_greedy": round(tps / base, 4)})
     if bar is not None:
         bar.close()
     import specdec
