@@ -87,7 +87,7 @@ class _BatchLayer(_TreeLayer):
         """Keep only ``rows`` (a finished row leaves the batch): the live entries move, the capacity stays."""
         idx = torch.tensor(rows, device=self._k.device)
         live = max((self.lengths[r] for r in rows), default=0)
-        k, v = self._k.new_empty(len(rows), *self._k.shape[1:]), self._v.new_empty(len(rows), *self._v.shape[1:])
+        k, v = self._k.new_zeros(len(rows), *self._k.shape[1:]), self._v.new_zeros(len(rows), *self._v.shape[1:])  # finite where masked
         k[:, :, :live] = self._k[:, :, :live].index_select(0, idx)
         v[:, :, :live] = self._v[:, :, :live].index_select(0, idx)
         self._k, self._v = k, v

@@ -43,8 +43,10 @@ class _TreeLayer(DynamicLayer):
             return
         new_cap = max(_MIN_CAPACITY, 2 * capacity, needed)
         b, h, _, dk = key_states.shape
-        k = key_states.new_empty(b, h, new_cap, dk)
-        v = value_states.new_empty(b, h, new_cap, value_states.shape[-1])
+        # zeros, not empty: a batch reads every row up to the longest one, and masked entries must be finite
+        # (an uninitialised NaN survives an additive -inf mask)
+        k = key_states.new_zeros(b, h, new_cap, dk)
+        v = value_states.new_zeros(b, h, new_cap, value_states.shape[-1])
         if self.length:
             k[:, :, : self.length] = self._k[:, :, : self.length]
             v[:, :, : self.length] = self._v[:, :, : self.length]

@@ -201,3 +201,27 @@ def test_spawned_rest_drafters_share_one_datastore(tiny):
     drafter.bind(Target.of(tiny))
     clone = drafter.spawn()
     assert clone.store is drafter.store and clone.rates is not drafter.rates
+
+
+def test_cache_memory_never_written_stays_harmless():
+    """Rows are read up to the longest row, so a short row's attention sees entries nobody wrote (masked).
+    With torch filling uninitialised memory with NaN (deterministic mode), growing the cache and dropping a
+    row must still give every row its own logits: masked entries have to be finite."""
+    model = tiny_model("llama")
+    prompts = [torch.tensor([5, 9, 2, 7]), torch.tensor([3, 3, 8, 1, 4, 6, 2] * 40), torch.tensor([13, 11])]
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.inference_mode(), BatchRunner(model) as runner:
+            runner.prefill([p[:-1] for p in prompts])
+            runner.keep([0, 2, 1])
+            for _ in range(3):  # the long row passes the initial capacity: the buffers grow
+                runner.forward([TokenTree.from_sequences(int(p[-1]), [[1, 2] * 40]) for p in (prompts[0], prompts[2], prompts[1])])
+                runner.commit([torch.tensor([0])] * 3)  # keep each root only: the row grows by its last token
+            nxt = runner.forward([TokenTree.root_only(8)] * 3).logits[:, 0]
+    finally:
+        torch.use_deterministic_algorithms(old)
+    for b, p in enumerate((prompts[0], prompts[2], prompts[1])):
+        with torch.inference_mode():  # the prompt, its last token committed twice more, then 8
+            ref = model(torch.cat([p, p[-1:].repeat(2), torch.tensor([8])])[None]).logits[0, -1]
+        torch.testing.assert_close(nxt[b], ref, rtol=1e-9, atol=1e-9)
