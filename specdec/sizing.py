@@ -27,6 +27,7 @@ says which nodes of a verified tree the target actually judged.
 
 from __future__ import annotations
 
+import bisect
 from typing import Callable, Hashable
 
 import torch
@@ -140,10 +141,7 @@ class _Candidates:
 
     def fits(self, n: int) -> int:
         """The most drafts whose forward fits in n nodes (0 when even the root's does not)."""
-        k = 0
-        while k + 1 < len(self.sizes) and self.sizes[k + 1] <= n:
-            k += 1
-        return k
+        return max(0, bisect.bisect_right(self.sizes, n) - 1)  # sizes increase strictly
 
     def gain_within(self, n: int) -> float:
         """Expected tokens emitted when the row's tree is cut to n nodes."""
