@@ -97,10 +97,15 @@ def test_a_list_of_messages_is_one_chat_and_a_list_of_prompts_a_batch():
     assert is_batch([torch.tensor([1, 2])])
 
 
+def ragged_prompts():
+    """Three prompts of different lengths (4, 7, 2 tokens)."""
+    return [torch.tensor([5, 9, 2, 7]), torch.tensor([3, 3, 8, 1, 4, 6, 2]), torch.tensor([13, 11])]
+
+
 def test_ragged_commit_equals_recomputing_each_row():
     """Rows of different lengths commit different paths; afterwards each row's next logits match a plain run."""
     model = tiny_model("llama")
-    prompts = [torch.tensor([5, 9, 2, 7]), torch.tensor([3, 3, 8, 1, 4, 6, 2]), torch.tensor([13, 11])]
+    prompts = ragged_prompts()
     trees = [TokenTree.from_sequences(int(p[-1]), seqs) for p, seqs in
              zip(prompts, ([[1, 2, 3], [4, 5], [1, 6]], [[7, 8]], [[9], [10, 11, 12]]))]
     paths = [trees[0].path_to(int(torch.nonzero(trees[0].tokens == 6))), torch.tensor([0, 1, 2]), torch.tensor([0])]
@@ -162,7 +167,7 @@ def test_batch_of_one_is_the_single_path(tiny):
 def test_a_finished_row_leaves_the_batch_and_the_others_go_on_as_alone():
     """keep_rows drops a row (moving only the live entries) and the kept rows' next logits match a plain run."""
     model = tiny_model("llama")
-    prompts = [torch.tensor([5, 9, 2, 7]), torch.tensor([3, 3, 8, 1, 4, 6, 2]), torch.tensor([13, 11])]
+    prompts = ragged_prompts()
     with torch.inference_mode(), BatchRunner(model) as runner:
         runner.prefill([p[:-1] for p in prompts])
         runner.keep([2, 0])
@@ -208,7 +213,8 @@ def test_cache_memory_never_written_stays_harmless():
     With torch filling uninitialised memory with NaN (deterministic mode), growing the cache and dropping a
     row must still give every row its own logits: masked entries have to be finite."""
     model = tiny_model("llama")
-    prompts = [torch.tensor([5, 9, 2, 7]), torch.tensor([3, 3, 8, 1, 4, 6, 2] * 40), torch.tensor([13, 11])]
+    prompts = ragged_prompts()
+    prompts[1] = prompts[1].repeat(40)  # long enough to pass the cache's initial capacity
     old = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:

@@ -129,4 +129,3 @@ def test_retrieval_and_copy_drafters_equal_plain_decoding(default_model):
         out = specdec.generate(model, tok, rewrite, drafter=drafter, max_new_tokens=48)
         assert out.token_ids == ref, drafter
         assert out.stats.mean_accepted_length > 1.5, (drafter, out.stats.as_dict())
-

@@ -37,17 +37,19 @@ def scored_trees(draw, max_n=8):
     return TokenTree(torch.arange(n), torch.tensor(parents), scores=torch.tensor(scores))
 
 
-def brute_force_best(tree, cost):
-    """The best ratio over every ancestor-closed node set containing the root."""
-    s = monotone_scores(tree)
-    best = 1.0 / cost(1)
-    parents = tree.parents.tolist()
+def closed_subsets(tree):
+    """(nodes, expected tokens) of every ancestor-closed node set containing the root."""
+    s, parents, out = monotone_scores(tree), tree.parents.tolist(), [(1, 1.0)]
     for r in range(1, len(tree)):
         for subset in itertools.combinations(range(1, len(tree)), r):
-            chosen = set(subset) | {0}
-            if all(parents[i] in chosen for i in subset):
-                best = max(best, (1 + sum(float(s[i]) for i in subset)) / cost(len(chosen)))
-    return best
+            if all(parents[i] in set(subset) | {0} for i in subset):
+                out.append((r + 1, 1 + sum(float(s[i]) for i in subset)))
+    return out
+
+
+def brute_force_best(tree, cost):
+    """The best ratio over every ancestor-closed node set containing the root."""
+    return max(gain / cost(n) for n, gain in closed_subsets(tree))
 
 
 @settings(max_examples=120, deadline=None)
@@ -71,17 +73,8 @@ def test_batch_sizing_is_optimal_for_the_padded_forward(trees, jump, slope):
     cost = lambda n: 1.0 if n == 1 else 1.0 + jump + slope * (n - 2)  # noqa: E731
     kept = trim_batch(trees, cost)
     got = sum(1 + float(monotone_scores(t)[1:].sum()) for t in kept) / cost(len(trees) * max(len(t) for t in kept))
-
-    def options(tree):  # (size, gain) of every ancestor-closed subset with the root
-        s, parents, out = monotone_scores(tree), tree.parents.tolist(), [(1, 1.0)]
-        for r in range(1, len(tree)):
-            for subset in itertools.combinations(range(1, len(tree)), r):
-                if all(parents[i] in set(subset) | {0} for i in subset):
-                    out.append((r + 1, 1 + sum(float(s[i]) for i in subset)))
-        return out
-
     best = max(sum(g for _, g in combo) / cost(len(trees) * max(n for n, _ in combo))
-               for combo in itertools.product(*[options(t) for t in trees]))
+               for combo in itertools.product(*[closed_subsets(t) for t in trees]))
     assert got == pytest.approx(best, rel=1e-9)
     for tree, k in zip(trees, kept):
         paths = set(k.token_paths)
