@@ -8,30 +8,38 @@ state at position t (it predicted token x_{t+1}); e(x) the target's own
 (frozen) token embedding; W the target's (frozen) output head, restricted to a
 draft vocabulary; RMSNorm with learnt gain.
 
-* **Attention Decoder** (fuses a state with a token): per attention head j of
-  size D = H / heads,
+* **Attention Decoder** (fuses a state with a token): the token enters as
+  ê = RMSNorm(e(x)) (so it is on the scale of the states), and per attention
+  head j of size D = H / heads,
 
-      g_j   = cos( [W_q RMSNorm(s)]_j , [W_k e]_j )          (one scalar per head)
-      AD(s, e) = s + concat_j( g_j · [W_v e]_j )
+      g_j   = 1 + cos( [W_q RMSNorm(s)]_j , [W_k ê]_j )     (one scalar per head, in [0, 2])
+      AD(s, ê) = s + concat_j( g_j · [W_v ê]_j )
 
-  it lets the token choose which parts of the state to write into.
+  it lets the token choose which parts of the state to write into. W_v starts
+  at zero, so AD starts as the identity on s, and the gate starts near 1, so
+  W_v learns at full rate from the first step.
 * **Augmenting Block**: one decoder layer of the target's own architecture
   (initialised from the target's last layer), run causally over the fused
-  states of the whole sequence, u_t = AD_in(h_t, e(x_{t+1})):
+  states of the whole sequence, u_t = AD_in(h_t, ê_{t+1}), behind a learnt
+  per-channel gate α that starts at zero:
 
-      z_t = RMSNorm( Layer(u_1 .. u_t)_t )
+      z_t = RMSNorm( u_t + α ⊙ (Layer(u_1 .. u_t)_t − u_t) )
 
   it reshapes the states for speculation rather than next-token prediction,
-  and keeps its own KV cache over the committed positions.
+  and keeps its own KV cache over the committed positions. (The layer reads
+  the target's final states, not the inputs its copy was trained on; the
+  gate lets training open it gradually instead of starting from noise.)
 * **Regressive Connection** (the heads): the first draft token comes from z_t,
   every later one from the state updated with the token chosen at its parent:
 
-      s_0 = z_t,                              o_0 = A s_0
-      s_d = AD_r(s_{d-1}, e(y_d)),            o_d = B [s_d ; e(y_d)]      (d >= 1)
+      s_0 = z_t,                              o_0 = s_0 + SiLU(A s_0)
+      s_d = AD_r(s_{d-1}, ê(y_d)),            o_d = s_d + SiLU(B [s_d ; ê(y_d)])      (d >= 1)
       p(y_{d+1} | ...) = softmax( W RMSNorm(o_d) )
 
-  y_1 is drawn from o_0's distribution, y_{d+1} from o_d's. A, B, AD_in, AD_r
-  and the norms are trained; W and e are the target's.
+  y_1 is drawn from o_0's distribution, y_{d+1} from o_d's. A, B, AD_in, AD_r,
+  α and the norms are trained (A and B start at zero, as Medusa's residual
+  blocks do, so every depth starts from the target's own head); W and e are
+  the target's.
 
 Clover-2 keeps the architecture and changes training: knowledge distillation
 (KL to the target's own distribution instead of cross-entropy on its tokens)
@@ -65,7 +73,7 @@ from specdec.tree import TokenTree
 
 __all__ = ["CloverConfig", "CloverHeads", "CloverDrafter", "AttentionDecoder", "decoder_parts"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: gated Augmenting Block, residual heads, normalised token input (format 1 is not read)
 
 
 @dataclass
@@ -92,7 +100,7 @@ class CloverConfig:
 
 
 class AttentionDecoder(nn.Module):
-    """AD(s, e) = s + concat_j(cos([W_q RMSNorm(s)]_j, [W_k e]_j) · [W_v e]_j): a token writes into a state, per head."""
+    """AD(s, ê) = s + concat_j((1 + cos([W_q RMSNorm(s)]_j, [W_k ê]_j)) · [W_v ê]_j): a token writes into a state, per head."""
 
     def __init__(self, hidden: int, heads: int, eps: float) -> None:
         super().__init__()
@@ -102,11 +110,15 @@ class AttentionDecoder(nn.Module):
         nn.init.zeros_(self.v.weight)  # starts as the identity on s: training adds what the token contributes
         nn.init.zeros_(self.v.bias)
 
+    def gate(self, s: Tensor, e: Tensor) -> Tensor:
+        """[..., heads]: 1 + the per-head cosine between the state's query and the token's key."""
+        shape = (*s.shape[:-1], self.heads, s.shape[-1] // self.heads)
+        return 1.0 + F.cosine_similarity(self.q(self.norm(s)).view(shape), self.k(e).view(shape), dim=-1, eps=self.eps)
+
     def forward(self, s: Tensor, e: Tensor) -> Tensor:
         """s, e: [..., H] → [..., H]."""
         shape = (*s.shape[:-1], self.heads, s.shape[-1] // self.heads)
-        gate = F.cosine_similarity(self.q(self.norm(s)).view(shape), self.k(e).view(shape), dim=-1, eps=self.eps)
-        return s + (self.v(e).view(shape) * gate[..., None]).reshape(s.shape)
+        return s + (self.v(e).view(shape) * self.gate(s, e)[..., None]).reshape(s.shape)
 
 
 def decoder_parts(model) -> tuple[nn.Module, nn.Module]:
@@ -137,10 +149,15 @@ class CloverHeads(nn.Module):
         h, eps = config.hidden_size, config.rms_norm_eps
         self.fuse = AttentionDecoder(h, config.attention_heads, eps)  # AD_in
         self.regress = AttentionDecoder(h, config.attention_heads, eps)  # AD_r
+        self.tok_norm = nn.RMSNorm(h, eps=eps)  # ê = RMSNorm(e(x))
         self.first = nn.Linear(h, h)  # A
         self.next = nn.Linear(2 * h, h)  # B
+        for lin in (self.first, self.next):  # residual heads start as the identity (the target's own head)
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
         self.out_norm = nn.RMSNorm(h, eps=eps)
         self.aug_norm = nn.RMSNorm(h, eps=eps)
+        self.aug_gate = nn.Parameter(torch.zeros(h))  # α: the Augmenting Block opens as training finds it useful
         self.layer = None
         if config.augment:
             if layer is None:
@@ -163,11 +180,13 @@ class CloverHeads(nn.Module):
             raise ValueError(f"Clover heads expect an lm_head of shape ({self.config.vocab_size}, {self.config.hidden_size}), "
                              f"got {tuple(lm_head_weight.shape)}")
         self._frozen = (embed, rotary)
-        self._head = lm_head_weight.detach()[self.draft_vocab.to(lm_head_weight.device)]
+        self._head = lm_head_weight.detach()[self.draft_vocab.to(lm_head_weight.device)].to(self.first.weight.dtype)
 
     def embed(self, ids: Tensor) -> Tensor:
+        """ê = RMSNorm(e(ids)): the target's frozen embedding, on the scale of the states."""
         with torch.no_grad():
-            return self._frozen[0](ids).to(self.first.weight.dtype)
+            e = self._frozen[0](ids).to(self.first.weight.dtype)
+        return self.tok_norm(e)
 
     # ------------------------------------------------------------------ the computation
     def encode(self, hidden: Tensor, next_ids: Tensor, position_ids: Tensor, cache=None, mask: Tensor | None = None) -> Tensor:
@@ -177,20 +196,21 @@ class CloverHeads(nn.Module):
         if self.layer is not None:
             cos_sin = self._frozen[1](u, position_ids)
             kwargs = {"cache": cache, "use_cache": cache is not None} if cache is not None else {}
-            u = self.layer(u, attention_mask=mask, position_ids=position_ids, position_embeddings=cos_sin, **kwargs)
-            if isinstance(u, tuple):
-                u = u[0]
+            out = self.layer(u, attention_mask=mask, position_ids=position_ids, position_embeddings=cos_sin, **kwargs)
+            if isinstance(out, tuple):
+                out = out[0]
+            u = u + self.aug_gate * (out - u)
         return self.aug_norm(u)
 
     def head_first(self, z: Tensor) -> Tensor:
-        """o_0 = A z."""
-        return self.first(z)
+        """o_0 = z + SiLU(A z)."""
+        return z + F.silu(self.first(z))
 
     def head_next(self, s: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """s_d = AD_r(s_{d-1}, e(y_d)); o_d = B [s_d ; e(y_d)]. Returns (s_d, o_d)."""
+        """s_d = AD_r(s_{d-1}, ê(y_d)); o_d = s_d + SiLU(B [s_d ; ê(y_d)]). Returns (s_d, o_d)."""
         e = self.embed(token_ids)
         s = self.regress(s, e)
-        return s, self.next(torch.cat([s, e], dim=-1))
+        return s, s + F.silu(self.next(torch.cat([s, e], dim=-1)))
 
     def logits(self, o: Tensor) -> Tensor:
         """[..., H] → [..., V'] over the draft vocabulary, through the target's own output rows."""
@@ -214,6 +234,9 @@ class CloverHeads(nn.Module):
         raw = read_drafter_config(path / "config.json")
         if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
             raise ValueError(f"{path} was saved by a newer specdec (format {raw['format_version']}); upgrade specdec")
+        if raw.get("format_version", 1) < FORMAT_VERSION:
+            raise ValueError(f"{path} holds Clover heads of the first layout (format {raw.get('format_version', 1)}), which this "
+                             f"specdec no longer reads; retrain them (specdec train --recipe clover-smollm2-cpu)")
         config = CloverConfig(**{k: v for k, v in raw.items() if k in CloverConfig.__dataclass_fields__})
         state = read_drafter_weights(path / "model.safetensors")
         if "draft_vocab" not in state:
@@ -230,18 +253,56 @@ class CloverHeads(nn.Module):
 
 @dataclass
 class CloverDrafterConfig:
-    """Spec options: ``clover:PATH,depth=5,beam=6,topk=6``."""
+    """Spec options: ``clover:PATH,depth=5,beam=6,topk=6`` (``sample=true`` for sampling runs: drafts drawn from q)."""
 
     depth: int = 0  # draft depth; 0: the trained num_heads
     beam: int = 6  # nodes kept per depth (by path probability)
     topk: int = 6  # children tried per node
     decay: float = 0.9
+    min_score: float = 0.05  # with a measured cost: stop deepening once every new node's acceptance estimate is below it
+    sample: bool = False  # draw drafts from the heads' distribution and carry it (draft_probs) for speculative sampling
+    dtype: str = "auto"  # the heads' compute dtype: "auto" (measured: bfloat16 where it is faster), or a dtype name
 
     def __post_init__(self) -> None:
         if self.depth < 0 or self.beam < 1 or self.topk < 1:
             raise ValueError("clover options need depth >= 0, beam >= 1 and topk >= 1")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16, float16 or float64, got {self.dtype!r}")
+
+
+_MEASURED: dict = {}
+
+
+def heads_dtype(target: Target, rows: int, choice: str = "auto") -> torch.dtype:
+    """The dtype the heads draft in. Drafts are only guesses the target verifies (and in sampling runs q is
+    computed in that dtype and used as such), so their precision never changes an output; the cost of drafting
+    is reading the heads' weights (mostly the draft-vocabulary rows of the output head, once per depth). With
+    ``auto``, an fp32 target on a CPU drafts in bfloat16 when a bfloat16 product of the head's shape measures
+    faster here (on CPUs with native bf16 it reads half the bytes; elsewhere it is emulated and slower)."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    if target.dtype != torch.float32 or torch.device(target.device).type != "cpu":
+        return target.dtype
+    key = (rows, target.hidden_size, torch.get_num_threads())
+    if key not in _MEASURED:
+        import time
+
+        w = torch.randn(rows, target.hidden_size)
+        x = torch.randn(6, target.hidden_size)
+        best = {}
+        for dt in (torch.float32, torch.bfloat16):
+            wd, xd = w.to(dt), x.to(dt)
+            times = []
+            for _ in range(7):
+                t = time.perf_counter()
+                for _ in range(5):
+                    F.linear(xd, wd)
+                times.append(time.perf_counter() - t)
+            best[dt] = sorted(times)[3]
+        _MEASURED[key] = torch.bfloat16 if best[torch.bfloat16] < 0.8 * best[torch.float32] else torch.float32
+    return _MEASURED[key]
 
 
 @register_drafter("clover")
@@ -280,7 +341,8 @@ class CloverDrafter(Drafter):
             heads = CloverHeads(self.clover_config, layer, rotary, draft_vocab=self._state["draft_vocab"])
             heads.load_state(self._state, self.source)
             self.heads = heads.eval()
-        self.heads.to(device=target.device, dtype=target.dtype)
+        rows = self.clover_config.draft_vocab_size or self.clover_config.vocab_size
+        self.heads.to(device=target.device, dtype=heads_dtype(target, rows, self.options.dtype))
         self.heads.attach(target.input_embeddings, target.output_weight, rotary)
 
     def reset(self, prompt_ids: Tensor) -> None:
@@ -304,41 +366,71 @@ class CloverDrafter(Drafter):
 
     def _tree(self, root: int, z: Tensor) -> TokenTree:
         """Depth by depth: each frontier node's children from the head fed with its own token; the ``beam`` most
-        probable (by path probability under the heads) stay. Nodes are appended in depth order, parents first."""
+        probable (by path probability under the heads) stay. Nodes are appended in depth order, parents first.
+
+        With ``sample`` (for speculative sampling), each node's children are drawn from the head's distribution q
+        without replacement, and every child carries q renormalised over the tokens its earlier siblings took
+        (``draft_probs``: the sampler accepts with p/q, exactly). A node keeps a prefix of its draws, in draw
+        order, with scores that never rise along it, so any trim the engine makes keeps a prefix too.
+        """
         heads, opts = self.heads, self.options
         depth = opts.depth or self.clover_config.num_heads
         vocab = heads.draft_vocab
+        sample = opts.sample
         tokens, parents, score, path_lp = [root], [-1], [1.0], [0.0]
+        q_rows: list[Tensor | None] = [None]
         paths: list[tuple[int, ...]] = [()]
         keys: dict = {}
         logp = torch.log_softmax(heads.logits(heads.head_first(z)).float(), -1)[None]  # [F=1, V']
         frontier, states = [0], z[None]  # the nodes whose children come next, and their states
         for d in range(1, depth + 1):
-            top = logp.topk(min(opts.topk, logp.shape[-1]), dim=-1)  # [F, k]
-            values, ids = top.values.cpu(), top.indices.cpu()
+            k = min(opts.topk, logp.shape[-1])
+            if sample:  # draw order: torch draws without replacement, each draw from what is left, renormalised
+                ids = torch.multinomial(logp.exp(), k, replacement=False, generator=self.target.generator)
+                values = logp.gather(1, ids)
+                values, ids, probs = values.cpu(), ids.cpu(), logp.exp().cpu()
+            else:
+                top = logp.topk(k, dim=-1)  # [F, k]
+                values, ids = top.values.cpu(), top.indices.cpu()
             cand = values + torch.tensor([path_lp[n] for n in frontier])[:, None]
             chosen = torch.topk(cand.flatten(), min(opts.beam, cand.numel())).indices.tolist()
+            if sample:  # as many children per node as the beam gave it, but the first of its draws
+                counts = torch.bincount(torch.tensor(chosen) // k, minlength=len(frontier)).tolist()
+                chosen = [i * k + j for i in range(len(frontier)) for j in range(counts[i])]
             new_frontier, rows, new_tokens = [], [], []
             for f in chosen:
-                i, j = divmod(f, ids.shape[1])
+                i, j = divmod(f, k)
                 parent, tok = frontier[i], int(vocab[ids[i, j]])
                 key = (depth_bucket(d), freq_bucket(float(values[i, j].exp())))
                 tokens.append(tok)
                 parents.append(parent)
                 path_lp.append(float(cand[i, j]))
-                score.append(score[parent] * self.rates[key])
+                s_new = score[parent] * self.rates[key]
+                if sample:
+                    if j:  # never above the sibling drawn before it
+                        s_new = min(s_new, score[-1])
+                    left = probs[i].clone()
+                    left[ids[i, :j]] = 0.0
+                    q = torch.zeros(self.vocab_size, dtype=torch.float32)
+                    q[vocab.cpu()] = left / left.sum().clamp(min=1e-30)
+                    q_rows.append(q)
+                score.append(s_new)
                 paths.append(paths[parent] + (tok,))
                 keys[paths[-1]] = key
                 new_frontier.append(len(tokens) - 1)
                 rows.append(i)
                 new_tokens.append(tok)
-            if d == depth:
-                break
+            if d == depth or (self.target.cost is not None and max(score[n] for n in new_frontier) < opts.min_score):
+                break  # (nodes that unlikely are trimmed by the engine anyway: drafting deeper would be wasted)
             s, o = heads.head_next(states[rows], torch.tensor(new_tokens, device=states.device))
             logp = torch.log_softmax(heads.logits(o).float(), -1)
             frontier, states = new_frontier, s
         self._keys = keys
-        return TokenTree(torch.tensor(tokens), torch.tensor(parents), scores=torch.tensor(score))
+        tree = TokenTree(torch.tensor(tokens), torch.tensor(parents), scores=torch.tensor(score))
+        if sample:
+            q_rows[0] = torch.zeros(self.vocab_size, dtype=torch.float32)
+            tree.draft_probs = torch.stack(q_rows)
+        return tree
 
     def observe(self, result: StepResult) -> None:
         if self._keys:

@@ -162,16 +162,25 @@ class PPDDrafterConfig:
     topk: int = 8  # candidates per depth
     tree: int = 64  # size of the candidate sparse tree (the engine trims it to what pays)
     decay: float = 0.9
+    prompts: int = 0  # prompt tokens attached per carrier: 0 = chosen each step from the measured cost (all m without one)
+    min_score: float = 0.05  # drafts below this acceptance estimate are expected to be trimmed (for the cost estimate)
 
     def __post_init__(self) -> None:
-        if self.attach < 0 or self.topk < 1 or self.tree < 1:
-            raise ValueError("ppd options need attach >= 0, topk >= 1 and tree >= 1")
+        if self.attach < 0 or self.topk < 1 or self.tree < 1 or self.prompts < 0:
+            raise ValueError("ppd options need attach >= 0, topk >= 1, tree >= 1 and prompts >= 0")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
 
 
 # per-depth top-k accuracies to build sparse trees from when a checkpoint has none measured
 _FALLBACK_ACCURACY = [[0.35, 0.08, 0.04, 0.03, 0.02], [0.2, 0.06, 0.03, 0.02, 0.02], [0.12, 0.04, 0.03, 0.02, 0.01]]
+
+
+def _shape(paths: list[tuple[int, ...]]) -> tuple[Tensor, list[int], list[int]]:
+    """(parents, depth, choice) per node of the tree of ``paths`` (node 0: the root)."""
+    parents, choices = parents_from_paths(paths)
+    depths = TokenTree(torch.zeros_like(parents), parents).depths
+    return parents, depths.tolist(), choices.tolist()
 
 
 @register_drafter("ppd")
@@ -187,18 +196,21 @@ class PPDDrafter(Drafter):
         m = tokens.config.num_prompt_tokens
         acc = tokens.config.extra.get("heldout_accuracy") or _FALLBACK_ACCURACY
         self.accuracy = [row[: self.options.topk] for row in (acc + [acc[-1]] * m)[:m]]
-        self.paths = tree_from_accuracies(self.accuracy, self.options.tree)
-        self.parents, choices = parents_from_paths(self.paths)
-        depths = TokenTree(torch.zeros_like(self.parents), self.parents).depths
-        self.node_depth, self.node_choice = depths.tolist(), choices.tolist()
+        # one sparse tree per number of prompt tokens that rode below the accepted node (k guesses: depth <= k)
+        self.shapes = {k: _shape(tree_from_accuracies(self.accuracy[:k], self.options.tree)) for k in range(1, m + 1)}
         self.rates = AcceptanceRates(self._prior, self.options.decay)
-        self._guesses: Tensor | None = None  # [m, topk] candidate ids from the last accepted node's prompt tokens
+        self._guesses: Tensor | None = None  # [k, topk] candidate ids from the last accepted node's prompt tokens
         self._keys: dict = {}
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "PPDDrafter":
         opts = config_from_options(PPDDrafterConfig, kwargs, cls.name)
         return cls(PromptTokens.from_pretrained(drafter_path(args, "ppd-smollm2-135m", cls.name)), opts)
+
+    def sparse_trees(self, budgets: tuple[int, ...] = (2, 4, 8, 16, 32)) -> dict[int, dict[int, list[tuple[int, ...]]]]:
+        """The offline sparse trees: for k prompt tokens below the accepted node and each node budget, the draft
+        paths as rank tuples (``(0, 1)``: top-1 at depth 1, then rank 2 at depth 2), best first."""
+        return {k: {b: tree_from_accuracies(self.accuracy[:k], b) for b in budgets} for k in self.shapes}
 
     def _prior(self, key: tuple[int, int]) -> float:
         depth, choice = key
@@ -224,16 +236,45 @@ class PPDDrafter(Drafter):
         embeds = self.tokens.embeds.detach()
         self._keys = {}
         if self._guesses is None:  # nothing to draft yet: only the prompt tokens ride along
-            return attach_prompt_tokens(TokenTree.root_only(state.root), [0], embeds)
-        g = self._guesses
-        tokens = [state.root] + [int(g[d - 1, c]) for d, c in zip(self.node_depth[1:], self.node_choice[1:])]
-        tree = TokenTree(torch.tensor(tokens), self.parents)
-        keys = list(zip(self.node_depth, self.node_choice))
-        tree.scores = torch.tensor(self.rates.path_scores(self.parents.tolist(), keys))
-        paths = tree.token_paths
-        self._keys = {paths[i]: keys[i] for i in range(1, len(tree))}
-        best = sorted(range(1, len(tree)), key=lambda i: (-float(tree.scores[i]), i))[: self.options.attach]
-        return attach_prompt_tokens(tree, [0] + best, embeds)
+            tree, carriers = TokenTree.root_only(state.root), [0]
+        else:
+            g = self._guesses
+            parents, depth, choice = self.shapes[g.shape[0]]
+            tokens = [state.root] + [int(g[d - 1, c]) for d, c in zip(depth[1:], choice[1:])]
+            tree = TokenTree(torch.tensor(tokens), parents)
+            keys = list(zip(depth, choice))
+            tree.scores = torch.tensor(self.rates.path_scores(parents.tolist(), keys))
+            paths = tree.token_paths
+            self._keys = {paths[i]: keys[i] for i in range(1, len(tree))}
+            best = sorted(range(1, len(tree)), key=lambda i: (-float(tree.scores[i]), i))[: self.options.attach]
+            carriers = [0] + best
+        count = self.prompt_count(tree, len(carriers))
+        return attach_prompt_tokens(tree, carriers, embeds[:count]) if count else tree
+
+    def prompt_count(self, tree: TokenTree, carriers: int) -> int:
+        """How many prompt tokens to hang below each carrier this step (the hardware-aware part for the prompts).
+
+        Prompt token i buys the next step a draft at depth i, worth about the chance that the top-1 chain down
+        to depth i is right (the running estimates); it costs its share of this forward, ``v(base + i·c) −
+        v(base + (i−1)·c)`` for c carriers × virtual tokens, over the drafts this tree is expected to keep. The
+        count with the largest gain minus cost wins, so on a device where extra nodes are dear and the prompt
+        tokens guess badly, steps go without them (a plain step) rather than paying for guesses that do not pay.
+        """
+        m = self.tokens.config.num_prompt_tokens
+        cost = getattr(self, "target", None) and self.target.cost
+        if self.options.prompts or cost is None:
+            return min(self.options.prompts or m, m)
+        scores = tree.scores
+        base = 1 + (int((scores[1:] >= self.options.min_score).sum()) if scores is not None else 0)
+        per = carriers * self.tokens.config.num_virtual
+        best, best_value, gain, chain = 0, 0.0, 0.0, 1.0
+        for i in range(1, m + 1):
+            chain *= self.rates[(i, 0)]
+            gain += chain
+            value = gain - (cost(base + i * per) - cost(base))
+            if value > best_value:
+                best, best_value = i, value
+        return best
 
     def observe(self, result: StepResult) -> None:
         if self._keys:
@@ -260,10 +301,11 @@ class PPDDrafter(Drafter):
                 if not nxt or len(chain) == m:
                     break
                 node = nxt[0]
-            if len(chain) != m:
+            if rows and len(chain) != len(rows[0]):
                 return None
             rows.append(chain)
-        logits = result.aux_logits[torch.tensor(rows).T.reshape(-1)].reshape(m, v, -1)  # [m, v, V]
+        k = len(rows[0])  # the prompt tokens that rode below it this step
+        logits = result.aux_logits[torch.tensor(rows).T.reshape(-1)].reshape(k, v, -1)  # [k, v, V]
         with torch.no_grad():
             agg = self.tokens.aggregate(logits.float())
         return agg.topk(self.options.topk, dim=-1).indices.cpu()

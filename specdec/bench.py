@@ -223,6 +223,7 @@ def run_bench(
     model, tokenizer, drafters: list[str], questions: list[dict], *, out_dir: str | Path, model_name: str,
     max_new_tokens: int = 128, temperature: float = 0.0, repeats: int = 1, profile: bool = False,
     multi_turn: bool = False, progress: bool = True, fast: bool = True, passes: int = 1, reuse_drafter: bool = False,
+    size_trees: bool = True,
 ) -> dict:
     """Run the benchmark and write ``report.json``, ``report.md`` and plots into ``out_dir``; return the report.
 
@@ -230,6 +231,8 @@ def run_bench(
     ``reuse_drafter`` each drafter spec is built once and kept across all
     prompts and passes, so drafters that learn from earlier outputs (``suffix``)
     get faster on the later passes. Each entry then has ``by_pass`` metrics.
+    ``size_trees=False`` drafts every tree at the size its spec gives (comparing drafters at one node budget)
+    instead of the size that pays on this machine's measured cost.
     """
     from specdec.drafters import build_drafter
 
@@ -239,7 +242,7 @@ def run_bench(
         raise ValueError("repeats and passes must be >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    options = {"fast": fast}
+    options = {"fast": fast, "size_trees": size_trees}
     cost = _cost_profile(model, fast)
     items = [((qid, turn, p), cat, ids) for p in range(passes) for (qid, turn), cat, ids in _prompts(tokenizer, questions, multi_turn, model, max_new_tokens)]
     ours = list(drafters) if PLAIN in drafters else [PLAIN] + list(drafters)
@@ -281,7 +284,7 @@ def run_bench(
         counter.handle.remove()
     prompts = {k: ids for k, _, ids in items}
     report = _report(model, model_name, methods, runs, keys, prompts, max_new_tokens, temperature, profile, partial, fast, cost)
-    report.update(passes=passes, reuse_drafter=reuse_drafter)
+    report.update(passes=passes, reuse_drafter=reuse_drafter, size_trees=size_trees)
     _write(report, out)
     return report
 
@@ -391,7 +394,8 @@ def _markdown(report: dict, plots: list[str]) -> str:
         f"# specdec bench: {report['model']}",
         "",
         f"device {report['device']}, {report['dtype']}, {report['threads']} threads, max_new_tokens {report['max_new_tokens']}, "
-        f"temperature {report['temperature']}, fast kernels {'on' if report['fast'] else 'off'}, specdec {report['specdec_version']}"
+        f"temperature {report['temperature']}, fast kernels {'on' if report['fast'] else 'off'}, "
+        f"trees {'sized to the measured cost' if report.get('size_trees', True) else 'at their spec size'}, specdec {report['specdec_version']}"
         + (" — **partial (interrupted)**" if report["partial"] else ""),
         "",
         "τ = new tokens per target forward; speed-up = Σ baseline wall time / Σ wall time over the same prompts "

@@ -20,6 +20,7 @@ def random_heads(model, depth=3, draft=None, augment=True, seed=0):
     for p in heads.parameters():  # random, so drafts are not all the same token
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.3)
+    torch.nn.init.uniform_(heads.aug_gate, 0.2, 1.0)  # the Augmenting Block open, so drafting runs through it
     return heads.to(model.dtype)
 
 
@@ -28,9 +29,35 @@ def test_attention_decoder_starts_as_the_identity_and_mixes_per_head():
     s, e = torch.randn(3, 8), torch.randn(3, 8)
     torch.testing.assert_close(ad(s, e), s)  # W_v = 0 at start
     torch.nn.init.normal_(ad.v.weight)
-    gate = torch.nn.functional.cosine_similarity(ad.q(ad.norm(s)).view(3, 2, 4), ad.k(e).view(3, 2, 4), dim=-1)
+    gate = 1 + torch.nn.functional.cosine_similarity(ad.q(ad.norm(s)).view(3, 2, 4), ad.k(e).view(3, 2, 4), dim=-1)
     expected = s + (ad.v(e).view(3, 2, 4) * gate[..., None]).reshape(3, 8)
     torch.testing.assert_close(ad(s, e), expected)
+
+
+def test_untrained_heads_start_from_the_targets_own_head():
+    """A, B and W_v start at zero and the Augmenting Block's gate is shut, so every depth first predicts what the
+    target's own head predicts from h (training starts from the target, as Medusa's residual blocks do)."""
+    model = tiny_model("llama")
+    layer, rotary = decoder_parts(model)
+    cfg = CloverConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size, num_heads=3,
+                       attention_heads=model.config.num_attention_heads)
+    w = model.get_output_embeddings().weight
+    heads = CloverHeads(cfg, layer, rotary, model.get_input_embeddings(), w).to(model.dtype)
+    hidden = torch.randn(1, 5, cfg.hidden_size, dtype=model.dtype)
+    z = heads.encode(hidden, torch.tensor([[3, 4, 5, 6, 7]]), torch.arange(5)[None])
+    expected = (hidden @ w.T).argmax(-1)
+    assert torch.equal(heads.logits(heads.head_first(z)).argmax(-1), expected)
+    _, o = heads.head_next(z, torch.tensor([[8, 9, 10, 11, 12]]))
+    assert torch.equal(heads.logits(o).argmax(-1), expected)
+
+
+def test_first_layout_checkpoints_are_a_clear_error(tmp_path):
+    model = tiny_model("llama")
+    random_heads(model).save_pretrained(tmp_path / "old")
+    raw = json.loads((tmp_path / "old" / "config.json").read_text())
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**raw, "format_version": 1}))
+    with pytest.raises(ValueError, match="first layout.*retrain"):
+        specdec.drafters.build_drafter(f"clover:{tmp_path / 'old'}")
 
 
 @pytest.mark.parametrize("kind", ["augment", "no-augment", "draft-vocab", "fused"])

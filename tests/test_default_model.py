@@ -47,7 +47,7 @@ def test_every_drafter_equals_plain_decoding_and_hf_up_to_near_ties(default_mode
     ids = prepare_input_ids(tok, msgs)
     plain = specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=48).token_ids
     assert_near_tie_if_different(model, ids, plain, hf_greedy(model, ids, 48))
-    for drafter in ("prompt-lookup", "medusa", "medusa+prompt-lookup"):
+    for drafter in ("prompt-lookup", "medusa", "medusa+prompt-lookup", "clover", "clover+prompt-lookup", "ppd", "ppd+medusa"):
         out = specdec.generate(model, tok, msgs, drafter=drafter, max_new_tokens=48)
         assert out.token_ids == plain, drafter
         assert out.text == tok.decode(plain, skip_special_tokens=True)
@@ -80,6 +80,25 @@ def test_shipped_medusa_heads_accept_tokens(default_model):
         out = specdec.generate(model, tok, msgs, drafter=drafter, max_new_tokens=48, size_trees=False)
         assert out.token_ids == plain, drafter
         assert out.stats.mean_accepted_length > 1.2, out.stats.as_dict()
+
+
+def test_shipped_clover_heads_draft_further_than_medusa_and_ppd_tokens_accept(default_model):
+    """Shipped drafters at their whole candidate trees (sizing off, as for Medusa above): Clover's regressive heads
+    get more tokens per step than Medusa's independent heads on the same prompts, and PPD's prompt tokens draft
+    tokens that are accepted; every output equals plain decoding."""
+    model, tok = default_model
+    prompts = [[{"role": "user", "content": q}] for q in ("Explain what a hash table is in two sentences.", CHAT[1])]
+    tau = {}
+    for drafter in ("medusa", "clover", "ppd", "ppd+prompt-lookup"):
+        steps = tokens = 0
+        for msgs in prompts:
+            plain = specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=48).token_ids
+            out = specdec.generate(model, tok, msgs, drafter=drafter, max_new_tokens=48, size_trees=False)
+            assert out.token_ids == plain, drafter
+            steps, tokens = steps + out.stats.target_forwards, tokens + out.stats.new_tokens
+        tau[drafter] = tokens / steps
+    assert tau["clover"] > 1.1 * tau["medusa"], tau
+    assert tau["ppd"] > 1.1 and tau["ppd+prompt-lookup"] > 1.1, tau
 
 
 def test_bf16_speculation_differs_from_bf16_plain_decoding_only_at_near_ties(default_model):

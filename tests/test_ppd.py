@@ -49,8 +49,10 @@ def test_ppd_equals_greedy_and_never_accepts_or_commits_a_prompt_token(tiny, v):
         for sized in (True, False):
             out = specdec.generate(tiny, None, ids, drafter=drafter, max_new_tokens=20, size_trees=sized)
             assert out.token_ids == ref
-    for r in drafter.results:
-        assert r.tree.auxiliary is not None and not bool(r.tree.auxiliary[r.path].any())
+    carried = [r for r in drafter.results if r.tree.auxiliary is not None]  # sized steps may go without prompt tokens
+    assert len(carried) >= len(drafter.results) // 2
+    for r in carried:
+        assert not bool(r.tree.auxiliary[r.path].any())
         assert r.aux_logits.shape[0] == int(r.tree.auxiliary.sum())
     # the KV after a step with prompt tokens is exactly the committed tokens'
     tree = attach_prompt_tokens(TokenTree.from_sequences(int(ids[-1]), [[3, 4]]), [0, 1], drafter.tokens.embeds.detach())
@@ -61,6 +63,40 @@ def test_ppd_equals_greedy_and_never_accepts_or_commits_a_prompt_token(tiny, v):
         plain.prefill(torch.cat([ids, torch.tensor([3])]))
         assert runner.prefix_len == plain.prefix_len == ids.numel() + 1
         torch.testing.assert_close(runner.cache.layers[0].keys, plain.cache.layers[0].keys, rtol=1e-9, atol=1e-9)
+
+
+def test_prompt_tokens_attached_only_where_their_guesses_pay_for_their_nodes():
+    """The count per step weighs the running top-1 chain estimates against the measured cost of the extra nodes."""
+    from types import SimpleNamespace
+
+    d = PPDDrafter(random_tokens(tiny_model("llama"), m=3), PPDDrafterConfig())
+    root = TokenTree.root_only(7)
+    d.target = SimpleNamespace(cost=None)
+    assert d.prompt_count(root, 1) == 3  # no measured cost: all of them
+    d.target = SimpleNamespace(cost=lambda n: 1.0)  # extra nodes are free: all of them
+    assert d.prompt_count(root, 1) == 3
+    d.target = SimpleNamespace(cost=lambda n: 1.0 + 0.5 * (n - 1))  # every node costs half a step: none pays
+    assert d.prompt_count(root, 1) == 0
+    rate = d.rates[(1, 0)]
+    d.target = SimpleNamespace(cost=lambda n: 1.0 + 0.8 * rate * (n - 1))  # the first pays, the deeper chain does not
+    assert d.prompt_count(root, 1) == 1
+    tree = d.propose(SimpleNamespace(root=7))
+    assert len(tree) == 2 and bool(tree.auxiliary[1])
+    d.options.prompts = 2  # fixed by the user
+    assert d.prompt_count(root, 1) == 2
+
+
+def test_one_sparse_tree_per_number_of_prompt_tokens_and_budget():
+    d = PPDDrafter(random_tokens(tiny_model("llama"), m=3), PPDDrafterConfig())
+    trees = d.sparse_trees((2, 8))
+    assert sorted(trees) == [1, 2, 3]
+    for k, by_budget in trees.items():
+        for b, paths in by_budget.items():
+            assert len(paths) <= b and max(map(len, paths)) <= k
+            assert all(p[:-1] in paths or len(p) == 1 for p in paths)  # ancestor-closed
+    ranks = len(d.accuracy[0])
+    assert trees[1][8] == [(i,) for i in range(min(8, ranks))]  # one prompt token: one depth, ranks best first
+    assert trees[3][8] != trees[1][8] and len(trees[3][8]) == 8
 
 
 def test_ppd_fused_with_prompt_lookup_is_lossless(tiny):

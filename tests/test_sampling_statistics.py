@@ -64,7 +64,10 @@ class FarQDrafter(Drafter):
 
 @pytest.fixture(scope="module")
 def target():
-    return TableModel(model_logits_fn(tiny_model("llama", vocab_size=VOCAB, seed=5)), VOCAB)
+    return TableModel(model_logits_fn(tiny_model("llama", vocab_size=VOCAB, seed=5)), VOCAB, hidden_size=HIDDEN)
+
+
+HIDDEN = 8
 
 
 def exact_joint(target, config):
@@ -113,11 +116,43 @@ def draft_model_drafter(target):
     return d
 
 
+def clover_drafter(target):
+    """Clover heads (random, no Augmenting Block) drawing their drafts from q and carrying it."""
+    from specdec.drafters.base import Target
+    from specdec.drafters.clover import CloverConfig, CloverDrafter, CloverDrafterConfig, CloverHeads
+
+    torch.manual_seed(4)
+    cfg = CloverConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=2, attention_heads=2, augment=False)
+    heads = CloverHeads(cfg, None, None, target.get_input_embeddings(), target.get_output_embeddings().weight.float())
+    for p in heads.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.5)
+    heads = heads.to(torch.float64)
+    d = CloverDrafter.from_heads(heads, CloverDrafterConfig(beam=3, topk=2, sample=True))
+    d.bind(Target.of(target, seed=3))
+    return d
+
+
+def ppd_drafter(target):
+    """PPD with random prompt tokens: point-mass drafts read from the prompt tokens' outputs."""
+    from specdec.drafters.base import Target
+    from specdec.drafters.ppd import PPDConfig, PPDDrafter, PPDDrafterConfig, PromptTokens
+
+    torch.manual_seed(6)
+    tokens = PromptTokens(PPDConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_prompt_tokens=2)).to(torch.float64)
+    torch.nn.init.normal_(tokens.embeds, std=1.0)
+    d = PPDDrafter(tokens, PPDDrafterConfig(topk=2, tree=4))
+    d.bind(Target.of(target, seed=3))
+    return d
+
+
 DRAFTERS = {
     "prompt-lookup": lambda target: PromptLookupDrafter(PromptLookupConfig(adaptive=False, min_ngram=1, num_tokens=3)),
     "bad": lambda target: BadDrafter(),
     "far-q": lambda target: FarQDrafter(),
     "draft-model": draft_model_drafter,
+    "clover": clover_drafter,
+    "ppd": ppd_drafter,
 }
 
 
@@ -128,6 +163,25 @@ def test_speculative_sampling_matches_the_exact_distribution(target, name, confi
     counts = sample_counts(target, DRAFTERS[name](target), SpeculativeSampler(config), SAMPLES, seed=11)
     assert sum(counts.values()) == SAMPLES
     assert chi_square_pvalue(counts, probs, SAMPLES) > 0.001
+
+
+def test_clover_sampling_drafts_carry_their_distribution(target):
+    """Sampled Clover drafts: each child's draft_probs row is q without its earlier siblings' tokens, and siblings
+    come in draw order with scores that never rise."""
+    from specdec.drafters.base import DraftState
+
+    d = clover_drafter(target)
+    d.reset(PROMPT)
+    hidden = torch.stack([target._hidden(tuple(PROMPT[: i + 1].tolist())) for i in range(len(PROMPT))])
+    ids = torch.cat([PROMPT, torch.tensor([2])])  # the prompt, then the first token (the root), as the engine hands them
+    tree = d.propose(DraftState(ids, len(PROMPT), hidden, 0))
+    assert tree.draft_probs is not None and tree.draft_probs.shape == (len(tree), VOCAB)
+    for node in range(1, len(tree)):
+        row = tree.draft_probs[node]
+        assert abs(float(row.sum()) - 1.0) < 1e-6 and float(row[tree.tokens[node]]) > 0
+        earlier = [c for c in tree.children[int(tree.parents[node])] if c < node]
+        assert all(float(row[tree.tokens[c]]) == 0.0 for c in earlier)
+        assert all(float(tree.scores[c]) >= float(tree.scores[node]) for c in earlier)
 
 
 @pytest.mark.parametrize("name", ["bad", "far-q"])
