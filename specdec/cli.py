@@ -185,7 +185,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--profile", action="store_true", help="add the per-step time breakdown (draft, forward, accept, commit, other)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="model dtype (default float32); HF generate runs the same model, so the same dtype")
     p.add_argument("--no-fast", dest="fast", action="store_false", help="specdec runs with the model's own kernels instead of the measured fast ones")
-    p.add_argument("--no-size-trees", dest="size_trees", action="store_false", help="draft every tree at its spec's size instead of the size that pays on this machine (to compare drafters at one node budget)")
+    p.add_argument("--no-size-trees", dest="size_trees", action="store_false", help="draft every tree at its spec's size instead of the size that pays on this machine")
+    p.add_argument("--node-budget", type=int, default=0, help="cut every drafter's tree to its N best nodes by its own scores: tau of drafters at one node budget (0: off)")
     p.add_argument("--batch-size", type=int, action="append", default=None, help="throughput mode: generate in batches of this size (repeatable, e.g. --batch-size 1 --batch-size 4 --batch-size 16) and report tokens/s against HF batched greedy")
     p.add_argument("--passes", type=int, default=1, help="run the prompt set this many times (a repeated workload; default: %(default)s)")
     p.add_argument("--reuse-drafter", action="store_true", help="keep one drafter per spec across all prompts and passes, so drafters that learn from earlier outputs (suffix) can")
@@ -220,7 +221,7 @@ def _cmd_bench(args) -> int:
         model, tokenizer, args.drafter, questions, out_dir=args.out, model_name=str(args.model),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
         profile=args.profile, multi_turn=args.multi_turn, fast=args.fast, passes=args.passes, reuse_drafter=args.reuse_drafter,
-        size_trees=args.size_trees,
+        size_trees=args.size_trees, node_budget=args.node_budget,
     )
     for e in report["runs"]:
         m = e["overall"]

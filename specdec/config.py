@@ -132,6 +132,9 @@ class GenerationConfig:
         size_trees: trim every drafter's tree to the size that pays on this
             machine (:mod:`specdec.sizing`, from the measured cost profile).
         max_tree_nodes: the most nodes one verifying forward may hold.
+        node_budget: > 0: every tree that carries scores is cut to its ``node_budget`` best nodes by them
+            (as if nodes cost nothing up to that size), whatever this machine's cost: drafters compared at
+            one budget. Overrides ``size_trees`` and ``max_tree_nodes``.
     """
 
     max_new_tokens: int = 256
@@ -151,8 +154,11 @@ class GenerationConfig:
     dtype: str | None = None
     size_trees: bool = True
     max_tree_nodes: int = 64
+    node_budget: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.node_budget, bool) or not isinstance(self.node_budget, int) or self.node_budget < 0:
+            raise ValueError(f"node_budget must be an integer >= 0 (0: off), got {self.node_budget!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(self.stop or ())

@@ -17,6 +17,8 @@ The prefill runs the whole prompt and yields the first new token (as HF
 
 from __future__ import annotations
 
+import functools
+
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -359,8 +361,15 @@ def _setup(model, tokenizer, prompts: list, drafter, config: GenerationConfig | 
     attn = resolve_backend(config.attn, device)
     fast, profile = _hardware(model, config, attn)  # the first model work: everything above is validated
     cost = profile.cost if profile is not None and config.size_trees else None
+    if config.node_budget:
+        cost = functools.partial(_flat_cost, budget=config.node_budget)
     target.cost, target.step_ms = cost, (profile.step_ms if profile is not None else None)
     return _Run(inputs, drafter_obj, verifier, config, stop_checker, generator, attn, fast, cost)
+
+
+def _flat_cost(n: int, budget: int) -> float:
+    """A forward costs one step up to ``budget`` nodes and never pays beyond: trees keep their best ``budget``."""
+    return 1.0 if n <= budget else float("inf")
 
 
 def _hardware(model, config: GenerationConfig, attn: str):
@@ -379,7 +388,7 @@ def _events(model, tokenizer, run: _Run, stats: list[GenerationStats]) -> Iterat
     if c.max_new_tokens == 0:
         return iter(())
     common = dict(max_new_tokens=c.max_new_tokens, eos_ids=_eos_ids(model, tokenizer), generator=run.generator, attn=run.attn,
-                  fast=run.fast, route=c.fast, cost=run.cost, max_nodes=c.max_tree_nodes)
+                  fast=run.fast, route=c.fast, cost=run.cost, max_nodes=c.node_budget or c.max_tree_nodes)
     if len(run.inputs) == 1:
         steps = decode_steps(model, run.inputs[0], run.drafter, run.verifier, stop=run.stop, stats=stats[0], **common)
         return ((0, e) for e in steps)

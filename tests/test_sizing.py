@@ -146,3 +146,27 @@ def test_learn_updates_judged_nodes_and_relaxes_trimmed_ones():
 def test_trees_without_scores_are_verified_as_proposed():
     tree = TokenTree.from_sequences(3, [[1, 2, 3, 4]])
     assert trim(tree, cost_table({1: 1.0, 2: 5.0})) is tree
+
+
+def test_node_budget_cuts_every_tree_to_its_best_nodes_and_stays_lossless():
+    """node_budget=N: every verified tree holds at most N nodes whatever the machine's cost, output unchanged."""
+    import specdec
+    from conftest import tiny_model
+    from specdec.drafters import PromptLookupConfig, PromptLookupDrafter
+
+    class Recording(PromptLookupDrafter):
+        def observe(self, result):
+            self.sizes = getattr(self, "sizes", []) + [len(result.tree)]
+            super().observe(result)
+
+    model = tiny_model("llama")
+    ids = torch.tensor([4, 5, 6, 7, 8, 4, 5, 6, 7, 8, 4, 5, 6])
+    plain = specdec.generate(model, None, ids, drafter="none", max_new_tokens=20).token_ids
+    wide = Recording(PromptLookupConfig(min_ngram=1, num_tokens=6))
+    assert specdec.generate(model, None, ids, drafter=wide, max_new_tokens=20, size_trees=False).token_ids == plain
+    assert max(wide.sizes) > 3
+    cut = Recording(PromptLookupConfig(min_ngram=1, num_tokens=6))
+    assert specdec.generate(model, None, ids, drafter=cut, max_new_tokens=20, node_budget=3).token_ids == plain
+    assert max(cut.sizes) <= 3 and max(cut.sizes) > 1
+    with pytest.raises(ValueError, match="node_budget"):
+        specdec.generate(model, None, ids, drafter="none", max_new_tokens=2, node_budget=-1)
