@@ -287,6 +287,7 @@ def heads_dtype(target: Target, rows: int, choice: str = "auto") -> torch.dtype:
         return target.dtype
     key = (rows, target.hidden_size, torch.get_num_threads())
     if key not in _MEASURED:
+        import statistics
         import time
 
         w = torch.randn(rows, target.hidden_size)
@@ -300,7 +301,7 @@ def heads_dtype(target: Target, rows: int, choice: str = "auto") -> torch.dtype:
                 for _ in range(5):
                     F.linear(xd, wd)
                 times.append(time.perf_counter() - t)
-            best[dt] = sorted(times)[3]
+            best[dt] = statistics.median(times)
         _MEASURED[key] = torch.bfloat16 if best[torch.bfloat16] < 0.8 * best[torch.float32] else torch.float32
     return _MEASURED[key]
 
@@ -377,6 +378,7 @@ class CloverDrafter(Drafter):
         depth = opts.depth or self.clover_config.num_heads
         vocab = heads.draft_vocab
         sample = opts.sample
+        vocab_cpu = vocab.cpu() if sample else None
         tokens, parents, score, path_lp = [root], [-1], [1.0], [0.0]
         q_rows: list[Tensor | None] = [None]
         paths: list[tuple[int, ...]] = [()]
@@ -386,9 +388,9 @@ class CloverDrafter(Drafter):
         for d in range(1, depth + 1):
             k = min(opts.topk, logp.shape[-1])
             if sample:  # draw order: torch draws without replacement, each draw from what is left, renormalised
-                ids = torch.multinomial(logp.exp(), k, replacement=False, generator=self.target.generator)
-                values = logp.gather(1, ids)
-                values, ids, probs = values.cpu(), ids.cpu(), logp.exp().cpu()
+                p = logp.exp()
+                ids = torch.multinomial(p, k, replacement=False, generator=self.target.generator)
+                values, ids, probs = logp.gather(1, ids).cpu(), ids.cpu(), p.cpu()
             else:
                 top = logp.topk(k, dim=-1)  # [F, k]
                 values, ids = top.values.cpu(), top.indices.cpu()
@@ -412,7 +414,7 @@ class CloverDrafter(Drafter):
                     left = probs[i].clone()
                     left[ids[i, :j]] = 0.0
                     q = torch.zeros(self.vocab_size, dtype=torch.float32)
-                    q[vocab.cpu()] = left / left.sum().clamp(min=1e-30)
+                    q[vocab_cpu] = left / left.sum().clamp(min=1e-30)
                     q_rows.append(q)
                 score.append(s_new)
                 paths.append(paths[parent] + (tok,))

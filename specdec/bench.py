@@ -231,8 +231,8 @@ def run_bench(
     ``reuse_drafter`` each drafter spec is built once and kept across all
     prompts and passes, so drafters that learn from earlier outputs (``suffix``)
     get faster on the later passes. Each entry then has ``by_pass`` metrics.
-    ``size_trees=False`` drafts every tree at the size its spec gives (comparing drafters at one node budget)
-    instead of the size that pays on this machine's measured cost; ``node_budget=N`` cuts every drafter's
+    ``size_trees=False`` drafts every tree at the size its spec gives instead of the size that pays on this
+    machine's measured cost; ``node_budget=N`` cuts every drafter's
     tree to its N best nodes by its own scores (τ at one budget; the timings then say nothing about speed).
     """
     from specdec.drafters import build_drafter

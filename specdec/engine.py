@@ -17,8 +17,6 @@ The prefill runs the whole prompt and yields the first new token (as HF
 
 from __future__ import annotations
 
-import functools
-
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -361,15 +359,15 @@ def _setup(model, tokenizer, prompts: list, drafter, config: GenerationConfig | 
     attn = resolve_backend(config.attn, device)
     fast, profile = _hardware(model, config, attn)  # the first model work: everything above is validated
     cost = profile.cost if profile is not None and config.size_trees else None
-    if config.node_budget:
-        cost = functools.partial(_flat_cost, budget=config.node_budget)
+    if config.node_budget:  # nodes cost nothing, and max_nodes = node_budget caps every tree (each row of a batch too)
+        cost = _free
     target.cost, target.step_ms = cost, (profile.step_ms if profile is not None else None)
     return _Run(inputs, drafter_obj, verifier, config, stop_checker, generator, attn, fast, cost)
 
 
-def _flat_cost(n: int, budget: int) -> float:
-    """A forward costs one step up to ``budget`` nodes and never pays beyond: trees keep their best ``budget``."""
-    return 1.0 if n <= budget else float("inf")
+def _free(n: int) -> float:
+    """A forward of any size costs one step: trimming then keeps the best nodes that fit in ``max_nodes``."""
+    return 1.0
 
 
 def _hardware(model, config: GenerationConfig, attn: str):
