@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from specdec.engine import generate, histogram, prepare_input_ids
+from specdec.kernels import LinearPlan
 
 __all__ = ["load_questions", "run_bench", "BASELINES", "PLAIN"]
 
@@ -450,10 +451,11 @@ def _markdown(report: dict, plots: list[str]) -> str:
     cost = report.get("cost_profile")
     if cost:
         ns = sorted(cost["v"], key=int)
+        plan = LinearPlan(cost["linear_plan"])  # a row count between two measured buckets uses the next one up
         lines += ["", f"## Cost profile used (plain step {cost['step_ms']:.1f} ms)", "",
                   "| n nodes | " + " | ".join(ns) + " |", "|---|" + "---|" * len(ns),
                   "| v(n) | " + " | ".join(f"{cost['v'][n]:.2f}" for n in ns) + " |",
-                  "| linear kernel | " + " | ".join(cost["linear_plan"].get(n, "torch") for n in ns) + " |"]
+                  "| linear kernel | " + " | ".join(plan.for_rows(int(n)) for n in ns) + " |"]
     for name in plots:
         lines += ["", f"![{name}]({name})"]
     return "\n".join(lines) + "\n"
