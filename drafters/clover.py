@@ -67,8 +67,8 @@ from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
                                    read_drafter_config, read_drafter_weights, register_drafter)
-from specdec.drafters.trie import depth_bucket, freq_bucket, frequency_prior
-from specdec.sizing import AcceptanceRates, learn
+from specdec.drafters.trie import depth_bucket
+from specdec.sizing import AcceptanceRates, learn, nodes_cost
 from specdec.tree import TokenTree
 
 __all__ = ["CloverConfig", "CloverHeads", "CloverDrafter", "AttentionDecoder", "decoder_parts"]
@@ -259,7 +259,7 @@ class CloverDrafterConfig:
     beam: int = 6  # nodes kept per depth (by path probability)
     topk: int = 6  # children tried per node
     decay: float = 0.9
-    min_score: float = 0.05  # with a measured cost: stop deepening once every new node's acceptance estimate is below it
+    min_score: float = 0.05  # when nodes cost something (a measured cost, no node budget): stop deepening once every new node's acceptance estimate is below it
     sample: bool = False  # draw drafts from the heads' distribution and carry it (draft_probs) for speculative sampling
     dtype: str = "auto"  # the heads' compute dtype: "auto" (measured: bfloat16 where it is faster), or a dtype name
 
@@ -270,6 +270,21 @@ class CloverDrafterConfig:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"dtype must be auto, float32, bfloat16, float16 or float64, got {self.dtype!r}")
+
+
+# The heads' own probability of a draft, bucketed for the running acceptance estimates (finer than the
+# frequency buckets of the copy drafters: most siblings sit below 0.2, and a node budget must rank them).
+PROB_BUCKETS = (0.03, 0.07, 0.15, 0.3, 0.5, 0.7, 0.85)
+_PROB_MIDS = (0.015, 0.05, 0.11, 0.22, 0.4, 0.6, 0.78, 0.92)
+
+
+def prob_bucket(p: float) -> int:
+    return sum(p >= b for b in PROB_BUCKETS)
+
+
+def prob_prior(key: tuple) -> float:
+    """Before any verdict: the bucket's middle probability, a little discounted."""
+    return 0.9 * _PROB_MIDS[key[-1]]
 
 
 _MEASURED: dict = {}
@@ -318,7 +333,8 @@ class CloverDrafter(Drafter):
         self.options = options or CloverDrafterConfig()
         self.vocab_size = config.vocab_size
         self.heads: CloverHeads | None = None
-        self.rates = AcceptanceRates(frequency_prior, self.options.decay)
+        self.rates = AcceptanceRates(prob_prior, self.options.decay)
+        self._nodes_cost = False  # whether extra nodes cost this target anything (set at reset from target.cost)
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "CloverDrafter":
@@ -350,8 +366,9 @@ class CloverDrafter(Drafter):
         from specdec.cache import TreeKVCache
 
         self.cache = TreeKVCache()
-        self.rates = AcceptanceRates(frequency_prior, self.options.decay)
+        self.rates = AcceptanceRates(prob_prior, self.options.decay)
         self._keys: dict = {}
+        self._nodes_cost = nodes_cost(getattr(getattr(self, "target", None), "cost", None))
 
     @torch.inference_mode()
     def propose(self, state: DraftState) -> TokenTree:
@@ -403,7 +420,7 @@ class CloverDrafter(Drafter):
             for f in chosen:
                 i, j = divmod(f, k)
                 parent, tok = frontier[i], int(vocab[ids[i, j]])
-                key = (depth_bucket(d), freq_bucket(float(values[i, j].exp())))
+                key = (depth_bucket(d), prob_bucket(float(values[i, j].exp())))
                 tokens.append(tok)
                 parents.append(parent)
                 path_lp.append(float(cand[i, j]))
@@ -422,7 +439,7 @@ class CloverDrafter(Drafter):
                 new_frontier.append(len(tokens) - 1)
                 rows.append(i)
                 new_tokens.append(tok)
-            if d == depth or (self.target.cost is not None and max(score[n] for n in new_frontier) < opts.min_score):
+            if d == depth or (self._nodes_cost and max(score[n] for n in new_frontier) < opts.min_score):
                 break  # (nodes that unlikely are trimmed by the engine anyway: drafting deeper would be wasted)
             s, o = heads.head_next(states[rows], torch.tensor(new_tokens, device=states.device))
             logp = torch.log_softmax(heads.logits(o).float(), -1)

@@ -35,7 +35,13 @@ from torch import Tensor
 
 from specdec.tree import TokenTree
 
-__all__ = ["best_size", "trim", "trim_batch", "AcceptanceRates", "judged_nodes", "monotone_scores", "learn"]
+__all__ = ["best_size", "trim", "trim_batch", "AcceptanceRates", "judged_nodes", "monotone_scores", "learn", "nodes_cost"]
+
+
+def nodes_cost(cost: Callable[[int], float] | None, max_nodes: int = 64) -> bool:
+    """Whether a forward's cost grows with its nodes under ``cost`` (None, or a flat cost such as a node
+    budget's, says no: a drafter then has no reason to stop drafting early for the sake of the forward)."""
+    return cost is not None and cost(max_nodes) > cost(1)
 
 
 def monotone_scores(tree: TokenTree) -> Tensor:

@@ -92,6 +92,24 @@ def test_siblings_are_conditioned_on_their_own_parent():
     assert not torch.allclose(h.logits(o)[0], h.logits(o)[1])
 
 
+def test_drafting_stops_early_only_where_extra_nodes_cost_something():
+    """With a measured cost that grows with the nodes, depths whose nodes all score below min_score are not
+    drafted; with no cost or a flat one (a node budget: the best N nodes are kept whatever they score) they are."""
+    from specdec.drafters.clover import CloverDrafterConfig
+
+    model = tiny_model("llama")
+    heads = random_heads(model, depth=3)
+    drafter = CloverDrafter.from_heads(heads, CloverDrafterConfig(min_score=1.0, beam=2, topk=2))
+    specdec.generate(model, None, torch.tensor([1, 2, 3]), drafter=drafter, max_new_tokens=1)  # binds
+    z = torch.randn(model.config.hidden_size, dtype=model.dtype)
+    depths = {}
+    for name, cost in (("none", None), ("flat", lambda n: 1.0), ("growing", lambda n: 1.0 + 0.1 * (n - 1))):
+        drafter.target.cost = cost
+        drafter.reset(torch.tensor([1, 2, 3]))
+        depths[name] = int(drafter._tree(3, z).depths.max())
+    assert depths == {"none": 3, "flat": 3, "growing": 1}
+
+
 def test_checkpoint_round_trip_gives_the_same_drafts(tmp_path):
     model = tiny_model("qwen2")
     heads = random_heads(model, draft=32)
