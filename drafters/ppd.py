@@ -29,10 +29,12 @@ were trained): Medusa-style greedy construction of the tree that maximises
 the expected accepted length for each node budget; the engine then keeps the
 budget that maximises expected tokens per unit of measured cost (the
 hardware-aware part, :mod:`specdec.sizing`, with running acceptance estimates
-per (depth, rank) learnt from the target's verdicts). Prompt tokens are
-attached to the root and to the ``attach`` most likely nodes of each tree:
-the accepted node is then almost always one that carries them; when it is
-not, the next step drafts nothing and re-attaches.
+per (depth, rank) learnt from the target's verdicts). Which nodes carry
+prompt tokens, and how many, is chosen per step from the same cost
+(:meth:`PPDDrafter.prompt_plan`): the nodes most likely to be the last
+accepted one, as long as what their guesses are worth to the next step
+repays the nodes they add to this one; when the last accepted node carried
+none, the next step drafts nothing and re-attaches.
 """
 
 from __future__ import annotations
@@ -158,10 +160,10 @@ def attach_prompt_tokens(tree: TokenTree, nodes: list[int], embeds: Tensor) -> T
 class PPDDrafterConfig:
     """Spec options: ``ppd:PATH,attach=1,topk=8,tree=64``."""
 
-    attach: int = 1  # draft nodes (besides the root) that carry prompt tokens, the most likely first
+    attach: int = 1  # draft nodes (besides the root) that may carry prompt tokens
     topk: int = 8  # candidates per depth
     tree: int = 64  # size of the candidate sparse tree (the engine trims it to what pays)
-    decay: float = 0.9
+    decay: float = 0.97  # the prompt tokens' hit rates are a property of the tokens: a long memory
     prompts: int = 0  # prompt tokens attached per carrier: 0 = chosen each step from the measured cost (all m without one)
     min_score: float = 0.05  # drafts below this acceptance estimate are expected to be trimmed (for the cost estimate)
 
@@ -236,7 +238,7 @@ class PPDDrafter(Drafter):
         embeds = self.tokens.embeds.detach()
         self._keys = {}
         if self._guesses is None:  # nothing to draft yet: only the prompt tokens ride along
-            tree, carriers = TokenTree.root_only(state.root), [0]
+            tree = TokenTree.root_only(state.root)
         else:
             g = self._guesses
             parents, depth, choice = self.shapes[g.shape[0]]
@@ -246,39 +248,60 @@ class PPDDrafter(Drafter):
             tree.scores = torch.tensor(self.rates.path_scores(parents.tolist(), keys))
             paths = tree.token_paths
             self._keys = {paths[i]: keys[i] for i in range(1, len(tree))}
-            best = sorted(range(1, len(tree)), key=lambda i: (-float(tree.scores[i]), i))[: self.options.attach]
-            carriers = [0] + best
-        count = self.prompt_count(tree, len(carriers))
+        carriers, count = self.prompt_plan(tree)
         return attach_prompt_tokens(tree, carriers, embeds[:count]) if count else tree
 
-    def prompt_count(self, tree: TokenTree, carriers: int) -> int:
-        """How many prompt tokens to hang below each carrier this step (the hardware-aware part for the prompts).
+    def prompt_plan(self, tree: TokenTree) -> tuple[list[int], int]:
+        """Which nodes carry prompt tokens this step, and how many each (the hardware-aware part for the prompts).
 
-        Prompt token i buys the next step a draft at depth i, worth about the chance that the top-1 chain down
-        to depth i is right (the running estimates); it costs its share of this forward, ``v(base + i·c) −
-        v(base + (i−1)·c)`` for c carriers × virtual tokens, over the drafts this tree is expected to keep. The
-        count with the largest gain minus cost wins, so on a device where extra nodes are dear and the prompt
-        tokens guess badly, steps go without them (a plain step) rather than paying for guesses that do not pay.
+        The prompt tokens below a node pay off only if that node ends up the **last accepted** one (its chain
+        then drafts the next step); a node is the last accepted with about its acceptance estimate minus its
+        children's (the root: 1 minus its children's). The candidates are the ``attach`` + 1 nodes most likely
+        to be last (the root among them); for the c most likely of them and i prompt tokens each, the value is
+
+            P(one of the c is last) · Σ_{j<=i} (chain_j − (v(1 + j) − v(j)))  −  (v(base + c·i·v') − v(base))
+
+        where chain_j is the running estimate that the top-1 guesses down to depth j are right, v(1 + j) −
+        v(j) what the j-th guess will cost the next forward, ``base`` the nodes this tree is expected to
+        keep (scores >= ``min_score``) and v' the virtual tokens per prompt token. The best (c, i) wins, and
+        (none, 0), a step without prompt tokens, when nothing is positive: on a CPU where a third node costs
+        far more than a second, steps with guesses then run without prompt tokens and the next one re-attaches.
+        Without a measured cost (or with ``prompts=N``) the root and the ``attach`` most likely drafts carry
+        all m (or N).
         """
-        m = self.tokens.config.num_prompt_tokens
+        m, virtual = self.tokens.config.num_prompt_tokens, self.tokens.config.num_virtual
+        scores = tree.scores.tolist() if tree.scores is not None else [1.0] * len(tree)
+        scores[0] = 1.0
+        kept = [0] + [i for i in range(1, len(tree)) if scores[i] >= self.options.min_score]
+        last = {i: scores[i] for i in kept}  # P(node is the last accepted) = its estimate - its kept children's
+        for i in kept[1:]:
+            last[int(tree.parents[i])] -= scores[i]
         cost = getattr(self, "target", None) and self.target.cost
         if self.options.prompts or cost is None:
-            return min(self.options.prompts or m, m)
-        scores = tree.scores
-        base = 1 + (int((scores[1:] >= self.options.min_score).sum()) if scores is not None else 0)
-        per = carriers * self.tokens.config.num_virtual
-        best, best_value, gain, chain = 0, 0.0, 0.0, 1.0
-        for i in range(1, m + 1):
-            chain *= self.rates[(i, 0)]
-            gain += chain
-            value = gain - (cost(base + i * per) - cost(base))
-            if value > best_value:
-                best, best_value = i, value
+            drafts = sorted(kept[1:], key=lambda i: (-scores[i], i))[: self.options.attach]
+            return [0] + sorted(drafts), min(self.options.prompts or m, m)
+        candidates = sorted(kept, key=lambda i: (-last[i], i))[: self.options.attach + 1]
+        base = len(kept)
+        net, chain, nets = 0.0, 1.0, []
+        for j in range(1, m + 1):
+            chain *= self.rates[(j, 0)]
+            net += chain - (cost(1 + j) - cost(j))
+            nets.append(net)
+        best, best_value, p = ([], 0), 0.0, 0.0
+        for c in range(1, len(candidates) + 1):
+            p += max(last[candidates[c - 1]], 0.0)
+            for i in range(1, m + 1):
+                value = p * nets[i - 1] - (cost(base + c * i * virtual) - cost(base))
+                if value > best_value + 1e-12:
+                    best, best_value = (sorted(candidates[:c]), i), value
         return best
 
     def observe(self, result: StepResult) -> None:
         if self._keys:
             learn(self.rates, self._keys, result.tree, result.path)
+        else:  # a step without guesses judged nothing: let the estimates drift back toward the prior, or a bad
+            for key in list(self.rates.counts):  # patch that stopped the prompt tokens would stop them for good
+                self.rates.relax(key)
         self._guesses = self._read_guesses(result)
 
     def _read_guesses(self, result: StepResult) -> Tensor | None:

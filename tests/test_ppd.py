@@ -66,24 +66,36 @@ def test_ppd_equals_greedy_and_never_accepts_or_commits_a_prompt_token(tiny, v):
 
 
 def test_prompt_tokens_attached_only_where_their_guesses_pay_for_their_nodes():
-    """The count per step weighs the running top-1 chain estimates against the measured cost of the extra nodes."""
+    """Carriers and count per step: the chance a node is the last accepted times what its guesses are worth to
+    the next step, against the measured cost of the extra nodes in this one."""
     from types import SimpleNamespace
 
     d = PPDDrafter(random_tokens(tiny_model("llama"), m=3), PPDDrafterConfig())
     root = TokenTree.root_only(7)
     d.target = SimpleNamespace(cost=None)
-    assert d.prompt_count(root, 1) == 3  # no measured cost: all of them
+    assert d.prompt_plan(root) == ([0], 3)  # no measured cost: all of them on the root
     d.target = SimpleNamespace(cost=lambda n: 1.0)  # extra nodes are free: all of them
-    assert d.prompt_count(root, 1) == 3
+    assert d.prompt_plan(root) == ([0], 3)
     d.target = SimpleNamespace(cost=lambda n: 1.0 + 0.5 * (n - 1))  # every node costs half a step: none pays
-    assert d.prompt_count(root, 1) == 0
-    rate = d.rates[(1, 0)]
-    d.target = SimpleNamespace(cost=lambda n: 1.0 + 0.8 * rate * (n - 1))  # the first pays, the deeper chain does not
-    assert d.prompt_count(root, 1) == 1
+    assert d.prompt_plan(root) == ([], 0)
+    r1, r2 = d.rates[(1, 0)], d.rates[(2, 0)]
+    kappa = (r1 + r1 * r2) / 4  # the first guess repays its two nodes (now and next step), the second does not
+    d.target = SimpleNamespace(cost=lambda n: 1.0 + kappa * (n - 1))
+    assert d.prompt_plan(root) == ([0], 1)
     tree = d.propose(SimpleNamespace(root=7))
     assert len(tree) == 2 and bool(tree.auxiliary[1])
+    # with a draft below the root, the node more likely to be the last accepted carries
+    guess = TokenTree(torch.tensor([7, 9]), torch.tensor([-1, 0]))
+    d.target = SimpleNamespace(cost=lambda n: 1.0 + 0.3 * r1 * (n - 1))
+    guess.scores = torch.tensor([1.0, 0.8])
+    carriers, count = d.prompt_plan(guess)
+    assert carriers == [1] and count >= 1
+    guess.scores = torch.tensor([1.0, 0.2])
+    assert d.prompt_plan(guess)[0] == [0]
+    d.target = SimpleNamespace(cost=lambda n: 1.0)  # free: both may carry
+    assert d.prompt_plan(guess) == ([0, 1], 3)
     d.options.prompts = 2  # fixed by the user
-    assert d.prompt_count(root, 1) == 2
+    assert d.prompt_plan(root) == ([0], 2)
 
 
 def test_one_sparse_tree_per_number_of_prompt_tokens_and_budget():
