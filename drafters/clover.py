@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
                                    read_drafter_config, read_drafter_weights, register_drafter)
-from specdec.drafters.trie import depth_bucket
+from specdec.drafters.trie import depth_bucket, freq_bucket
 from specdec.sizing import AcceptanceRates, learn, nodes_cost
 from specdec.tree import TokenTree
 
@@ -278,10 +278,6 @@ PROB_BUCKETS = (0.03, 0.07, 0.15, 0.3, 0.5, 0.7, 0.85)
 _PROB_MIDS = (0.015, 0.05, 0.11, 0.22, 0.4, 0.6, 0.78, 0.92)
 
 
-def prob_bucket(p: float) -> int:
-    return sum(p >= b for b in PROB_BUCKETS)
-
-
 def prob_prior(key: tuple) -> float:
     """Before any verdict: the bucket's middle probability, a little discounted."""
     return 0.9 * _PROB_MIDS[key[-1]]
@@ -420,7 +416,7 @@ class CloverDrafter(Drafter):
             for f in chosen:
                 i, j = divmod(f, k)
                 parent, tok = frontier[i], int(vocab[ids[i, j]])
-                key = (depth_bucket(d), prob_bucket(float(values[i, j].exp())))
+                key = (depth_bucket(d), freq_bucket(float(values[i, j].exp()), PROB_BUCKETS))
                 tokens.append(tok)
                 parents.append(parent)
                 path_lp.append(float(cand[i, j]))

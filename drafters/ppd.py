@@ -273,13 +273,13 @@ class PPDDrafter(Drafter):
         scores = tree.scores.tolist() if tree.scores is not None else [1.0] * len(tree)
         scores[0] = 1.0
         kept = [0] + [i for i in range(1, len(tree)) if scores[i] >= self.options.min_score]
-        last = {i: scores[i] for i in kept}  # P(node is the last accepted) = its estimate - its kept children's
-        for i in kept[1:]:
-            last[int(tree.parents[i])] -= scores[i]
         cost = getattr(self, "target", None) and self.target.cost
         if self.options.prompts or cost is None:
             drafts = sorted(kept[1:], key=lambda i: (-scores[i], i))[: self.options.attach]
             return [0] + sorted(drafts), min(self.options.prompts or m, m)
+        last = {i: scores[i] for i in kept}  # P(node is the last accepted) = its estimate - its kept children's
+        for i in kept[1:]:
+            last[int(tree.parents[i])] -= scores[i]
         candidates = sorted(kept, key=lambda i: (-last[i], i))[: self.options.attach + 1]
         base = len(kept)
         net, chain, nets = 0.0, 1.0, []

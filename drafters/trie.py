@@ -45,8 +45,9 @@ def depth_bucket(depth: int) -> int:
     return min(depth, 5)
 
 
-def freq_bucket(freq: float) -> int:
-    return sum(freq >= b for b in FREQ_BUCKETS)
+def freq_bucket(freq: float, bounds: tuple[float, ...] = FREQ_BUCKETS) -> int:
+    """The index of the bucket ``freq`` falls in (``bounds``: the lower edges of buckets 1, 2, ...)."""
+    return sum(freq >= b for b in bounds)
 
 
 def frequency_prior(key: tuple) -> float:
