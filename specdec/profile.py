@@ -44,7 +44,7 @@ __all__ = ["CostProfile", "NODE_COUNTS", "measure_profile", "load_profile", "pro
 # memory-bound regime at 3-4 rows), which an interpolation between 2 and 4 misses by a third of the step.
 NODE_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PREFIX = 128
-FORMAT = 3  # 3: NODE_COUNTS with 3, 6, 12, 24, 48 (profiles of format 2 are re-measured)
+FORMAT = 4  # 3: NODE_COUNTS with 3, 6, 12, 24, 48; 4: the rows-avx512 kernel among the candidates (older profiles re-measure)
 
 
 @dataclass

@@ -95,3 +95,39 @@ def test_mkl_packed_rows_do_not_depend_on_the_row_count():
 def test_unknown_kernel_names_are_rejected():
     with pytest.raises(ValueError, match="unknown linear kernels"):
         LinearPlan({1: "nope"})
+
+
+def test_own_small_row_kernel_is_exact_row_invariant_or_says_why_it_is_off(monkeypatch):
+    """specdec's AVX-512 kernel: the same product as F.linear for any shape (tails in K and N, bias or not),
+    each row bit-identical alone or among up to 64 others; where it cannot run, the reason is stated and the
+    kernel is not offered."""
+    from specdec import native
+
+    kernel = KERNELS["rows-avx512"]
+    if native.rows_linear_lib() is None:
+        assert native.unavailable_reason() and not kernel.supports(torch.randn(4, 4))
+        return
+    assert "rows-avx512" in candidate_kernels(torch.randn(8, 8)) and not kernel.supports(torch.randn(8, 8).bfloat16())
+    g = torch.Generator().manual_seed(5)
+    for n, k, bias in ((7, 33, True), (300, 64, False), (49, 17, True), (5, 1, False)):
+        w = torch.randn(n, k, generator=g)
+        b = torch.randn(n, generator=g) if bias else None
+        state = kernel.prepare(w, b)
+        x = torch.randn(64, k, generator=g)
+        alone = torch.cat([kernel.run(x[i : i + 1], w, b, state, 1) for i in range(64)])
+        torch.testing.assert_close(alone, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        for rows in (2, 3, 5, 6, 7, 12, 13, 64):
+            assert torch.equal(kernel.run(x[:rows], w, b, state, rows), alone[:rows]), (n, k, rows)
+    view = torch.randn(3, 10, 40, generator=g)[:, 2:4]  # a non-contiguous [.., rows, K] input
+    w = torch.randn(9, 40, generator=g)
+    out = kernel.run(view, w, None, kernel.prepare(w, None), 6)
+    torch.testing.assert_close(out, F.linear(view, w), rtol=1e-5, atol=1e-5)
+    # switched off: not offered, and the reason says how it was switched off
+    native.rows_linear_lib.cache_clear()
+    monkeypatch.setenv("SPECDEC_NATIVE", "0")
+    try:
+        assert native.rows_linear_lib() is None and "SPECDEC_NATIVE=0" in native.unavailable_reason()
+    finally:
+        native.rows_linear_lib.cache_clear()
+        monkeypatch.delenv("SPECDEC_NATIVE")
+        native.rows_linear_lib()

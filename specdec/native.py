@@ -1,0 +1,110 @@
+"""specdec's own native kernels: C sources under ``specdec/csrc``, compiled on first use, called through ctypes.
+
+Only the small-row linear kernel lives here (``csrc/rows.c``; see its header
+and :mod:`specdec.kernels`). It is built with the machine's own C compiler
+(``$CC``, else ``cc``/``gcc``) for the machine's own CPU (``-march=native``)
+into ``<cache>/native/`` (``$SPECDEC_CACHE``, else ``~/.cache/specdec``),
+keyed by the source, the flags and the CPU, so a later process loads it in
+milliseconds. The build goes to a temporary file that is renamed into place
+only when complete: an interrupted build leaves nothing half-written.
+
+Where there is no compiler, no AVX-512, or the build fails, :func:`rows_linear_lib`
+returns None (the reason is in :func:`unavailable_reason`) and the engine
+keeps to the BLAS kernels: nothing else depends on this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = ["rows_linear_lib", "unavailable_reason", "native_dir"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "rows.c"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_reason: str | None = None
+
+
+def native_dir() -> Path:
+    """Where built libraries are kept."""
+    from specdec.models import cache_root
+
+    return cache_root() / "native"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    for name in filter(None, (os.environ.get("CC"), "cc", "gcc", "clang")):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernel cannot be used here (None when it can, or before the first attempt)."""
+    return _reason
+
+
+@lru_cache(maxsize=1)
+def rows_linear_lib():
+    """The loaded small-row kernel (a ``ctypes`` function ``(x, w, bias, y, M, N, K, threads) -> int``), or None."""
+    global _reason
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        _reason = f"the kernel is written for x86-64 with AVX-512; this machine is {platform.machine()}"
+        return None
+    if not {"avx512f"} <= _cpu_flags():
+        _reason = "this CPU has no AVX-512"
+        return None
+    if os.environ.get("SPECDEC_NATIVE", "1") == "0":
+        _reason = "switched off by SPECDEC_NATIVE=0"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _reason = "no C compiler found (set CC, or install gcc)"
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode() + " ".join(sorted(_cpu_flags())).encode()).hexdigest()[:16]
+    target = native_dir() / f"rows-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                _reason = f"building {_SOURCE.name} failed: {done.stderr.strip()[-400:]}"
+                return None
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError) as err:
+            _reason = f"building {_SOURCE.name} failed: {err}"
+            return None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as err:
+        _reason = f"loading {target} failed: {err}"
+        return None
+    fn = lib.specdec_rows_linear
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    _reason = None
+    return fn
