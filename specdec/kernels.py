@@ -164,9 +164,8 @@ class _Rows(_Kernel):
     def prepare(self, weight, bias):
         from specdec.native import rows_linear_lib
 
-        w = weight.detach()
         b = None if bias is None else bias.detach().float().contiguous()
-        return rows_linear_lib(), (w if w.is_contiguous() else w.contiguous()), b
+        return rows_linear_lib(), weight.detach().contiguous(), b
 
     def run(self, x, weight, bias, state, rows):
         fn, w, b = state

@@ -69,7 +69,8 @@ def rows_linear_lib():
     if platform.machine().lower() not in ("x86_64", "amd64"):
         _reason = f"the kernel is written for x86-64 with AVX-512; this machine is {platform.machine()}"
         return None
-    if not {"avx512f"} <= _cpu_flags():
+    flags = _cpu_flags()
+    if "avx512f" not in flags:
         _reason = "this CPU has no AVX-512"
         return None
     if os.environ.get("SPECDEC_NATIVE", "1") == "0":
@@ -80,7 +81,7 @@ def rows_linear_lib():
         _reason = "no C compiler found (set CC, or install gcc)"
         return None
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode() + " ".join(sorted(_cpu_flags())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
     target = native_dir() / f"rows-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
