@@ -45,21 +45,38 @@ __all__ = ["BatchKVCache", "BatchRunner", "decode_batch", "pad_trees"]
 
 
 class _BatchLayer(_TreeLayer):
-    """One layer of a batch: preallocated [B, H, capacity, D], a committed length per row."""
+    """One layer of a batch: buffers [R, H, capacity, D] with room for R rows, of which the first ``len(lengths)``
+    are live (``_k`` is a view of them), and a committed length per live row.
 
-    def setup(self, keys: list[Tensor], values: list[Tensor]) -> None:
-        """Stack single-row layers ([1, H, L_b, D] each)."""
-        self.lengths = [int(k.shape[-2]) for k in keys]
-        self.length = max(self.lengths)
-        b, h, dk, dv = len(keys), keys[0].shape[1], keys[0].shape[-1], values[0].shape[-1]
-        cap = max(_MIN_CAPACITY, 2 * self.length)
-        self._k = keys[0].new_zeros(b, h, cap, dk)
-        self._v = values[0].new_zeros(b, h, cap, dv)
-        for i, (k, v) in enumerate(zip(keys, values)):
-            self._k[i, :, : k.shape[-2]] = k[0]
-            self._v[i, :, : v.shape[-2]] = v[0]
+    Rows leave (:meth:`keep_rows`) and join (:meth:`add_rows`) between steps without reallocating: a leaving
+    row's slot is refilled by moving only the live entries of the rows that change place, and a joining row is
+    written into a free slot. Entries past a row's own length are stale but finite (buffers start zeroed), which
+    the mask hides.
+    """
+
+    def setup(self, keys: list[Tensor], values: list[Tensor], rows: int = 0) -> None:
+        """Stack single-row layers ([1, H, L_b, D] each), with room for ``rows`` rows (at least as many as given)."""
+        self.lengths = []
+        self.length = 0
+        self._kb = keys[0].new_zeros(max(rows, len(keys)), keys[0].shape[1], _MIN_CAPACITY, keys[0].shape[-1])
+        self._vb = values[0].new_zeros(max(rows, len(keys)), values[0].shape[1], _MIN_CAPACITY, values[0].shape[-1])
+        self._k, self._v = self._kb[:0], self._vb[:0]
         self.device, self.is_initialized = keys[0].device, True
-        self._refresh_views()
+        self.add_rows(keys, values)
+
+    def _reserve(self, key_states: Tensor, value_states: Tensor, needed: int, rows: int | None = None) -> None:
+        """Room for ``needed`` positions and ``rows`` rows; growing copies only the live entries."""
+        rows = len(self.lengths) if rows is None else rows
+        cap, room = self._kb.shape[-2], self._kb.shape[0]
+        if needed > cap or rows > room:
+            cap, room = (max(2 * cap, needed) if needed > cap else cap), max(room, rows)
+            kb = self._kb.new_zeros(room, self._kb.shape[1], cap, self._kb.shape[-1])
+            vb = self._vb.new_zeros(room, self._vb.shape[1], cap, self._vb.shape[-1])
+            live = len(self.lengths)
+            kb[:live, :, : self.length] = self._kb[:live, :, : self.length]
+            vb[:live, :, : self.length] = self._vb[:live, :, : self.length]
+            self._kb, self._vb = kb, vb
+        self._k, self._v = self._kb[: len(self.lengths)], self._vb[: len(self.lengths)]
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Write row b's n new entries right after its own prefix; return keys/values up to the longest row's end."""
@@ -84,15 +101,31 @@ class _BatchLayer(_TreeLayer):
         self._refresh_views()
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (a finished row leaves the batch): the live entries move, the capacity stays."""
-        idx = torch.tensor(rows, device=self._k.device)
-        live = max((self.lengths[r] for r in rows), default=0)
-        k, v = self._k.new_zeros(len(rows), *self._k.shape[1:]), self._v.new_zeros(len(rows), *self._v.shape[1:])  # finite where masked
-        k[:, :, :live] = self._k[:, :, :live].index_select(0, idx)
-        v[:, :, :live] = self._v[:, :, :live].index_select(0, idx)
-        self._k, self._v = k, v
+        """Keep only ``rows``, in that order (a finished row leaves the batch): only the rows that change place move,
+        and only their live entries."""
+        moved = [(p, r) for p, r in enumerate(rows) if p != r]
+        if moved:
+            dst = torch.tensor([p for p, _ in moved], device=self._kb.device)
+            src = torch.tensor([r for _, r in moved], device=self._kb.device)
+            live = max(self.lengths[r] for _, r in moved)
+            self._kb[:, :, :live].index_copy_(0, dst, self._kb[:, :, :live].index_select(0, src))
+            self._vb[:, :, :live].index_copy_(0, dst, self._vb[:, :, :live].index_select(0, src))
         self.lengths = [self.lengths[r] for r in rows]
-        self.length = max(self.lengths) if rows else 0
+        self.length = max(self.lengths, default=0)
+        self._k, self._v = self._kb[: len(rows)], self._vb[: len(rows)]
+        self._refresh_views()
+
+    def add_rows(self, keys: list[Tensor], values: list[Tensor]) -> None:
+        """New rows join after the live ones, from single-row layers ([1, H, L, D] each)."""
+        new = [int(k.shape[-2]) for k in keys]
+        first = len(self.lengths)
+        self._reserve(keys[0], values[0], max([self.length, *new]), first + len(keys))
+        for i, (k, v) in enumerate(zip(keys, values)):
+            self._kb[first + i, :, : k.shape[-2]] = k[0]
+            self._vb[first + i, :, : v.shape[-2]] = v[0]
+        self.lengths = self.lengths + new
+        self.length = max(self.lengths)
+        self._k, self._v = self._kb[: len(self.lengths)], self._vb[: len(self.lengths)]
         self._refresh_views()
 
     def get_seq_length(self) -> int:
@@ -106,11 +139,12 @@ class BatchKVCache(Cache):
         super().__init__(layers=layers)
 
     @classmethod
-    def stack(cls, caches: list[TreeKVCache]) -> "BatchKVCache":
+    def stack(cls, caches: list[TreeKVCache], rows: int = 0) -> "BatchKVCache":
+        """The batch of single-row caches, with room for ``rows`` rows in all (more join through :meth:`add_rows`)."""
         layers = []
         for i in range(len(caches[0].layers)):
             layer = _BatchLayer()
-            layer.setup([c.layers[i].keys for c in caches], [c.layers[i].values for c in caches])
+            layer.setup([c.layers[i].keys for c in caches], [c.layers[i].values for c in caches], rows)
             layers.append(layer)
         return cls(layers)
 
@@ -125,6 +159,10 @@ class BatchKVCache(Cache):
     def keep_rows(self, rows: list[int]) -> None:
         for layer in self.layers:
             layer.keep_rows(rows)
+
+    def add_rows(self, caches: list[TreeKVCache]) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.add_rows([c.layers[i].keys for c in caches], [c.layers[i].values for c in caches])
 
 
 def pad_trees(trees: list[TokenTree]) -> tuple[Tensor, Tensor, Tensor]:
@@ -168,16 +206,29 @@ class BatchRunner:
     def lengths(self) -> list[int]:
         return self.cache.lengths
 
-    def prefill(self, prompts: list[Tensor], *, hidden: bool = False) -> list[ForwardOutput]:
-        """Each prompt on its own (a causal forward into a single-row cache), then the caches stacked."""
+    def prefill(self, prompts: list[Tensor], *, hidden: bool = False, rows: int = 0) -> list[ForwardOutput]:
+        """Each prompt on its own (a causal forward into a single-row cache), then the caches stacked, with room
+        for ``rows`` rows in all."""
+        outs, caches = self._prefill_each(prompts, hidden)
+        self.cache = BatchKVCache.stack(caches, rows)
+        return outs
+
+    def join(self, prompts: list[Tensor], *, hidden: bool = False) -> list[ForwardOutput]:
+        """New rows: each prompt prefilled on its own, then appended after the live rows."""
+        if self.cache is None:
+            return self.prefill(prompts, hidden=hidden)
+        outs, caches = self._prefill_each(prompts, hidden)
+        self.cache.add_rows(caches)
+        return outs
+
+    def _prefill_each(self, prompts: list[Tensor], hidden: bool) -> tuple[list[ForwardOutput], list[TreeKVCache]]:
         outs, caches = [], []
         for ids in prompts:
             self._single.cache = TreeKVCache()
             outs.append(self._single.prefill(ids, hidden=hidden))
             caches.append(self._single.cache)
-        self.cache = BatchKVCache.stack(caches)
         self._single.cache = TreeKVCache()
-        return outs
+        return outs, caches
 
     def forward(self, trees: list[TokenTree], *, hidden: bool = False) -> ForwardOutput:
         """One forward over every row's tree: logits [B, N, V] (rows past a tree's own size are padding)."""
@@ -227,6 +278,7 @@ def decode_batch(
     model, prompts: list[Tensor], drafters: list[Drafter], verifier, *, max_new_tokens: int, eos_ids: set[int],
     stops: list | None = None, generator: torch.Generator | None = None, stats: list | None = None, attn: str = "torch",
     fast: FastLinears | None = None, route: bool | None = None, cost: Callable[[int], float] | None = None, max_nodes: int = 64,
+    max_rows: int = 0,
 ) -> Iterator[tuple[int, object]]:
     """The batched core loop: yields ``(row index, StepEvent)`` as each sequence emits tokens, until all have finished.
 
@@ -234,45 +286,43 @@ def decode_batch(
     still running. Greedy output of every row equals that prompt's output alone (the model computes the same
     function of the same tokens at the same positions; the kernels may sum in another order, as in any tree
     forward).
+
+    ``max_rows`` > 0 is continuous batching: at most that many sequences are in flight; the others wait, in
+    order, and each joins (prefilled on its own, between two steps) as soon as a row leaves, so the batch stays
+    full until the queue is empty. 0 runs every prompt at once.
     """
-    from specdec.engine import StepEvent, _emit, _step_result
+    from specdec.engine import _step_result
 
     stops = stops or [None] * len(prompts)
-    rows = []
+    width = max_rows if max_rows > 0 else len(prompts)
+    queue = list(range(len(prompts)))[::-1]  # popped from the end: prompt order
+    rows: list[_Row] = []
     with BatchRunner(model, attn=attn, fast=fast, route=route) as runner:
         hidden_needed = any(d.needs_hidden_states for d in drafters)
-        t0 = time.perf_counter()
-        outs = runner.prefill(prompts, hidden=hidden_needed)
-        for i, (ids, d, out) in enumerate(zip(prompts, drafters, outs)):
-            d.reset(ids)
-            first = verifier.accept(TokenTree.root_only(int(ids[-1])), out.logits[-1:], generator, ids[:-1]).bonus
-            rows.append(_Row(i, ids.clone(), ids.numel(), d, stops[i], [], [first], out.hidden_states, 0, stats[i] if stats else None))
-        prefill_s = time.perf_counter() - t0
-        for r in rows:
-            if r.stats is not None:
-                r.stats.prefill_time_s += prefill_s / len(rows)
         while True:
-            # 1. Emit; finished rows leave the batch.
+            # 1. Join: queued prompts fill the free rows (their first token comes from their prefill).
+            if queue and len(rows) < width:
+                take = [queue.pop() for _ in range(min(width - len(rows), len(queue)))]
+                rows += _join(runner, take, prompts, drafters, stops, stats, verifier, generator, hidden_needed, width)
+            # 2. Emit; finished rows leave the batch (the last rows move into their places).
             live = []
             for pos, r in enumerate(rows):
-                emitted, reason = _emit(r.pending, r.new, eos_ids, r.stop, max_new_tokens)
-                r.ids = torch.cat([r.ids, torch.tensor(emitted, dtype=torch.long)])
-                if r.stats is not None:
-                    r.stats.new_tokens = len(r.new)
-                yield r.index, StepEvent(emitted, reason)
-                if not reason:
+                if (yield from _emit_row(r, eos_ids, max_new_tokens)):
                     live.append(pos)
-            if not live:
-                return
             if len(live) < len(rows):
-                runner.keep(live)
-                rows = [rows[p] for p in live]
-            # 2. Draft per row (or all rows at once), size the trees together (one padded forward).
+                order = _fill_holes(live, len(rows))
+                runner.keep(order)
+                rows = [rows[p] for p in order]
+            if not rows:
+                if queue:
+                    continue
+                return
+            # 3. Draft per row (or all rows at once), size the trees together (one padded forward).
             states = [DraftState(r.ids, r.prompt_len, r.hidden, r.hidden_start) for r in rows]
             trees = _propose(rows, states)
             if cost is not None:
                 trees = trim_batch(trees, cost, max_nodes)
-            # 3. One forward for every row; accept and commit per row.
+            # 4. One forward for every row; accept and commit per row.
             lengths = runner.lengths
             out = runner.forward(trees, hidden=hidden_needed)
             accepted = [verifier.accept(t, out.logits[b, : len(t)], generator, r.ids[:-1]) for b, (t, r) in enumerate(zip(trees, rows))]
@@ -287,6 +337,52 @@ def decode_batch(
                     r.stats.target_forwards += 1
                     r.stats.drafted_tokens += t.num_drafts
                     r.stats.tokens_per_step.append(len(r.pending))
+
+
+def _join(runner: BatchRunner, take: list[int], prompts, drafters, stops, stats, verifier, generator, hidden: bool,
+          width: int) -> list[_Row]:
+    """Prefill the prompts ``take`` (caller indices) into new rows of the batch; each row's first token is pending."""
+    t0 = time.perf_counter()
+    ids_list = [prompts[i] for i in take]
+    outs = runner.join(ids_list, hidden=hidden) if runner.cache is not None else runner.prefill(ids_list, hidden=hidden, rows=width)
+    new = []
+    for i, ids, out in zip(take, ids_list, outs):
+        drafters[i].reset(ids)
+        first = verifier.accept(TokenTree.root_only(int(ids[-1])), out.logits[-1:], generator, ids[:-1]).bonus
+        new.append(_Row(i, ids.clone(), ids.numel(), drafters[i], stops[i], [], [first], out.hidden_states, 0, stats[i] if stats else None))
+    prefill_s = time.perf_counter() - t0
+    for r in new:
+        if r.stats is not None:
+            r.stats.prefill_time_s += prefill_s / len(new)
+    return new
+
+
+def _emit_row(r: _Row, eos_ids: set[int], max_new_tokens: int):
+    """Emit a row's pending tokens (yields ``(index, StepEvent)``); returns whether the row goes on."""
+    from specdec.engine import StepEvent, _emit
+
+    emitted, reason = _emit(r.pending, r.new, eos_ids, r.stop, max_new_tokens)
+    r.ids = torch.cat([r.ids, torch.tensor(emitted, dtype=torch.long)])
+    if r.stats is not None:
+        r.stats.new_tokens = len(r.new)
+    yield r.index, StepEvent(emitted, reason)
+    return not reason
+
+
+def _fill_holes(live: list[int], n: int) -> list[int]:
+    """The new row order when only the positions ``live`` (of ``n``) stay: rows in place stay there, and the
+    last live rows move into the holes (so few rows' entries move).
+
+    >>> _fill_holes([0, 2, 3, 4], 5)   # row 1 left: row 4 takes its place
+    [0, 4, 2, 3]
+    """
+    m = len(live)
+    stay = set(p for p in live if p < m)
+    movers = [p for p in live if p >= m]
+    order = list(range(m))
+    for hole, src in zip((p for p in range(m) if p not in stay), movers):
+        order[hole] = src
+    return order
 
 
 def _propose(rows: list[_Row], states: list[DraftState]) -> list[TokenTree]:

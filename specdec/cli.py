@@ -273,27 +273,42 @@ def _add_data(sub) -> None:
     d = dsub.add_parser(
         "distill",
         help="write the target's own answers to training prompts (self-distillation data)",
-        description="Generate the target's greedy answer to the first user turn of each conversation and write "
-        "{id, messages} lines. Batched, resumable (rerun the same command to continue), with a progress bar.",
+        description="Answer the user turns of a conversation source (ShareGPT: first user turns, deduplicated, and with "
+        "--turns 2 the second turn after the model's own first answer) with the target's greedy output, through "
+        "specdec's batched engine with continuous batching. Writes a directory of gzip shards and a manifest "
+        "(model fingerprint, counts, token totals, wall time). Resumable: rerun the same command to continue; "
+        "a second run on the same --out while one is going is refused. Read the result with --data OUT in "
+        "`specdec train`. Never distil evaluation sets.",
     )
     d.add_argument("--model", default="default", help="target model (default: %(default)s)")
     d.add_argument("--prompts", default="sharegpt", help="'sharegpt' or a conversations .jsonl (default: %(default)s)")
-    d.add_argument("--out", required=True, help="output .jsonl (appended to when resuming)")
-    d.add_argument("--limit", type=int, default=1000, help="conversations to answer (default: %(default)s)")
-    d.add_argument("--skip", type=int, default=0, help="skip the first N conversations (e.g. a held-out split)")
-    d.add_argument("--max-new-tokens", type=int, default=256, help="answer length cap (default: %(default)s)")
-    d.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: %(default)s)")
+    d.add_argument("--out", required=True, help="output directory (continued when it exists)")
+    d.add_argument("--limit", type=int, default=None, help="read at most this many source conversations (default: all)")
+    d.add_argument("--skip", type=int, default=0, help="ignore the first N source conversations (e.g. a held-out split)")
+    d.add_argument("--turns", type=int, default=2, help="user turns answered per conversation (default: %(default)s)")
+    d.add_argument("--max-new-tokens", type=int, default=512, help="answer length cap per turn (default: %(default)s)")
+    d.add_argument("--max-prompt-tokens", type=int, default=1536, help="longer prompts are not asked (default: %(default)s)")
+    d.add_argument("--drafter", default="none", help="the engine's drafter (default: %(default)s, the fastest for "
+                   "throughput on a CPU; the answers are greedy either way)")
+    d.add_argument("--batch-size", type=int, default=64, help="rows in flight (continuous batching) (default: %(default)s)")
+    d.add_argument("--shard-size", type=int, default=1000, help="conversations per shard file (default: %(default)s)")
+    d.add_argument("--dtype", default=None, choices=DTYPES, help="load the model in this dtype (default float32)")
     d.set_defaults(func=_cmd_distill)
 
 
 def _cmd_distill(args) -> int:
-    from specdec.models import load_model
-    from specdec.training.data import distill, load_conversations
+    import signal
 
-    convs = load_conversations(args.prompts, limit=args.limit, skip=args.skip)
-    model, tokenizer = load_model(args.model)
-    n = distill(model, tokenizer, convs, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    _say(f"{n} conversations written to {args.out}")
+    from specdec.models import load_model
+    from specdec.training.distill import DistillConfig, distill
+
+    cfg = DistillConfig(prompts=args.prompts, limit=args.limit, skip=args.skip, turns=args.turns, max_new_tokens=args.max_new_tokens,
+                        max_prompt_tokens=args.max_prompt_tokens, drafter=args.drafter, max_batch=args.batch_size, shard_size=args.shard_size)
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill saves the manifest like Ctrl-C
+    m = distill(model, tokenizer, args.out, cfg, command="specdec " + " ".join(sys.argv[1:]))
+    _say(f"{m['conversations']} conversations ({m['answers']} answers, {m['answer_tokens']} answer tokens) in {args.out}; "
+         f"distillation wall time so far {m['wall_time_s'] / 3600:.2f} h")
     return 0
 
 

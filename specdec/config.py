@@ -135,6 +135,8 @@ class GenerationConfig:
         node_budget: > 0: every tree that carries scores is cut to its ``node_budget`` best nodes by them
             (as if nodes cost nothing up to that size), whatever this machine's cost: drafters compared at
             one budget. Overrides ``size_trees`` and ``max_tree_nodes``.
+        max_batch: for a list of prompts, > 0 is continuous batching: at most this many sequences are in
+            flight, and a waiting prompt joins as soon as one finishes (0: all prompts at once).
     """
 
     max_new_tokens: int = 256
@@ -155,6 +157,7 @@ class GenerationConfig:
     size_trees: bool = True
     max_tree_nodes: int = 64
     node_budget: int = 0
+    max_batch: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.node_budget, bool) or not isinstance(self.node_budget, int) or self.node_budget < 0:
@@ -190,6 +193,8 @@ class GenerationConfig:
             raise ValueError(f"GAD acceptance needs gad_top_beta >= 1 and gad_tau >= 0, got {self.gad_top_beta}, {self.gad_tau}")
         if self.acceptance == "gad" and self.temperature > 0:
             raise ValueError("acceptance='gad' relaxes greedy verification: use it with temperature 0")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 0:
+            raise ValueError(f"max_batch must be an integer >= 0 (0: every prompt at once), got {self.max_batch!r}")
         if self.max_tree_nodes < 1:
             raise ValueError(f"max_tree_nodes must be >= 1, got {self.max_tree_nodes}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):

@@ -33,7 +33,7 @@ from specdec.tree import TokenTree
 from specdec.verifiers import make_verifier
 from specdec.verifiers.base import Verifier
 
-__all__ = ["GenerationResult", "GenerationStats", "StepProfile", "generate", "stream", "decode_steps", "prepare_input_ids", "is_batch"]
+__all__ = ["GenerationResult", "GenerationStats", "StepProfile", "generate", "generate_events", "stream", "decode_steps", "prepare_input_ids", "is_batch"]
 
 
 @dataclass
@@ -393,7 +393,8 @@ def _events(model, tokenizer, run: _Run, stats: list[GenerationStats]) -> Iterat
     from specdec.batch import decode_batch
 
     drafters = [run.drafter] + [run.drafter.spawn() for _ in run.inputs[1:]]
-    return decode_batch(model, run.inputs, drafters, run.verifier, stops=[run.stop] * len(run.inputs), stats=stats, **common)
+    return decode_batch(model, run.inputs, drafters, run.verifier, stops=[run.stop] * len(run.inputs), stats=stats,
+                        max_rows=c.max_batch, **common)
 
 
 def _generate_events(model, tokenizer, prompts: list, drafter, config, options, holder: dict) -> Iterator[tuple[int, StepEvent]]:
@@ -413,6 +414,14 @@ def _generate_events(model, tokenizer, prompts: list, drafter, config, options, 
                          token_ids=n, stats=s, finish_reason=r)
         for n, s, r in zip(new, stats, reason)
     ]
+
+
+def generate_events(model, tokenizer, prompts: list, drafter="prompt-lookup", config: GenerationConfig | None = None,
+                    **options) -> Iterator[tuple[int, StepEvent]]:
+    """The batch's raw progress: ``(prompt index, StepEvent)`` pairs as each sequence emits tokens (its
+    ``new_tokens``; ``finish_reason`` set on its last event). Arguments as :func:`generate`, with ``prompts``
+    always a list; ``max_batch`` > 0 streams a long list through that many rows (continuous batching)."""
+    yield from _generate_events(model, tokenizer, list(prompts), drafter, config, options, {})
 
 
 def stream(model, tokenizer, prompt, config: GenerationConfig | None = None, *,

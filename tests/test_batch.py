@@ -67,9 +67,9 @@ def test_every_row_equals_its_prompt_alone(tiny, kind, tmp_path):
     tiny.generation_config.eos_token_id = eos
     try:
         alone = [specdec.generate(tiny, None, p, drafter=make(), max_new_tokens=24, size_trees=False) for p in prompts]
-        for sized in (False, True):
-            together = specdec.generate(tiny, None, prompts, drafter=make(), max_new_tokens=24, size_trees=sized)
-            assert [r.token_ids for r in together] == [r.token_ids for r in alone], (kind, sized)
+        for sized, width in ((False, 0), (True, 0), (True, 2)):  # width 2: continuous batching, rows join as others leave
+            together = specdec.generate(tiny, None, prompts, drafter=make(), max_new_tokens=24, size_trees=sized, max_batch=width)
+            assert [r.token_ids for r in together] == [r.token_ids for r in alone], (kind, sized, width)
             assert [r.finish_reason for r in together] == [r.finish_reason for r in alone]
     finally:
         tiny.generation_config.eos_token_id = None
@@ -177,6 +177,34 @@ def test_a_finished_row_leaves_the_batch_and_the_others_go_on_as_alone():
         with torch.inference_mode():
             ref = model(p[None]).logits[0, -1]
         torch.testing.assert_close(nxt[b], ref, rtol=1e-9, atol=1e-9)
+
+
+def test_rows_join_a_running_batch_and_each_goes_on_as_alone():
+    """add_rows after rows left and grew: the joined rows and the old ones all get their own next logits."""
+    model = tiny_model("llama")
+    prompts = ragged_prompts()
+    with torch.inference_mode(), BatchRunner(model) as runner:
+        runner.prefill([p[:-1] for p in prompts[:2]], rows=2)
+        runner.forward([TokenTree.root_only(int(prompts[0][-2])), TokenTree.root_only(int(prompts[1][-2]))])
+        runner.commit([torch.tensor([0])] * 2)  # each row commits its last prompt token once more
+        runner.keep([1])
+        runner.join([p[:-1] for p in prompts[1:]])  # more rows than the batch had room for: it grows
+        assert runner.lengths == [prompts[1].numel(), prompts[1].numel() - 1, prompts[2].numel() - 1]
+        nxt = runner.forward([TokenTree.root_only(int(p[-1])) for p in prompts[1:2] + prompts[1:]]).logits[:, 0]
+    refs = [torch.cat([prompts[1][:-1], prompts[1][-2:]]), prompts[1], prompts[2]]
+    for b, p in enumerate(refs):
+        with torch.inference_mode():
+            ref = model(p[None]).logits[0, -1]
+        torch.testing.assert_close(nxt[b], ref, rtol=1e-9, atol=1e-9)
+
+
+def test_fill_holes_moves_only_the_last_rows():
+    from specdec.batch import _fill_holes
+
+    assert _fill_holes([0, 2, 3, 4], 5) == [0, 4, 2, 3]
+    assert _fill_holes([0, 1, 2], 5) == [0, 1, 2]  # the last rows left: nothing moves
+    assert _fill_holes([3, 4], 5) == [3, 4]
+    assert _fill_holes([], 3) == []
 
 
 def test_spawned_drafters_share_the_target_and_own_their_state(tiny):

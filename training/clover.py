@@ -35,11 +35,11 @@ from torch import Tensor, nn
 from specdec.drafters.clover import CloverConfig, CloverHeads, decoder_parts
 from specdec.training.common import collate_features, draft_vocabulary, features_cached, fit, start_run
 from specdec.training.config import TrainConfig
+from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
 
 __all__ = ["CloverModule", "train_clover", "clover_heldout_accuracy"]
 
 log = logging.getLogger(__name__)
-TOPK = 5
 
 
 def _padding_causal_mask(valid: Tensor, dtype: torch.dtype) -> Tensor:
@@ -60,9 +60,7 @@ class CloverModule(nn.Module):
     def __init__(self, heads: CloverHeads, vocab_size: int, decay: float, distill: bool, regression_weight: float) -> None:
         super().__init__()
         self.heads, self.decay, self.distill, self.regression_weight = heads, decay, distill, regression_weight
-        lookup = torch.full((vocab_size,), -100, dtype=torch.long)
-        lookup[heads.draft_vocab] = torch.arange(heads.draft_vocab.numel())
-        self.register_buffer("lookup", lookup, persistent=False)  # token id -> draft index (-100: not in it)
+        self.vocab = DraftVocab(vocab_size, heads.draft_vocab)
 
     def depth_outputs(self, hidden: Tensor, ids: Tensor, valid: Tensor):
         """Yield (d, o_d [B, T - 1 - d, H]) for every trained depth (teacher forcing)."""
@@ -81,48 +79,33 @@ class CloverModule(nn.Module):
         """hidden [B, T, H], labels [B, T] (-100 past each end), ids [B, T]."""
         valid = labels >= 0
         loss = hidden.new_zeros(())
-        metrics = {}
+        acc = DepthAccuracy(self.heads.config.num_heads)
         rows = self.heads._head.float()
         for d, o in self.depth_outputs(hidden, ids, valid):
-            target = labels[:, 1 + d :]  # L[t + 1 + d]
-            ok = target >= 0
-            mapped = torch.where(ok, self.lookup[target.clamp(min=0)], torch.full_like(target, -100))
+            ok = labels[:, 1 + d :] >= 0  # L[t + 1 + d]
+            mapped = self.vocab(labels[:, 1 + d :])
             logits = self.heads.logits(o).float()
-            n = ok.sum().clamp(min=1)
-            if self.distill:
-                teacher = F.log_softmax(hidden[:, 1 + d :].float() @ rows.T, -1)
-                per = (F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="none").sum(-1) * ok).sum() / n
-            else:
-                per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mapped.reshape(-1), ignore_index=-100, reduction="sum") / n
+            teacher = F.log_softmax(hidden[:, 1 + d :].float() @ rows.T, -1) if self.distill else None
+            per = depth_loss(logits, mapped, ok, teacher)
             if self.regression_weight:
                 reg = F.smooth_l1_loss(o.float(), hidden[:, 1 + d :].float(), reduction="none").mean(-1)
-                per = per + self.regression_weight * (reg * ok).sum() / n
+                per = per + self.regression_weight * (reg * ok).sum() / ok.sum().clamp(min=1)
             loss = loss + self.decay**d * per
-            with torch.no_grad():
-                top = logits.topk(TOPK, dim=-1).indices
-                hit = (top == mapped[..., None]) & (mapped[..., None] >= 0)
-                metrics[f"head{d}_top1"] = (hit[..., 0] & ok).sum() / n
-                metrics[f"head{d}_top5"] = (hit.any(-1) & ok).sum() / n
-        return {"loss": loss, "metrics": metrics}
+            acc.add(d, logits, mapped, ok)
+        return {"loss": loss, "metrics": acc.metrics()}
 
 
 @torch.inference_mode()
 def clover_heldout_accuracy(module: CloverModule, items: list[dict]) -> list[list[float]]:
     """acc[d][i]: share of held-out positions where depth d's i-th choice is the target's token (teacher forcing)."""
-    depth = module.heads.config.num_heads
-    hits, total = torch.zeros(depth, TOPK), torch.zeros(depth)
+    acc = DepthAccuracy(module.heads.config.num_heads)
     for item in items:
         batch = collate_features([item], with_ids=True)
         valid = batch["labels"] >= 0
         for d, o in module.depth_outputs(batch["hidden"], batch["ids"], valid):
             target = batch["labels"][:, 1 + d :]
-            ok = target >= 0
-            mapped = torch.where(ok, module.lookup[target.clamp(min=0)], torch.full_like(target, -100))
-            top = module.heads.logits(o).topk(TOPK, dim=-1).indices
-            hit = (top == mapped[..., None]) & (mapped[..., None] >= 0) & ok[..., None]
-            hits[d] += hit.sum(dim=(0, 1)).float()
-            total[d] += ok.sum()
-    return (hits / total.clamp(min=1)[:, None]).tolist()
+            acc.add(d, module.heads.logits(o), module.vocab(target), target >= 0)
+    return acc.table()
 
 
 def train_clover(cfg: TrainConfig) -> Path:

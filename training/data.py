@@ -10,25 +10,22 @@ Sources:
   ``{"messages": [{"role", "content"}, ...]}`` or ShareGPT's
   ``{"conversations": [{"from", "value"}, ...]}``.
 
-``distill`` writes self-distillation data: the target's own greedy answers
-to the first user turn, batched, resumable (an interrupted run picks up
-where it stopped), with a progress bar.
+* a directory written by ``specdec data distill`` (:mod:`specdec.training.distill`):
+  the target's own answers, one conversation per id, in id order.
 
 Never train on the evaluation sets in ``specdec/data`` or ``../shared/data``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-__all__ = ["sharegpt_path", "iter_sharegpt", "load_conversations", "distill", "tokenize_conversation"]
+__all__ = ["sharegpt_path", "iter_sharegpt", "load_conversations", "tokenize_conversation"]
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -84,10 +81,15 @@ def load_conversations(source: str, limit: int | None = None, skip: int = 0) -> 
     """
     if source == "sharegpt":
         it = iter_sharegpt()
+    elif Path(source).is_dir():
+        from specdec.training.distill import read_distilled
+
+        it = (m for m in (_normalise(r) for r in read_distilled(source)) if m)
     else:
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"training data {path} does not exist; give 'sharegpt' or a conversations .jsonl")
+            raise FileNotFoundError(f"training data {path} does not exist; give 'sharegpt', a conversations .jsonl "
+                                    "or a `specdec data distill` directory")
         records = list(_read_jsonl(path))
         if records and all(isinstance(r.get("id"), int) for r in records):
             records.sort(key=lambda r: r["id"])
@@ -122,62 +124,3 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> torc
     else:
         ids = tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
     return torch.tensor(ids[:max_len], dtype=torch.long)
-
-
-def _fast_scope(model):
-    """The engine's fast linear kernels for ``model`` (measured once per machine), as a scope factory."""
-    from specdec.profile import fast_linears_for, get_profile
-
-    return fast_linears_for(model, get_profile(model, fast=True)).scope
-
-
-def distill(model, tokenizer, conversations: list[list[dict]], out: str | Path, *, max_new_tokens: int = 256,
-            batch_size: int = 8, max_prompt_tokens: int = 512, progress: bool = True, fast: bool = True) -> int:
-    """Write ``{"id", "messages"}`` lines with the target's own greedy answer to each first user turn.
-
-    Resumable: ids already in ``out`` are skipped, and each batch is appended
-    and flushed as it finishes. Prompts of similar length are batched together
-    (less padding). With ``fast``, HF ``generate`` runs inside the engine's
-    measured fast linear kernels (:mod:`specdec.kernels`; on a CPU a batch of
-    8 rows then costs about one plain step instead of two). Returns the number
-    of conversations written now.
-    """
-    out = Path(out)
-    done = set()
-    if out.is_file():
-        text = out.read_text()
-        if text and not text.endswith("\n"):  # a kill cut the last line: drop it before appending
-            text = text[: text.rfind("\n") + 1]
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, out)
-        for line in text.splitlines():
-            try:
-                done.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut by a kill: its conversation is redone
-    todo = sorted(((i, c) for i, c in enumerate(conversations) if i not in done), key=lambda ic: len(ic[1][0]["content"]))
-    scope = _fast_scope(model) if fast else contextlib.nullcontext
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(todo), desc="distill", unit="conv", disable=not progress)
-    written = 0
-    with out.open("a") as f:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            prompts = [tokenizer.apply_chat_template(c[:1], tokenize=False, add_generation_prompt=True) for _, c in batch]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens, add_special_tokens=False)
-            with torch.inference_mode(), scope():
-                gen = model.generate(**enc.to(model.device), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            for (i, conv), row in zip(batch, gen[:, enc["input_ids"].shape[1]:]):
-                answer = tokenizer.decode(row, skip_special_tokens=True)
-                f.write(json.dumps({"id": i, "messages": [conv[0], {"role": "assistant", "content": answer}]}) + "\n")
-                written += 1
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(batch))
-    bar.close()
-    return written

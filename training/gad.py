@@ -29,11 +29,11 @@ from torch import nn
 from specdec.drafters.gad import GADBlock, GADConfig, decoder_layers
 from specdec.training.common import draft_vocabulary, features_cached, fit, start_run
 from specdec.training.config import TrainConfig
+from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
 
 __all__ = ["GADModule", "train_gad", "gad_heldout_accuracy"]
 
 log = logging.getLogger(__name__)
-TOPK = 5
 
 
 class _Windows(torch.utils.data.Dataset):
@@ -83,29 +83,20 @@ class GADModule(nn.Module):
     def __init__(self, block: GADBlock, vocab_size: int, decay: float, distill: bool) -> None:
         super().__init__()
         self.block, self.decay, self.distill = block, decay, distill
-        lookup = torch.full((vocab_size,), -100, dtype=torch.long)
-        lookup[block.draft_vocab] = torch.arange(block.draft_vocab.numel())
-        self.register_buffer("lookup", lookup, persistent=False)
+        self.vocab = DraftVocab(vocab_size, block.draft_vocab)
 
     def forward(self, context, window, root, start, targets, teacher, num_items_in_batch=None) -> dict:
+        teacher_hidden = teacher
         logits = self.block(context, window, root, start).float()  # [B, k, V']
-        mapped = torch.where(targets >= 0, self.lookup[targets.clamp(min=0)], torch.full_like(targets, -100))
-        loss, metrics = logits.new_zeros(()), {}
+        mapped = self.vocab(targets)
+        loss, acc = logits.new_zeros(()), DepthAccuracy(logits.shape[1])
         rows = self.block._head.float()
         for j in range(logits.shape[1]):
             ok = targets[:, j] >= 0
-            n = ok.sum().clamp(min=1)
-            if self.distill:
-                te = F.log_softmax(teacher[:, j].float() @ rows.T, -1)
-                per = (F.kl_div(F.log_softmax(logits[:, j], -1), te, log_target=True, reduction="none").sum(-1) * ok).sum() / n
-            else:
-                per = F.cross_entropy(logits[:, j], mapped[:, j], ignore_index=-100, reduction="sum") / n
-            loss = loss + self.decay**j * per
-            with torch.no_grad():
-                hit = (logits[:, j].topk(TOPK, -1).indices == mapped[:, j, None]) & (mapped[:, j, None] >= 0)
-                metrics[f"head{j}_top1"] = (hit[:, 0] & ok).sum() / n
-                metrics[f"head{j}_top5"] = (hit.any(-1) & ok).sum() / n
-        return {"loss": loss, "metrics": metrics}
+            teacher = F.log_softmax(teacher_hidden[:, j].float() @ rows.T, -1) if self.distill else None
+            loss = loss + self.decay**j * depth_loss(logits[:, j], mapped[:, j], ok, teacher)
+            acc.add(j, logits[:, j], mapped[:, j], ok)
+        return {"loss": loss, "metrics": acc.metrics()}
 
 
 @torch.inference_mode()
@@ -113,16 +104,15 @@ def gad_heldout_accuracy(module: GADModule, feats: list[dict], per_conv: int = 1
     """acc[j][r]: share of held-out positions where slot j's r-th choice is the target's own token."""
     cfg = module.block.config
     ds = _Windows(feats, per_conv, cfg.block, seed)
-    hits, total = torch.zeros(cfg.block, TOPK), torch.zeros(cfg.block)
+    acc = DepthAccuracy(cfg.block)
     for start in range(0, len(ds), 64):
         batch = window_batch(feats, [ds[i] for i in range(start, min(len(ds), start + 64))], cfg.window, cfg.block)
         logits = module.block(batch["context"], batch["window"], batch["root"], batch["start"])
         t = batch["targets"]
-        mapped = torch.where(t >= 0, module.lookup[t.clamp(min=0)], torch.full_like(t, -100))
-        top = logits.topk(TOPK, -1).indices
-        hits += ((top == mapped[..., None]) & (mapped[..., None] >= 0)).sum(0).float()
-        total += (t >= 0).sum(0)
-    return (hits / total.clamp(min=1)[:, None]).tolist()
+        mapped = module.vocab(t)
+        for j in range(cfg.block):
+            acc.add(j, logits[:, j], mapped[:, j], t[:, j] >= 0)
+    return acc.table()
 
 
 def train_gad(cfg: TrainConfig) -> Path:

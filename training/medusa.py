@@ -24,28 +24,25 @@ from specdec.drafters.medusa import MedusaConfig, MedusaHeads, tree_from_accurac
 from specdec.training.common import collate_features, draft_vocabulary, features_cached, fit, start_run
 from specdec.training.config import TrainConfig
 from specdec.training.data import tokenize_conversation
+from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
 
 __all__ = ["MedusaLoss", "Medusa1Module", "Medusa2Module", "train_medusa", "heldout_accuracy"]
 
 log = logging.getLogger(__name__)
-TOPK = 5
 
 
 class MedusaLoss(nn.Module):
-    """Weighted per-head cross-entropy and per-head top-1 / top-5 accuracies."""
+    """Weighted per-head loss (:func:`~specdec.training.losses.depth_loss`) and per-head top-1 / top-5 accuracies."""
 
     def __init__(self, vocab_size: int, draft_vocab: Tensor, decay: float) -> None:
         super().__init__()
-        lookup = torch.full((vocab_size,), -100, dtype=torch.long)
-        lookup[draft_vocab] = torch.arange(draft_vocab.numel())
-        self.register_buffer("lookup", lookup, persistent=False)  # token id -> draft index (-100: not in it)
+        self.vocab = DraftVocab(vocab_size, draft_vocab)
         self.decay = decay
 
     def targets(self, labels: Tensor, shift: int) -> tuple[Tensor, Tensor]:
         """Labels ``shift`` places ahead: ([B, T - shift] bool real label, [B, T - shift] draft index or -100)."""
         target = labels[:, shift:]
-        valid = target >= 0
-        return valid, torch.where(valid, self.lookup[target.clamp(min=0)], torch.full_like(target, -100))
+        return target >= 0, self.vocab(target)
 
     def forward(self, logits: Tensor, labels: Tensor, num_items: Tensor | int | None = None,
                 target_logits: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -53,38 +50,29 @@ class MedusaLoss(nn.Module):
         Args:
             logits: [K, B, T, V'] head logits.
             labels: [B, T] next-token labels per position (-100: padding).
-            num_items: if given, each head's summed cross-entropy is divided by this count (the
-                Trainer's label count over the whole global batch, so that one process and N
-                processes compute the same loss); otherwise each head's loss is a mean.
+            num_items: if given, each head's loss is rescaled to a sum divided by this count (the Trainer's
+                label count over the whole global batch, so that one process and N processes compute the
+                same loss); otherwise each head's loss is a mean over its valid positions.
             target_logits: [B, T, V'] the target's own logits over the draft vocabulary; when given,
                 head k's loss is KL(target distribution at position t + k + 1 || head k at t)
                 instead of cross-entropy on the labels.
         """
         num_heads, _, seq, _ = logits.shape
         loss = logits.new_zeros(())
-        metrics = {}
+        acc = DepthAccuracy(num_heads)
         for k in range(num_heads):
             shift = k + 1
             if seq <= shift:
                 break
             valid, mapped = self.targets(labels, shift)  # [B, T - k - 1] each
             lg = logits[k, :, : seq - shift]
-            if target_logits is None:
-                per = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), mapped.reshape(-1), ignore_index=-100,
-                                      reduction="sum")
-                count = (mapped >= 0).sum()
-            else:
-                logp = F.log_softmax(target_logits[:, shift:].float(), -1)
-                kl = F.kl_div(F.log_softmax(lg.float(), -1), logp, log_target=True, reduction="none").sum(-1)
-                per, count = (kl * valid).sum(), valid.sum()
-            loss = loss + self.decay**k * per / (count.clamp(min=1) if num_items is None else num_items)
-            with torch.no_grad():
-                n = valid.sum().clamp(min=1)
-                top = lg.topk(TOPK, dim=-1).indices  # [B, T', 5]
-                hit = (top == mapped[..., None]) & (mapped[..., None] >= 0)
-                metrics[f"head{k}_top1"] = (hit[..., 0] & valid).sum() / n
-                metrics[f"head{k}_top5"] = (hit.any(-1) & valid).sum() / n
-        return loss, metrics
+            teacher = None if target_logits is None else F.log_softmax(target_logits[:, shift:].float(), -1)
+            per = depth_loss(lg, mapped, valid, teacher)
+            if num_items is not None:
+                per = per * valid.sum().clamp(min=1) / num_items
+            loss = loss + self.decay**k * per
+            acc.add(k, lg, mapped, valid)
+        return loss, acc.metrics()
 
 
 class Medusa1Module(nn.Module):
@@ -160,22 +148,15 @@ def _collate_tokens(pad_id: int):
 @torch.inference_mode()
 def heldout_accuracy(heads: MedusaHeads, loss: MedusaLoss, items: list[dict]) -> list[list[float]]:
     """acc[k][i]: share of held-out positions where head k's i-th choice is the label (OOV = miss)."""
-    k_heads = heads.config.num_heads
-    hits = torch.zeros(k_heads, TOPK)
-    total = torch.zeros(k_heads)
+    acc = DepthAccuracy(heads.config.num_heads)
     for item in items:
         logits = heads(item["hidden"][None])  # [K, 1, T, V']
         labels = item["labels"][None]
-        for k in range(k_heads):
-            shift = k + 1
-            if labels.shape[1] <= shift:
-                continue
-            valid, mapped = loss.targets(labels, shift)
-            top = logits[k, :, : mapped.shape[1]].topk(TOPK, dim=-1).indices
-            hit = (top == mapped[..., None]) & valid[..., None] & (mapped[..., None] >= 0)
-            hits[k] += hit.sum(dim=(0, 1)).float()
-            total[k] += valid.sum()
-    return (hits / total.clamp(min=1)[:, None]).tolist()
+        for k in range(heads.config.num_heads):
+            if labels.shape[1] > k + 1:
+                valid, mapped = loss.targets(labels, k + 1)
+                acc.add(k, logits[k, :, : mapped.shape[1]], mapped, valid)
+    return acc.table()
 
 
 # ---------------------------------------------------------------------- the run

@@ -37,11 +37,11 @@ from specdec.drafters.ppd import PPDConfig, PromptTokens
 from specdec.training.common import fit, start_run
 from specdec.training.config import TrainConfig
 from specdec.training.data import tokenize_conversation
+from specdec.training.losses import DepthAccuracy, depth_loss
 
 __all__ = ["PPDModule", "train_ppd", "ppd_heldout_accuracy", "ppd_examples"]
 
 log = logging.getLogger(__name__)
-TOPK = 5
 
 
 def ppd_examples(tokenizer, convs, cfg: TrainConfig, seed: int) -> list[dict]:
@@ -123,27 +123,20 @@ class PPDModule(nn.Module):
         student = self.tokens.aggregate((student_h @ head.T).float())  # [B, K, m, V]
         target_pos = cuts[:, :, None] + torch.arange(1, m + 1)[None, None, :]  # [B, K, m]: position t + i
         teacher_logits = (teacher_hidden[torch.arange(b)[:, None, None], target_pos] @ head.T).float()
-        loss = student.new_zeros(())
-        metrics = {}
+        loss, acc = student.new_zeros(()), DepthAccuracy(m)
         for i in range(m):
             s, te = student[:, :, i], teacher_logits[:, :, i]
-            if self.loss_type == "kl":
-                per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(te, -1), log_target=True, reduction="batchmean")
-            else:
-                per = F.cross_entropy(s.reshape(-1, s.shape[-1]), te.argmax(-1).reshape(-1))
-            loss = loss + self.decay**i * per
-            with torch.no_grad():
-                hit = s.topk(TOPK, -1).indices == te.argmax(-1)[..., None]
-                metrics[f"head{i}_top1"] = hit[..., 0].float().mean()
-                metrics[f"head{i}_top5"] = hit.any(-1).float().mean()
-        return {"loss": loss, "metrics": metrics}
+            label, ok = te.argmax(-1), torch.ones(te.shape[:-1], dtype=torch.bool)
+            loss = loss + self.decay**i * depth_loss(s, label, ok, F.log_softmax(te, -1) if self.loss_type == "kl" else None)
+            acc.add(i, s, label, ok)
+        return {"loss": loss, "metrics": acc.metrics()}
 
 
 @torch.inference_mode()
 def ppd_heldout_accuracy(module: PPDModule, examples: list[dict]) -> list[list[float]]:
     """acc[i][r]: share of held-out cut points where prompt token i's r-th choice is the target's own token."""
     m = module.tokens.config.num_prompt_tokens
-    hits, total = torch.zeros(m, TOPK), 0
+    acc = DepthAccuracy(m)
     head = module.target.get_output_embeddings().weight
     for ex in examples:
         batch = collate_examples([ex])
@@ -153,10 +146,9 @@ def ppd_heldout_accuracy(module: PPDModule, examples: list[dict]) -> list[list[f
         student = module.tokens.aggregate(hidden[0, rows[0]] @ head.T)  # [K, m, V]
         target_pos = batch["cuts"][0][:, None] + torch.arange(1, m + 1)[None]
         teacher = (plain[0, target_pos] @ head.T).argmax(-1)  # [K, m]
-        top = student.topk(TOPK, -1).indices
-        hits += (top == teacher[..., None]).sum(0).float()
-        total += teacher.shape[0]
-    return (hits / max(total, 1)).tolist()
+        for i in range(m):
+            acc.add(i, student[:, i], teacher[:, i], torch.ones_like(teacher[:, i], dtype=torch.bool))
+    return acc.table()
 
 
 def train_ppd(cfg: TrainConfig) -> Path:

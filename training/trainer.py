@@ -7,10 +7,12 @@
   (so they reach wandb / tensorboard through ``report_to``);
 * parameter groups with their own learning rates (``module.param_groups(lr)``),
   e.g. Medusa-2's larger head learning rate;
-* a fixed data order: the dataset is permuted once with the seed and read in
-  order, so one process and N processes (torchrun, accelerate, deepspeed)
-  see the same global batches; losses are normalised by the global batch's
-  label count (``num_items_in_batch``), so they compute the same gradient.
+* a seeded data order that every process computes alike, so one process and
+  N processes (torchrun, accelerate, deepspeed) see the same global batches:
+  by default the dataset's own order (``PermutedDataset``: permuted once), or
+  ``sampler=EpochSampler(...)`` for a new order every epoch (streamed feature
+  stores); losses are normalised by the global batch's label count
+  (``num_items_in_batch``), so they compute the same gradient.
 
 Checkpoints, resume, DDP/gloo, DeepSpeed ZeRO and wandb are HF Trainer's own.
 """
@@ -39,15 +41,16 @@ class PermutedDataset(Dataset):
 
 
 class DrafterTrainer(Trainer):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, sampler=None, **kwargs) -> None:
+        self._sampler = sampler
         super().__init__(*args, **kwargs)
         self._metric_sums: dict[str, float] = {}
         self._metric_count = 0
 
     def _get_train_sampler(self, *args, **kwargs):
-        # In order; with N processes accelerate hands process r every r-th batch of this order, so a
-        # global batch of N x B holds the same examples as one process's batch of N x B.
-        return SequentialSampler(self.train_dataset)
+        # One order for all processes; with N processes accelerate hands process r every r-th batch of it, so
+        # a global batch of N x B holds the same examples as one process's batch of N x B.
+        return self._sampler if self._sampler is not None else SequentialSampler(self.train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         module = model.module if hasattr(model, "module") else model

@@ -1,0 +1,135 @@
+"""The feature store: what it holds equals the target's own forward; a killed extraction resumes to the same
+bytes; another spec is refused; training streams it in a new order every epoch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from specdec.training.features import EpochSampler, FeatureSpec, FeatureStore, StoreDataset, answer_mask, extract_store
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory, default_tokenizer):
+    from conftest import save_tiny_target
+
+    from specdec import load_model
+
+    path = save_tiny_target(tmp_path_factory.mktemp("target"), default_tokenizer)
+    return path, load_model(str(path))
+
+
+def conversations(n=9):
+    return [[{"role": "user", "content": f"Say something about the number {i}." * (1 + i % 3)},
+             {"role": "assistant", "content": f"The number {i} is a number. " * (1 + i % 4)}] for i in range(n)]
+
+
+SPEC = dict(layers=[1, 2, -1], max_len=96, topk=4, dtype="bfloat16")
+
+
+def test_the_store_holds_the_targets_own_features(target, tmp_path):
+    _, (model, tok) = target
+    convs = conversations()
+    store = extract_store(model, tok, convs, tmp_path / "f", FeatureSpec(**SPEC), data_key="t", shard_items=4, progress=False)
+    assert len(store) == 9 and [s["name"] for s in store.manifest["shards"]] == ["shard-00000", "shard-00001", "shard-00002"]
+    from specdec.training.data import tokenize_conversation
+
+    for i in (0, 5, 8):
+        ids = tokenize_conversation(tok, convs[i], 96)
+        with torch.inference_mode():
+            out = model(input_ids=ids[None], output_hidden_states=True)
+        item = store.item(i)
+        assert torch.equal(item["ids"], ids)
+        assert item["hidden"].shape == (ids.numel(), 3, model.config.hidden_size)
+        for j, layer in enumerate(SPEC["layers"]):
+            torch.testing.assert_close(item["hidden"][:, j], out.hidden_states[layer][0].bfloat16().float(), rtol=0, atol=0.02)
+        torch.testing.assert_close(store.item(i, layers=[-1, 1])["hidden"], item["hidden"][:, [2, 0]])
+        logp = torch.log_softmax(out.logits[0].float(), -1)
+        assert torch.equal(item["labels"], logp.argmax(-1))
+        assert torch.equal(item["topk_ids"][:, 0], item["labels"])
+        torch.testing.assert_close(item["topk_logp"], logp.topk(4, -1).values, rtol=1e-3, atol=1e-3)  # fp16
+        assert item["answer"].any() and not item["answer"][:3].any()  # the user turn comes first
+    assert isinstance(store._shards[0]["hidden"], np.memmap)  # read through memory maps, not loaded
+
+
+def test_answer_mask_marks_the_assistant_text(default_tokenizer):
+    tok = default_tokenizer
+    conv = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello friend"}]
+    from specdec.training.data import tokenize_conversation
+
+    ids = tokenize_conversation(tok, conv, 100)
+    mask = answer_mask(tok, conv, ids)
+    assert "Hello friend" in tok.decode(ids[mask]) and "Hi there" not in tok.decode(ids[mask])
+
+
+def test_a_killed_extraction_resumes_to_the_same_store(target, tmp_path):
+    path, (model, tok) = target
+    convs = conversations(12)
+    whole = extract_store(model, tok, convs, tmp_path / "whole", FeatureSpec(**SPEC), data_key="t", shard_items=2, progress=False)
+    data = tmp_path / "convs.json"
+    data.write_text(json.dumps(convs))
+    out = tmp_path / "killed"
+    script = ("import json, sys; from specdec import load_model; from specdec.training.features import FeatureSpec, extract_store; "
+              f"m, t = load_model({str(path)!r}); c = json.load(open({str(data)!r})); "
+              f"extract_store(m, t, c, {str(out)!r}, FeatureSpec(**{SPEC!r}), data_key='t', shard_items=2, batch_tokens=96, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "shard-00001" / "offsets.npy").is_file():
+            time.sleep(0.01)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = sorted(p.name for p in out.glob("shard-*"))
+    assert proc.returncode == -signal.SIGKILL and 0 < len(done) < 6, done
+    with pytest.raises(ValueError, match="other data"):  # a different spec never mixes into it
+        extract_store(model, tok, convs, out, FeatureSpec(**{**SPEC, "topk": 2}), data_key="t", shard_items=2, progress=False)
+    again = extract_store(model, tok, convs, out, FeatureSpec(**SPEC), data_key="t", shard_items=2, progress=False)
+    assert len(again) == len(whole) == 12
+    for i in range(12):
+        a, b = again.item(i), whole.item(i)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_every_epoch_reads_the_store_in_a_new_order():
+    s = EpochSampler(50, seed=3)
+    first = list(s)
+    s.set_epoch(1)
+    second = list(s)
+    assert sorted(first) == sorted(second) == list(range(50)) and first != second
+    s.set_epoch(0)
+    assert list(s) == first  # every process computes the same order for an epoch
+
+
+def test_the_trainer_draws_a_new_order_each_epoch(target, tmp_path):
+    """Through HF Trainer: the order the module sees differs between epochs (the Trainer calls set_epoch)."""
+    from torch import nn
+
+    from specdec.training.trainer import DrafterTrainer
+    from transformers import TrainingArguments
+
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, index):
+            seen.extend(index.tolist())
+            return {"loss": (self.w - 1).pow(2).sum()}
+
+    data = [{"index": torch.tensor(i)} for i in range(12)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, seed=5, logging_steps=100)
+    trainer = DrafterTrainer(model=Probe(), args=args, train_dataset=data, data_collator=lambda b: {"index": torch.stack([x["index"] for x in b])},
+                             sampler=EpochSampler(len(data), seed=5))
+    trainer.train()
+    assert sorted(seen[:12]) == sorted(seen[12:]) == list(range(12)) and seen[:12] != seen[12:]
