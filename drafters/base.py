@@ -171,7 +171,10 @@ class Drafter:
 
     Class attributes:
         name: the registry name.
-        needs_hidden_states: ask the engine for the target's last hidden states.
+        needs_hidden_states: ask the engine for the target's hidden states.
+        hidden_layers: which of them (indices into HF's ``hidden_states``: -1, the default, is the last layer
+            after the final norm; an EAGLE-3 drafter asks for a low, a middle and a high layer). The engine
+            fetches only these, and ``DraftState.hidden_states`` holds them side by side: [K, L·H].
         vocab_size: the vocabulary the drafter was built for (None: any).
         shared_state: names of attributes that every :meth:`spawn` shares as they are (read-only
             resources such as a datastore); tensors, modules and the Target are always shared.
@@ -180,7 +183,12 @@ class Drafter:
     name: str = "drafter"
     shared_state: tuple[str, ...] = ()
     needs_hidden_states: bool = False
+    hidden_layers: tuple[int, ...] = (-1,)
     vocab_size: int | None = None
+
+    def hidden_request(self) -> "tuple[int, ...] | bool":
+        """What the engine's forwards must return for this drafter: the ``hidden_layers`` it reads, or False."""
+        return tuple(self.hidden_layers) if self.needs_hidden_states else False
 
     def bind(self, target: Target) -> None:
         """Check the drafter fits the target and keep what it needs; called once per generation."""

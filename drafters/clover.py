@@ -59,6 +59,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -379,72 +380,19 @@ class CloverDrafter(Drafter):
         return self._tree(state.root, z)
 
     def _tree(self, root: int, z: Tensor) -> TokenTree:
-        """Depth by depth: each frontier node's children from the head fed with its own token; the ``beam`` most
-        probable (by path probability under the heads) stay. Nodes are appended in depth order, parents first.
+        """Depth by depth from the state ``z`` (see :func:`grow_tree`); each child's state comes from the
+        regressive head fed with the child's own token."""
+        heads = self.heads
+        first = torch.log_softmax(heads.logits(heads.head_first(z)).float(), -1)[None]  # [1, V']
+        states = [z[None]]
 
-        With ``sample`` (for speculative sampling), each node's children are drawn from the head's distribution q
-        without replacement, and every child carries q renormalised over the tokens its earlier siblings took
-        (``draft_probs``: the sampler accepts with p/q, exactly). A node keeps a prefix of its draws, in draw
-        order, with scores that never rise along it, so any trim the engine makes keeps a prefix too.
-        """
-        heads, opts = self.heads, self.options
-        depth = opts.depth or self.clover_config.num_heads
-        vocab = heads.draft_vocab
-        sample = opts.sample
-        vocab_cpu = vocab.cpu() if sample else None
-        tokens, parents, score, path_lp = [root], [-1], [1.0], [0.0]
-        q_rows: list[Tensor | None] = [None]
-        paths: list[tuple[int, ...]] = [()]
-        keys: dict = {}
-        logp = torch.log_softmax(heads.logits(heads.head_first(z)).float(), -1)[None]  # [F=1, V']
-        frontier, states = [0], z[None]  # the nodes whose children come next, and their states
-        for d in range(1, depth + 1):
-            k = min(opts.topk, logp.shape[-1])
-            if sample:  # draw order: torch draws without replacement, each draw from what is left, renormalised
-                p = logp.exp()
-                ids = torch.multinomial(p, k, replacement=False, generator=self.target.generator)
-                values, ids, probs = logp.gather(1, ids).cpu(), ids.cpu(), p.cpu()
-            else:
-                top = logp.topk(k, dim=-1)  # [F, k]
-                values, ids = top.values.cpu(), top.indices.cpu()
-            cand = values + torch.tensor([path_lp[n] for n in frontier])[:, None]
-            chosen = torch.topk(cand.flatten(), min(opts.beam, cand.numel())).indices.tolist()
-            if sample:  # as many children per node as the beam gave it, but the first of its draws
-                counts = torch.bincount(torch.tensor(chosen) // k, minlength=len(frontier)).tolist()
-                chosen = [i * k + j for i in range(len(frontier)) for j in range(counts[i])]
-            new_frontier, rows, new_tokens = [], [], []
-            for f in chosen:
-                i, j = divmod(f, k)
-                parent, tok = frontier[i], int(vocab[ids[i, j]])
-                key = (depth_bucket(d), freq_bucket(float(values[i, j].exp()), PROB_BUCKETS))
-                tokens.append(tok)
-                parents.append(parent)
-                path_lp.append(float(cand[i, j]))
-                s_new = score[parent] * self.rates[key]
-                if sample:
-                    if j:  # never above the sibling drawn before it
-                        s_new = min(s_new, score[-1])
-                    left = probs[i].clone()
-                    left[ids[i, :j]] = 0.0
-                    q = torch.zeros(self.vocab_size, dtype=torch.float32)
-                    q[vocab_cpu] = left / left.sum().clamp(min=1e-30)
-                    q_rows.append(q)
-                score.append(s_new)
-                paths.append(paths[parent] + (tok,))
-                keys[paths[-1]] = key
-                new_frontier.append(len(tokens) - 1)
-                rows.append(i)
-                new_tokens.append(tok)
-            if d == depth or (self._nodes_cost and max(score[n] for n in new_frontier) < opts.min_score):
-                break  # (nodes that unlikely are trimmed by the engine anyway: drafting deeper would be wasted)
-            s, o = heads.head_next(states[rows], torch.tensor(new_tokens, device=states.device))
-            logp = torch.log_softmax(heads.logits(o).float(), -1)
-            frontier, states = new_frontier, s
-        self._keys = keys
-        tree = TokenTree(torch.tensor(tokens), torch.tensor(parents), scores=torch.tensor(score))
-        if sample:
-            q_rows[0] = torch.zeros(self.vocab_size, dtype=torch.float32)
-            tree.draft_probs = torch.stack(q_rows)
+        def expand(rows: list[int], tokens: list[int], parents: list[int], nodes: list[int]) -> Tensor:
+            s, o = heads.head_next(states[0][rows], torch.tensor(tokens, device=z.device))
+            states[0] = s
+            return torch.log_softmax(heads.logits(o).float(), -1)
+
+        tree, self._keys = grow_tree(root, first, expand, heads.draft_vocab, self.options.depth or self.clover_config.num_heads,
+                                     self.options, self.rates, self.target.generator, self._nodes_cost, self.vocab_size)
         return tree
 
     def observe(self, result: StepResult) -> None:
@@ -457,3 +405,84 @@ def _causal_mask(prefix: int, n: int, dtype: torch.dtype, device) -> Tensor:
     from specdec.tree_attention.reference import additive_tree_mask
 
     return additive_tree_mask(prefix, torch.tril(torch.ones(n, n, dtype=torch.bool)), dtype).to(device)
+
+
+def grow_tree(root: int, first_logp: Tensor, expand: Callable, vocab: Tensor, depth: int, opts, rates: AcceptanceRates,
+              generator, nodes_cost: bool, vocab_size: int) -> tuple[TokenTree, dict]:
+    """A draft tree grown depth by depth from a drafter's distributions (Clover's heads, EAGLE's layer).
+
+    Args:
+        root: the last committed token (node 0).
+        first_logp: [1, V'] log-probabilities of the root's children over the draft vocabulary.
+        expand: ``expand(rows, tokens, parents, nodes) -> [F', V']`` log-probabilities of the children of the
+            new frontier: node ``nodes[i]`` holds ``tokens[i]``, is a child of node ``parents[i]`` and of frontier
+            row ``rows[i]`` of the previous call (row 0: the root).
+        vocab: [V'] the draft vocabulary's token ids.
+        opts: ``beam``, ``topk``, ``min_score``, ``sample`` (see :class:`CloverDrafterConfig`).
+        rates: running acceptance estimates keyed by (depth bucket, probability bucket).
+
+    Each depth keeps the ``beam`` most probable nodes by path probability. Node scores are the estimated
+    chance the target accepts the node (the product of its path's estimates), which the engine sizes by.
+
+    With ``opts.sample`` (for speculative sampling), each node's children are drawn from q without
+    replacement, and every child carries q renormalised over the tokens its earlier siblings took
+    (``draft_probs``: the sampler accepts with p/q, exactly). A node keeps a prefix of its draws, in draw
+    order, with scores that never rise along it, so any trim the engine makes keeps a prefix too.
+
+    Returns:
+        (tree, keys): ``keys`` maps each node's token path to its estimate's key (for :func:`learn`).
+    """
+    sample = opts.sample
+    vocab_cpu = vocab.cpu()
+    tokens, parents, score, path_lp = [root], [-1], [1.0], [0.0]
+    q_rows: list[Tensor | None] = [None]
+    paths: list[tuple[int, ...]] = [()]
+    keys: dict = {}
+    logp, frontier = first_logp, [0]
+    for d in range(1, depth + 1):
+        k = min(opts.topk, logp.shape[-1])
+        if sample:  # draw order: torch draws without replacement, each draw from what is left, renormalised
+            p = logp.exp()
+            ids = torch.multinomial(p, k, replacement=False, generator=generator)
+            values, ids, probs = logp.gather(1, ids).cpu(), ids.cpu(), p.cpu()
+        else:
+            top = logp.topk(k, dim=-1)  # [F, k]
+            values, ids = top.values.cpu(), top.indices.cpu()
+        cand = values + torch.tensor([path_lp[n] for n in frontier])[:, None]
+        chosen = torch.topk(cand.flatten(), min(opts.beam, cand.numel())).indices.tolist()
+        if sample:  # as many children per node as the beam gave it, but the first of its draws
+            counts = torch.bincount(torch.tensor(chosen) // k, minlength=len(frontier)).tolist()
+            chosen = [i * k + j for i in range(len(frontier)) for j in range(counts[i])]
+        new_frontier, rows, new_tokens, new_parents = [], [], [], []
+        for f in chosen:
+            i, j = divmod(f, k)
+            parent, tok = frontier[i], int(vocab_cpu[ids[i, j]])
+            key = (depth_bucket(d), freq_bucket(float(values[i, j].exp()), PROB_BUCKETS))
+            tokens.append(tok)
+            parents.append(parent)
+            path_lp.append(float(cand[i, j]))
+            s_new = score[parent] * rates[key]
+            if sample:
+                if j:  # never above the sibling drawn before it
+                    s_new = min(s_new, score[-1])
+                left = probs[i].clone()
+                left[ids[i, :j]] = 0.0
+                q = torch.zeros(vocab_size, dtype=torch.float32)
+                q[vocab_cpu] = left / left.sum().clamp(min=1e-30)
+                q_rows.append(q)
+            score.append(s_new)
+            paths.append(paths[parent] + (tok,))
+            keys[paths[-1]] = key
+            new_frontier.append(len(tokens) - 1)
+            rows.append(i)
+            new_tokens.append(tok)
+            new_parents.append(parent)
+        if d == depth or (nodes_cost and max(score[n] for n in new_frontier) < opts.min_score):
+            break  # (nodes that unlikely are trimmed by the engine anyway: drafting deeper would be wasted)
+        logp = expand(rows, new_tokens, new_parents, new_frontier)
+        frontier = new_frontier
+    tree = TokenTree(torch.tensor(tokens), torch.tensor(parents), scores=torch.tensor(score))
+    if sample:
+        q_rows[0] = torch.zeros(vocab_size, dtype=torch.float32)
+        tree.draft_probs = torch.stack(q_rows)
+    return tree, keys

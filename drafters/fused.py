@@ -12,6 +12,8 @@ proposed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from specdec.drafters.base import DraftState, Drafter, StepResult, Target
@@ -28,6 +30,11 @@ class FusedDrafter(Drafter):
             raise ValueError("fusing needs at least two drafters, e.g. 'medusa+prompt-lookup'")
         self.drafters = drafters
         self.needs_hidden_states = any(d.needs_hidden_states for d in drafters)
+        layers: list[int] = []  # every layer some drafter reads, once; each drafter gets its own slice
+        for d in drafters:
+            if d.needs_hidden_states:
+                layers += [x for x in d.hidden_layers if x not in layers]
+        self.hidden_layers = tuple(layers) or (-1,)
         self.name = "+".join(d.name for d in drafters)
 
     def bind(self, target: Target) -> None:
@@ -41,10 +48,18 @@ class FusedDrafter(Drafter):
     def propose(self, state: DraftState) -> TokenTree:
         fused = None
         for i, d in enumerate(self.drafters):
-            tree = d.propose(state)
+            tree = d.propose(self._state_for(d, state))
             tree.sources = torch.full_like(tree.tokens, i)
             fused = tree if fused is None else fused.merge(tree)
         return fused
+
+    def _state_for(self, d: Drafter, state: DraftState) -> DraftState:
+        """The state with only the hidden-state layers ``d`` reads, in its order."""
+        if not d.needs_hidden_states or state.hidden_states is None or tuple(d.hidden_layers) == self.hidden_layers:
+            return state
+        h = state.hidden_states.shape[-1] // len(self.hidden_layers)
+        cols = [c for x in d.hidden_layers for c in range(self.hidden_layers.index(x) * h, (self.hidden_layers.index(x) + 1) * h)]
+        return dataclasses.replace(state, hidden_states=state.hidden_states[..., cols])
 
     def observe(self, result: StepResult) -> None:
         for d in self.drafters:

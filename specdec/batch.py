@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache
 from specdec.cache import _MIN_CAPACITY, TreeKVCache, _TreeLayer
 from specdec.drafters.base import DraftState, Drafter
 from specdec.kernels import FastLinears
-from specdec.runner import ForwardOutput, TreeRunner, _upcast
+from specdec.runner import ForwardOutput, TreeRunner, _upcast, hidden_layers, tapped_forward
 from specdec.sizing import trim_batch
 from specdec.tree import TokenTree
 from specdec.tree_attention.hf import TreeAttention
@@ -244,11 +244,9 @@ class BatchRunner:
             mask = torch.zeros(visible.shape, dtype=getattr(self.model, "dtype", torch.float32), device=self.device)
             kwargs["attention_mask"] = mask.masked_fill_(~visible, torch.finfo(mask.dtype).min)[:, None]
         with self._single._kernels():
-            out = self.model(
-                input_ids=tokens.to(self.device), position_ids=(lengths[:, None] + depths).to(self.device),
-                cache=self.cache, use_cache=True, output_hidden_states=hidden, **kwargs,
-            )
-        return ForwardOutput(_upcast(out.logits), out.hidden_states[-1] if hidden else None)
+            out, h = tapped_forward(self.model, hidden_layers(hidden), input_ids=tokens.to(self.device),
+                                    position_ids=(lengths[:, None] + depths).to(self.device), cache=self.cache, use_cache=True, **kwargs)
+        return ForwardOutput(_upcast(out.logits), h)
 
     def commit(self, paths: list[Tensor]) -> None:
         self.cache.commit_rows(paths)
@@ -298,7 +296,7 @@ def decode_batch(
     queue = list(range(len(prompts)))[::-1]  # popped from the end: prompt order
     rows: list[_Row] = []
     with BatchRunner(model, attn=attn, fast=fast, route=route) as runner:
-        hidden_needed = any(d.needs_hidden_states for d in drafters)
+        hidden_needed = drafters[0].hidden_request() if drafters else False
         while True:
             # 1. Join: queued prompts fill the free rows (their first token comes from their prefill).
             if queue and len(rows) < width:

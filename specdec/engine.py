@@ -220,7 +220,7 @@ def decode_steps(
         max_nodes: the most nodes one forward may hold.
     """
     stats = stats if stats is not None else GenerationStats()
-    hidden_needed = drafter.needs_hidden_states
+    hidden_needed = drafter.hidden_request()
     ids = input_ids.clone()
     new: list[int] = []
     drafter.reset(ids)

@@ -44,11 +44,72 @@ class ForwardOutput:
 
     Attributes:
         logits: [N, V] float32 (float64 for a float64 model); row i predicts the token after node i.
-        hidden_states: [N, H] last-layer hidden states (after the final norm) when asked for, else None.
+        hidden_states: [N, L·H] the hidden states of the layers asked for, side by side in the order asked
+            (the default, layer -1: [N, H], the last layer after the final norm), else None.
     """
 
     logits: Tensor
     hidden_states: Tensor | None = None
+
+
+Hidden = "bool | tuple[int, ...]"
+
+
+class LayerTap:
+    """Captures the target's hidden states at some of HF's ``hidden_states`` indices during a forward, without
+    asking the model for every layer (``output_hidden_states`` keeps all L + 1 of them alive).
+
+    Index 0 is the embeddings' output, i in 1 .. L - 1 the output of decoder layer i - 1, and L (or -1) the last
+    layer's output after the final norm, as in ``output_hidden_states``. Models without the usual
+    ``model.layers`` / ``model.norm`` layout fall back to ``output_hidden_states``.
+    """
+
+    def __init__(self, model, layers: tuple[int, ...]) -> None:
+        dec = getattr(model, "model", None)
+        self.hookable = all(hasattr(dec, a) for a in ("layers", "norm", "embed_tokens"))
+        n = len(dec.layers) if self.hookable else getattr(model.config, "num_hidden_layers", 0)
+        for i in layers:
+            if not -(n + 1) <= i <= n:
+                raise ValueError(f"hidden-state layer {i} does not exist: the target has hidden states 0 .. {n} (or -1 .. -{n + 1})")
+        self.order = [i % (n + 1) for i in layers]
+        self.modules = {}
+        if self.hookable:
+            self.modules = {i: dec.embed_tokens if i == 0 else dec.norm if i == n else dec.layers[i - 1] for i in set(self.order)}
+        self.captured: dict[int, Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "LayerTap":
+        self.captured = {}
+        for i, mod in self.modules.items():
+            self._handles.append(mod.register_forward_hook(lambda m, a, out, i=i: self.captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def result(self, out) -> Tensor:
+        """[B, T, L·H] from the captured outputs (or from ``out.hidden_states`` when the model is not hookable)."""
+        source = self.captured if self.hookable else dict(enumerate(out.hidden_states))
+        return torch.cat([source[i] for i in self.order], dim=-1)
+
+
+def hidden_layers(hidden) -> tuple[int, ...] | None:
+    """``hidden`` as layer indices: True is the last layer (-1); False or None is none."""
+    if hidden is True:
+        return (-1,)
+    return tuple(hidden) if hidden else None
+
+
+def tapped_forward(model, layers: tuple[int, ...] | None, **kwargs):
+    """``model(**kwargs)``, and the hidden states of ``layers`` ([B, T, L·H]) or None."""
+    if layers is None:
+        return model(**kwargs), None
+    tap = LayerTap(model, layers)
+    with tap:
+        out = model(output_hidden_states=not tap.hookable, **kwargs)
+    return out, tap.result(out)
 
 
 def _upcast(logits: Tensor) -> Tensor:
@@ -104,22 +165,21 @@ class TreeRunner:
         return self.cache.get_seq_length()
 
     # ------------------------------------------------------------------ forwards
-    def prefill(self, ids: Tensor, *, hidden: bool = False, all_logits: bool = False) -> ForwardOutput:
+    def prefill(self, ids: Tensor, *, hidden: Hidden = False, all_logits: bool = False) -> ForwardOutput:
         """Causal forward over ``ids`` ([T] long) on an empty cache.
 
         Returns the last position's logits ([1, V], or all [T, V] with
-        ``all_logits``) and, with ``hidden``, hidden states for all T positions.
+        ``all_logits``) and, with ``hidden`` (True: the last layer; or a tuple of
+        ``hidden_states`` indices), hidden states for all T positions.
         """
         if self.prefix_len:
             raise RuntimeError("prefill needs an empty cache; use forward(TokenTree) to extend a prefix")
         with self._kernels():
-            out = self.model(
-                input_ids=ids[None].to(self.device), cache=self.cache, use_cache=True,
-                output_hidden_states=hidden, logits_to_keep=0 if all_logits else 1,
-            )
-        return ForwardOutput(_upcast(out.logits[0]), out.hidden_states[-1][0] if hidden else None)
+            out, h = tapped_forward(self.model, hidden_layers(hidden), input_ids=ids[None].to(self.device), cache=self.cache,
+                                    use_cache=True, logits_to_keep=0 if all_logits else 1)
+        return ForwardOutput(_upcast(out.logits[0]), h[0] if h is not None else None)
 
-    def forward(self, tree: TokenTree, *, hidden: bool = False) -> ForwardOutput:
+    def forward(self, tree: TokenTree, *, hidden: Hidden = False) -> ForwardOutput:
         """One forward over the tree's N nodes after the committed prefix; their KV is appended to the cache.
 
         Nodes sit at positions ``prefix_len + depth`` and see the prefix and their
@@ -143,11 +203,9 @@ class TreeRunner:
         else:
             kwargs["input_ids"] = ids
         with self._kernels():
-            out = self.model(
-                position_ids=tree.position_ids(prefix_len)[None].to(self.device),
-                cache=self.cache, use_cache=True, output_hidden_states=hidden, **kwargs,
-            )
-        return ForwardOutput(_upcast(out.logits[0]), out.hidden_states[-1][0] if hidden else None)
+            out, h = tapped_forward(self.model, hidden_layers(hidden), position_ids=tree.position_ids(prefix_len)[None].to(self.device),
+                                    cache=self.cache, use_cache=True, **kwargs)
+        return ForwardOutput(_upcast(out.logits[0]), h[0] if h is not None else None)
 
     def commit(self, prefix_len: int, path: Tensor) -> None:
         """Keep the KV of tree nodes ``path`` ([A] long, root first, relative to ``prefix_len``) right after the prefix."""
