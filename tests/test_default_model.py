@@ -148,3 +148,21 @@ def test_retrieval_and_copy_drafters_equal_plain_decoding(default_model):
         out = specdec.generate(model, tok, rewrite, drafter=drafter, max_new_tokens=48)
         assert out.token_ids == ref, drafter
         assert out.stats.mean_accepted_length > 1.5, (drafter, out.stats.as_dict())
+
+
+def test_an_eagle_drafter_reading_three_layers_equals_plain_decoding(default_model):
+    """An EAGLE drafter (random weights: the shipped one comes with its training) on the default model's layers
+    2, 15 and 27, alone and fused with Clover (which reads the last layer: each gets its own slice)."""
+    from test_eagle import random_eagle
+
+    from specdec.drafters.clover import CloverDrafter
+    from specdec.drafters.eagle import EagleDrafter
+    from specdec.drafters.fused import FusedDrafter
+
+    model, tok = default_model
+    eagle = EagleDrafter(random_eagle(model, layers=(2, 15, 27), draft=4096))
+    msgs = [{"role": "user", "content": CHAT[1]}]
+    plain = specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=40).token_ids
+    for drafter in (eagle, FusedDrafter([CloverDrafter.from_spec([], {}), eagle])):
+        out = specdec.generate(model, tok, msgs, drafter=drafter, max_new_tokens=40, size_trees=False)
+        assert out.token_ids == plain and out.stats.drafted_tokens > 0

@@ -146,6 +146,22 @@ def ppd_drafter(target):
     return d
 
 
+def eagle_drafter(target):
+    """A random EAGLE drafter (over the table model's one hidden layer) drawing its drafts from q and carrying it."""
+    from specdec.drafters.base import Target
+    from specdec.drafters.eagle import EagleConfig, EagleDrafter, EagleDrafterConfig, EagleModel
+
+    torch.manual_seed(8)
+    cfg = EagleConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=2, num_kv_heads=1, intermediate_size=16, feature_layers=[-1])
+    eagle = EagleModel(cfg, torch.arange(VOCAB))
+    for p in eagle.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.5)
+    d = EagleDrafter(eagle.to(torch.float64), EagleDrafterConfig(depth=2, beam=3, topk=2, sample=True, dtype="float64"))
+    d.bind(Target.of(target, seed=3))
+    return d
+
+
 DRAFTERS = {
     "prompt-lookup": lambda target: PromptLookupDrafter(PromptLookupConfig(adaptive=False, min_ngram=1, num_tokens=3)),
     "bad": lambda target: BadDrafter(),
@@ -153,6 +169,7 @@ DRAFTERS = {
     "draft-model": draft_model_drafter,
     "clover": clover_drafter,
     "ppd": ppd_drafter,
+    "eagle": eagle_drafter,
 }
 
 

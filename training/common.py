@@ -139,12 +139,12 @@ def last_complete_checkpoint(out: Path) -> str | None:
     return None
 
 
-def start_run(cfg: TrainConfig):
+def start_run(cfg: TrainConfig, load_data: bool = True):
     """What every training run starts with: the output directory (with the settings written down), the seed,
-    the target frozen, and the conversations split into held-out and training ones.
+    the target frozen, and (with ``load_data``) the conversations split into held-out and training ones.
 
     Returns:
-        (out, model, tokenizer, heldout_convs, train_convs)
+        (out, model, tokenizer, heldout_convs, train_convs); the last two are None without ``load_data``
     """
     from specdec.models import load_model
     from specdec.training.data import load_conversations
@@ -156,6 +156,8 @@ def start_run(cfg: TrainConfig):
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
     for p in model.parameters():
         p.requires_grad_(False)
+    if not load_data:
+        return out, model, tokenizer, None, None
     convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.num_conversations)
     heldout, train = convs[: cfg.heldout], convs[cfg.heldout :]
     if not train:
@@ -163,11 +165,12 @@ def start_run(cfg: TrainConfig):
     return out, model, tokenizer, heldout, train
 
 
-def fit(module, dataset, collate, cfg: TrainConfig, out: Path):
-    """Train ``module`` with the shared Trainer glue, resuming from the newest complete checkpoint; returns the trainer."""
+def fit(module, dataset, collate, cfg: TrainConfig, out: Path, sampler=None):
+    """Train ``module`` with the shared Trainer glue, resuming from the newest complete checkpoint; returns the trainer.
+    ``sampler``: the data order (default: the dataset's own; an ``EpochSampler`` draws a new one every epoch)."""
     from specdec.training.trainer import DrafterTrainer
 
-    trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset, data_collator=collate)
+    trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset, data_collator=collate, sampler=sampler)
     last = last_complete_checkpoint(out) if cfg.resume else None
     if last:
         log.warning("resuming from %s", last)

@@ -28,11 +28,13 @@ METHODS: dict[str, str] = {
     "clover2": "specdec.training.clover:train_clover",
     "ppd": "specdec.training.ppd:train_ppd",
     "gad": "specdec.training.gad:train_gad",
+    "eagle": "specdec.training.eagle:train_eagle",
 }
 
 
 # method -> the drafter spec name its result loads as
-DRAFTER_OF: dict[str, str] = {"medusa1": "medusa", "medusa2": "medusa", "clover": "clover", "clover2": "clover", "ppd": "ppd", "gad": "gad"}
+DRAFTER_OF: dict[str, str] = {"medusa1": "medusa", "medusa2": "medusa", "clover": "clover", "clover2": "clover", "ppd": "ppd", "gad": "gad",
+                              "eagle": "eagle"}
 
 
 def register_method(name: str, trainer: str, drafter: str | None = None) -> None:
@@ -67,6 +69,10 @@ class TrainConfig:
     virtual tokens each, ``ppd_groups`` insertion points per sequence, loss
     ``kl`` (distillation) or ``ce`` (hard labels) (see :mod:`specdec.training.ppd`).
 
+    EAGLE (``method="eagle"``): the drafter reads the target's ``eagle_layers`` (``hidden_states`` indices;
+    empty: EAGLE-3's low/mid/high choice) and is unrolled ``eagle_steps`` steps in training (training-time
+    test); features come from the sharded store in ``features_dir`` (see :mod:`specdec.training.eagle`).
+
     GAD's block drafter (``method="gad"``): ``num_heads`` mask slots,
     ``num_layers`` copies of the target's last layers, reading ``gad_window``
     committed positions; ``gad_windows`` training positions per conversation
@@ -100,6 +106,9 @@ class TrainConfig:
     # gad (num_heads = the block size k, num_layers = the target layers copied)
     gad_window: int = 16  # committed positions the block reads
     gad_windows: int = 24  # training positions drawn per conversation
+    # eagle
+    eagle_layers: list[int] = field(default_factory=list)
+    eagle_steps: int = 4
     # optimisation
     epochs: float = 3.0
     max_steps: int = -1
@@ -151,6 +160,10 @@ class TrainConfig:
             raise ValueError("set epochs > 0 or max_steps > 0")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
+        if isinstance(self.eagle_layers, str):
+            self.eagle_layers = [int(x) for x in self.eagle_layers.replace("[", "").replace("]", "").split(",") if x.strip()]
+        if self.eagle_steps < 1:
+            raise ValueError(f"eagle_steps must be >= 1, got {self.eagle_steps}")
         if isinstance(self.lora_targets, str):
             self.lora_targets = [t.strip() for t in self.lora_targets.split(",")]
 

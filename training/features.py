@@ -113,6 +113,12 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self._index)
 
+    def item_labels(self, i: int) -> np.ndarray:
+        """[T] the target's greedy labels of conversation ``i`` (read without the hidden states)."""
+        si, j = self._index[i]
+        sh = self._shards[si]
+        return np.asarray(sh["labels"][int(sh["offsets"][j]) : int(sh["offsets"][j + 1])], dtype=np.int64)
+
     def item_len(self, i: int) -> int:
         si, j = self._index[i]
         off = self._shards[si]["offsets"]

@@ -1,0 +1,121 @@
+"""EAGLE-3-class drafter: lossless on two architectures (alone, fused, with a draft vocabulary), training-time
+test computes exactly what drafting computes, files, fit checks, training on a tiny model."""
+
+import json
+
+import pytest
+import torch
+
+import specdec
+from conftest import hf_greedy, save_tiny_target, tiny_model, write_conversations
+from specdec.drafters.eagle import EagleConfig, EagleDrafter, EagleDrafterConfig, EagleModel, default_feature_layers
+
+
+def random_eagle(model, layers=(1, 2), draft=None, seed=0, steps=3):
+    torch.manual_seed(seed)
+    cfg = EagleConfig.for_target(model, feature_layers=list(layers), draft_vocab_size=draft, ttt_steps=steps)
+    vocab = model.config.vocab_size
+    dv = torch.arange(draft) * (vocab // draft) if draft else torch.arange(vocab)
+    eagle = EagleModel(cfg, dv, model.get_output_embeddings().weight[dv].detach())
+    for p in eagle.parameters():  # random, so drafts are not all the same token
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.3)
+    return eagle.to(model.dtype).attach(model.get_input_embeddings())
+
+
+def test_default_feature_layers_are_low_mid_high():
+    assert default_feature_layers(30) == [2, 15, 27]
+    assert default_feature_layers(2) == [1]
+
+
+@pytest.mark.parametrize("kind", ["plain", "draft-vocab", "fused", "last-layer"])
+def test_eagle_greedy_equals_hf_greedy(tiny, kind):
+    layers = (-1,) if kind == "last-layer" else (1, 0, 2)
+    drafter = EagleDrafter(random_eagle(tiny, layers, draft=48 if kind == "draft-vocab" else None), EagleDrafterConfig(depth=4, beam=4, topk=3))
+    if kind == "fused":
+        from specdec.drafters.fused import FusedDrafter
+        from specdec.drafters.prompt_lookup import PromptLookupDrafter
+
+        drafter = FusedDrafter([PromptLookupDrafter(), drafter])
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        ids = torch.randint(0, 96, (int(torch.randint(2, 25, (1,), generator=g)),), generator=g)
+        ref = hf_greedy(tiny, ids, 24, min_new_tokens=24)
+        for sized in (False, True):
+            out = specdec.generate(tiny, None, ids, drafter=drafter, max_new_tokens=24, size_trees=sized)
+            assert out.token_ids == ref, (i, kind, sized)
+            if not sized:
+                assert out.stats.drafted_tokens > 0
+    batch = specdec.generate(tiny, None, [torch.tensor([3, 4, 5]), torch.tensor([9, 8, 7, 6, 5, 4])], drafter=drafter, max_new_tokens=12)
+    assert [r.token_ids for r in batch] == [hf_greedy(tiny, torch.tensor(p), 12, min_new_tokens=12) for p in ([3, 4, 5], [9, 8, 7, 6, 5, 4])]
+
+
+def test_training_time_test_computes_what_drafting_computes():
+    """Step j of the unrolled training forward at index t gives the logits drafting computes at depth j + 1 of the
+    chain from t (same entries, same positions, same masks): training trains what inference runs."""
+    from specdec.drafters.base import DraftState, Target
+    from specdec.training.eagle import EagleModule
+
+    model = tiny_model("llama")
+    eagle = random_eagle(model, (1, 2), steps=3)
+    drafter = EagleDrafter(eagle, EagleDrafterConfig(depth=3, beam=1, topk=1))
+    drafter.bind(Target.of(model))
+    prompt = torch.tensor([5, 17, 3, 88, 41, 9, 60])
+    seen = []
+    logits_fn = eagle.logits
+    eagle.logits = lambda h: seen.append(logits_fn(h).reshape(-1, logits_fn(h).shape[-1])[-1]) or logits_fn(h)
+    with torch.inference_mode():
+        out = model(prompt[None], output_hidden_states=True)
+        feats = torch.cat([out.hidden_states[1], out.hidden_states[2]], -1)[0]
+        drafter.reset(prompt)
+        root = 33
+        tree = drafter.propose(DraftState(torch.cat([prompt, torch.tensor([root])]), len(prompt), feats, 0))
+    eagle.logits = logits_fn
+    chain = tree.tokens[1:].tolist()  # beam 1: a chain
+    assert len(chain) == 3 and len(seen) == 3
+    seq = torch.cat([prompt, torch.tensor([root] + chain)])
+    with torch.inference_mode():
+        full = model(seq[None], output_hidden_states=True)
+        features = torch.cat([full.hidden_states[1], full.hidden_states[2]], -1)
+        module = EagleModule(eagle, eagle.head.weight, 96, steps=3, decay=0.8, distill=True)
+        unrolled = [lg[0, len(prompt) - 1] for _, lg in module.unroll(features, seq[None], torch.zeros_like(seq)[None])]
+    for j in range(3):
+        torch.testing.assert_close(unrolled[j], seen[j], rtol=1e-4, atol=1e-5)  # (softmax sums in float32)
+
+
+def test_files_round_trip_and_fit_checks(tmp_path):
+    model = tiny_model("llama")
+    eagle = random_eagle(model, draft=32)
+    eagle.save_pretrained(tmp_path / "e")
+    back = EagleModel.from_pretrained(tmp_path / "e")
+    assert back.config == eagle.config and all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), eagle.state_dict().values()))
+    ids = torch.tensor([4, 5, 6, 7])
+    a = specdec.generate(model, None, ids, drafter=f"eagle:{tmp_path / 'e'}", max_new_tokens=10)
+    assert a.token_ids == hf_greedy(model, ids, 10, min_new_tokens=10)
+    raw = json.loads((tmp_path / "e" / "config.json").read_text())
+    (tmp_path / "e" / "config.json").write_text(json.dumps({**raw, "format_version": 0}))
+    with pytest.raises(ValueError, match="format 0.*retrain"):
+        specdec.drafters.build_drafter(f"eagle:{tmp_path / 'e'}")
+    (tmp_path / "e" / "config.json").write_text(json.dumps({**raw, "hidden_size": 64, "num_heads": 4}))
+    with pytest.raises(ValueError, match="shape"):
+        specdec.drafters.build_drafter(f"eagle:{tmp_path / 'e'}")
+    with pytest.raises(ValueError, match="reads layers"):  # the target has hidden states 0 .. 2
+        specdec.generate(model, None, ids, drafter=EagleDrafter(random_eagle(model, layers=(1, 5))), max_new_tokens=4)
+
+
+def test_training_fits_eagle_and_ships_a_drafter(tmp_path, default_tokenizer):
+    from specdec.training import load_recipe, train
+
+    target = save_tiny_target(tmp_path / "target", default_tokenizer)
+    data = write_conversations(tmp_path / "convs.jsonl", [(f"Say something about topic {i}.", f"Topic {i} is a fine topic. " * 3) for i in range(16)])
+    cfg = load_recipe("eagle-smollm2-cpu", dict(model=str(target), data=str(data), output_dir=str(tmp_path / "run"), features_dir="",
+                                                num_conversations=12, heldout=4, max_len=64, eagle_steps=3, draft_vocab_size=128,
+                                                batch_size=4, max_steps=4, epochs=1, save_steps=100, logging_steps=2, progress=False))
+    final = train(cfg)
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["feature_layers"] == [1] and len(saved["extra"]["heldout_accuracy"]) == 3 and saved["extra"]["train_time_s"] > 0
+    model, tok = specdec.load_model(target)
+    msgs = [{"role": "user", "content": "Say something about topic 3."}]
+    out = specdec.generate(model, tok, msgs, drafter=f"eagle:{final}", max_new_tokens=12)
+    assert out.token_ids == specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=12).token_ids
+    assert out.stats.drafted_tokens > 0

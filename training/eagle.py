@@ -1,0 +1,208 @@
+"""Training the EAGLE-3-class drafter (:mod:`specdec.drafters.eagle`) with training-time test.
+
+Data: the frozen target's features in a :class:`~specdec.training.features.FeatureStore` (extracted once,
+shared with the other methods): the drafter's low/mid/high layers and the last layer (whose product with the
+target's output rows gives the target's own distribution over the draft vocabulary, the KL teacher).
+
+Training-time test (EAGLE-3; HASS): the layer is unrolled for ``eagle_steps`` steps over every position t of a
+sequence at once. Step 0 reads the fused target state g_t and token x_{t+1} at position t; step j reads the
+layer's own step-(j-1) output at index t and token x_{t+1+j} at position t + j, and attends to step 0's
+entries at positions <= t and to the entries of its own chain (steps 1..j at index t), exactly what drafting
+depth j + 1 sees at inference. Step j at index t predicts x_{t+2+j}; its loss is KL to the target's
+distribution at position t + 1 + j (or cross-entropy on the target's greedy token there), on positions inside
+assistant answers, weighted ``loss_decay ** j``. Gradients flow through the unrolled steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from specdec.drafters.eagle import EagleConfig, EagleModel
+from specdec.training.config import TrainConfig
+from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
+
+__all__ = ["EagleModule", "train_eagle", "eagle_heldout_accuracy", "collate_store"]
+
+log = logging.getLogger(__name__)
+
+
+def collate_store(items: list[dict], num_features: int) -> dict:
+    """Pad store items: features [B, T, F·H] (the drafter's layers), last [B, T, H] (the last layer), ids [B, T],
+    labels [B, T] (-100 past each end), answer [B, T] bool."""
+    t = max(it["ids"].numel() for it in items)
+    b, h = len(items), items[0]["hidden"].shape[-1]
+    feats = torch.zeros(b, t, num_features * h)
+    last = torch.zeros(b, t, h)
+    ids = torch.zeros(b, t, dtype=torch.long)
+    labels = torch.full((b, t), -100, dtype=torch.long)
+    answer = torch.zeros(b, t, dtype=torch.bool)
+    for i, it in enumerate(items):
+        n = it["ids"].numel()
+        feats[i, :n] = it["hidden"][:, :num_features].reshape(n, -1)
+        last[i, :n] = it["hidden"][:, num_features]
+        ids[i, :n], labels[i, :n], answer[i, :n] = it["ids"], it["labels"], it["answer"]
+    return {"features": feats, "last": last, "ids": ids, "labels": labels, "answer": answer}
+
+
+def _shift(x: Tensor, j: int, length: int, fill) -> Tensor:
+    """x[:, j : j + length], padded with ``fill`` past the end: [B, length, ...]."""
+    part = x[:, j : j + length]
+    if part.shape[1] == length:
+        return part
+    pad = x.new_full((x.shape[0], length - part.shape[1], *x.shape[2:]), fill)
+    return torch.cat([part, pad], 1)
+
+
+def ttt_attend(q: Tensor, k0: Tensor, v0: Tensor, ks: list[Tensor], vs: list[Tensor], visible: Tensor) -> Tensor:
+    """Attention of step j's queries q [B, Hq, T, D] over step 0's keys k0/v0 [B, Hkv, T, D] (where ``visible``
+    [B, T, T] allows) and, position by position, over the chain's own entries ks/vs (steps 1..j, each
+    [B, Hkv, T, D]) -> [B, T, Hq·D]."""
+    rep = q.shape[1] // k0.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    k0, v0 = k0.repeat_interleave(rep, 1), v0.repeat_interleave(rep, 1)
+    s0 = (q @ k0.transpose(-1, -2)) * scale
+    s0 = s0.masked_fill(~visible[:, None], torch.finfo(s0.dtype).min)
+    parts = [s0]
+    if ks:
+        kd = torch.stack([k.repeat_interleave(rep, 1) for k in ks], -2)  # [B, Hq, T, j, D]
+        parts.append((q[..., None, :] * kd).sum(-1) * scale)  # [B, Hq, T, j]
+    p = torch.softmax(torch.cat(parts, -1).float(), -1).to(q.dtype)
+    t = s0.shape[-1]
+    out = p[..., :t] @ v0
+    if ks:
+        vd = torch.stack([v.repeat_interleave(rep, 1) for v in vs], -2)
+        out = out + (p[..., t:, None] * vd).sum(-2)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+class EagleModule(nn.Module):
+    """The drafter unrolled for training-time test; ``forward`` gives the loss and per-step accuracies."""
+
+    accepts_loss_kwargs = True
+
+    def __init__(self, model: EagleModel, target_rows: Tensor, vocab_size: int, steps: int, decay: float, distill: bool) -> None:
+        super().__init__()
+        self.model, self.steps, self.decay, self.distill = model, steps, decay, distill
+        self.vocab = DraftVocab(vocab_size, model.draft_vocab)
+        self.register_buffer("target_rows", target_rows, persistent=False)  # [V', H] the target's head, draft vocabulary
+
+    def unroll(self, features: Tensor, ids: Tensor, labels: Tensor):
+        """Yield (j, logits [B, T - 1, V']) for each unrolled step (index t of step j predicts x_{t+2+j})."""
+        m = self.model
+        tp = ids.shape[1] - 1
+        real = labels[:, :tp] >= 0
+        visible = torch.ones(tp, tp, dtype=torch.bool, device=ids.device).tril()[None] & real[:, None, :]
+        visible = visible | torch.eye(tp, dtype=torch.bool, device=ids.device)[None]  # no empty row on padding
+        state = m.fuse(features[:, :tp])
+        pos = torch.arange(tp, device=ids.device)[None].expand(ids.shape[0], -1)
+        k0 = v0 = None
+        ks: list[Tensor] = []
+        vs: list[Tensor] = []
+        for j in range(self.steps):
+            if tp - j <= 0:
+                break
+            q, k, v = m.project(state, _shift(ids, 1 + j, tp, 0), pos + j)
+            if j == 0:
+                k0, v0 = k, v
+            else:
+                ks.append(k)
+                vs.append(v)
+            state = m.finish(ttt_attend(q, k0, v0, ks, vs, visible), state)
+            yield j, m.logits(state)
+
+    def forward(self, features: Tensor, last: Tensor, ids: Tensor, labels: Tensor, answer: Tensor, num_items_in_batch=None) -> dict:
+        tp = ids.shape[1] - 1
+        loss = features.new_zeros(())
+        acc = DepthAccuracy(self.steps)
+        for j, logits in self.unroll(features, ids, labels):
+            target = _shift(labels, 1 + j, tp, -100)
+            ok = (target >= 0) & _shift(answer, 1 + j, tp, False)
+            target = torch.where(ok, target, torch.full_like(target, -100))
+            mapped = self.vocab(target)
+            teacher = F.log_softmax(_shift(last, 1 + j, tp, 0.0).float() @ self.target_rows.float().T, -1) if self.distill else None
+            loss = loss + self.decay**j * depth_loss(logits, mapped, ok, teacher)
+            acc.add(j, logits.detach(), mapped, ok)
+        return {"loss": loss, "metrics": acc.metrics()}
+
+
+@torch.inference_mode()
+def eagle_heldout_accuracy(module: EagleModule, items: list[dict], num_features: int) -> list[list[float]]:
+    """acc[j][r]: share of held-out answer positions where unrolled step j's r-th choice is the target's token."""
+    acc = DepthAccuracy(module.steps)
+    for item in items:
+        b = collate_store([item], num_features)
+        tp = b["ids"].shape[1] - 1
+        for j, logits in module.unroll(b["features"], b["ids"], b["labels"]):
+            target = _shift(b["labels"], 1 + j, tp, -100)
+            ok = (target >= 0) & _shift(b["answer"], 1 + j, tp, False)
+            acc.add(j, logits, module.vocab(torch.where(ok, target, torch.full_like(target, -100))), ok)
+    return acc.table()
+
+
+def _draft_vocab(store, indices: list[int], vocab: int, size: int | None) -> Tensor:
+    """The ``size`` most frequent target labels of the training items (FR-Spec's frequency-ranked vocabulary)."""
+    if size is None or size >= vocab:
+        return torch.arange(vocab)
+    counts = np.zeros(vocab, dtype=np.int64)
+    for i in indices:
+        lab = store.item_labels(i)
+        counts += np.bincount(lab[lab >= 0], minlength=vocab)
+    return torch.sort(torch.topk(torch.from_numpy(counts), size).indices).values
+
+
+def features_store(model, tokenizer, cfg: TrainConfig, layers: list[int]):
+    """The feature store for ``cfg.data`` (extracted into ``cfg.features_dir`` once; shared by every method
+    whose layers it holds)."""
+    from specdec.training.data import load_conversations
+    from specdec.training.features import FeatureSpec, extract_store
+
+    convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.num_conversations)
+    data = Path(cfg.data)
+    stamp = json.loads((data / "manifest.json").read_text()).get("answer_tokens") if (data / "manifest.json").is_file() else (
+        data.stat().st_size if data.is_file() else None)
+    where = Path(cfg.features_dir) if cfg.features_dir else Path(cfg.output_dir) / "features"
+    spec = FeatureSpec(layers=layers, max_len=cfg.max_len, topk=0)
+    return extract_store(model, tokenizer, convs, where, spec, data_key=f"{cfg.data}|{stamp}|{len(convs)}", progress=cfg.progress)
+
+
+def train_eagle(cfg: TrainConfig) -> Path:
+    """Train the EAGLE drafter as ``cfg`` says; returns the directory of the final drafter."""
+    from specdec.training.common import fit, start_run
+    from specdec.training.features import EpochSampler, StoreDataset
+
+    started = time.perf_counter()
+    out, model, tokenizer, _, _ = start_run(cfg, load_data=False)
+    ecfg = EagleConfig.for_target(model, feature_layers=cfg.eagle_layers or None, ttt_steps=cfg.eagle_steps, target_model=str(cfg.model))
+    layers = list(ecfg.feature_layers) + [-1]
+    store = features_store(model, tokenizer, cfg, layers)
+    held = list(range(min(cfg.heldout, len(store))))
+    train_idx = list(range(len(held), len(store)))
+    if not train_idx:
+        raise ValueError(f"{cfg.data} holds {len(store)} conversations, all used for held-out evaluation; lower heldout")
+    head = model.get_output_embeddings().weight.detach()
+    draft_vocab = _draft_vocab(store, train_idx, head.shape[0], cfg.draft_vocab_size)
+    ecfg.draft_vocab_size = None if cfg.draft_vocab_size is None else draft_vocab.numel()
+    rows = head[draft_vocab].float().clone()
+    eagle = EagleModel(ecfg, draft_vocab, rows).attach(model.get_input_embeddings())
+    module = EagleModule(eagle, rows, head.shape[0], cfg.eagle_steps, cfg.loss_decay, cfg.loss_type == "kl")
+    dataset = StoreDataset(store, train_idx, layers, min_len=3)
+    nf = len(ecfg.feature_layers)
+    trainer = fit(module, dataset, lambda items: collate_store(items, nf), cfg, out, sampler=EpochSampler(len(dataset), cfg.seed, cfg.shuffle))
+    final = out / "final"
+    if trainer.is_world_process_zero():
+        eagle.eval()
+        if held:
+            table = eagle_heldout_accuracy(module, [store.item(i, layers) for i in held], nf)
+            ecfg.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in table]
+        ecfg.extra.update(trained_on=str(cfg.data), train_conversations=len(dataset), train_time_s=round(time.perf_counter() - started, 1))
+        eagle.save_pretrained(final)
+    return final
