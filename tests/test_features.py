@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from specdec.training.features import EpochSampler, FeatureSpec, FeatureStore, StoreDataset, answer_mask, extract_store
+from specdec.training.features import EpochSampler, FeatureSpec, answer_mask, extract_store
 
 
 @pytest.fixture(scope="module")
