@@ -68,7 +68,8 @@ from torch import Tensor, nn
 from specdec.tree import TokenTree
 
 __all__ = ["Target", "DraftState", "StepResult", "Drafter", "NoDrafter", "register_drafter", "build_drafter",
-           "registered_drafters", "parse_spec", "read_drafter_config", "read_drafter_weights", "drafter_path"]
+           "registered_drafters", "parse_spec", "read_drafter_config", "read_drafter_config_versioned", "read_drafter_weights",
+           "drafter_path"]
 
 
 @dataclass
@@ -301,16 +302,19 @@ def config_from_options(cls, kwargs: dict[str, str], spec_name: str) -> Any:
     return options_into(cls, kwargs, what=f"option for drafter {spec_name!r}:")
 
 
-def drafter_path(args: list[str], shipped: str, spec: str):
-    """The directory a trained drafter's spec names: its one positional argument, else the one shipped in
+def drafter_path(args: list[str], shipped: str, spec: str, kwargs: dict | None = None):
+    """The directory a trained drafter's spec names: its one positional argument (``medusa:DIR``) or its
+    ``path`` option (``medusa:path=DIR``, taken out of ``kwargs``), else the one shipped in
     ``specdec/data/<shipped>`` (an error says how to give one when none ships)."""
     from importlib import resources
     from pathlib import Path
 
-    if len(args) > 1:
-        raise ValueError(f"{spec} takes one path, got {args}")
-    if args:
-        return Path(args[0])
+    named = (kwargs or {}).pop("path", None)
+    given = list(args) + ([named] if named else [])
+    if len(given) > 1:
+        raise ValueError(f"{spec} takes one path, got {given}")
+    if given:
+        return Path(given[0])
     path = Path(str(resources.files("specdec.data").joinpath(shipped)))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no {spec} drafter ships with this installation; give one: {spec}:PATH "
@@ -332,6 +336,22 @@ def read_drafter_config(path) -> dict:
         raise ValueError(f"could not read {path} (damaged or not JSON?): {err}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object")
+    return raw
+
+
+def read_drafter_config_versioned(path, current: int, kind: str) -> dict:
+    """``path/config.json`` of a ``kind`` drafter whose layout is format ``current``: a missing version, or
+    another one, is an error that says what to do (retrain, or upgrade specdec)."""
+    from pathlib import Path
+
+    path = Path(path)
+    raw = read_drafter_config(path / "config.json")
+    version = raw.get("format_version")
+    if not isinstance(version, int) or version < current:
+        raise ValueError(f"{path} holds a {kind} drafter of format {version}, this specdec reads format {current}; "
+                         f"retrain it with `specdec train` (see `specdec train --list`)")
+    if version > current:
+        raise ValueError(f"{path} was saved by a newer specdec ({kind} format {version}); upgrade specdec")
     return raw
 
 

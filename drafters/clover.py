@@ -335,8 +335,8 @@ class CloverDrafter(Drafter):
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "CloverDrafter":
+        path = drafter_path(args, "clover-smollm2-135m", cls.name, kwargs)
         opts = config_from_options(CloverDrafterConfig, kwargs, cls.name)
-        path = drafter_path(args, "clover-smollm2-135m", cls.name)
         config, state = CloverHeads.from_pretrained(path)
         return cls(config, state, opts, str(path))
 

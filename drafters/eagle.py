@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
-                                   read_drafter_config, read_drafter_weights, register_drafter)
+                                   read_drafter_config_versioned, read_drafter_weights, register_drafter)
 from specdec.drafters.clover import grow_tree, heads_dtype, prob_prior
 from specdec.sizing import AcceptanceRates, learn, nodes_cost
 from specdec.tree import TokenTree
@@ -198,12 +198,7 @@ class EagleModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "EagleModel":
         path = Path(path)
-        raw = read_drafter_config(path / "config.json")
-        version = raw.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path} holds EAGLE drafter format {version}, this specdec reads format {FORMAT_VERSION}; "
-                             "retrain it with `specdec train --recipe eagle-smollm2-cpu`" if version is None or version < FORMAT_VERSION
-                             else f"{path} was saved by a newer specdec (format {version}); upgrade specdec")
+        raw = read_drafter_config_versioned(path, FORMAT_VERSION, "EAGLE")
         try:
             config = EagleConfig(**raw)
         except TypeError as err:
@@ -256,8 +251,8 @@ class EagleDrafter(Drafter):
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "EagleDrafter":
-        opts = config_from_options(EagleDrafterConfig, kwargs, cls.name)
-        return cls(EagleModel.from_pretrained(drafter_path(args, "eagle-smollm2-135m", cls.name)), opts)
+        path = drafter_path(args, "eagle-smollm2-135m", cls.name, kwargs)
+        return cls(EagleModel.from_pretrained(path), config_from_options(EagleDrafterConfig, kwargs, cls.name))
 
     def bind(self, target: Target) -> None:
         super().bind(target)

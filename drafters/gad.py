@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
-                                   read_drafter_config, read_drafter_weights, register_drafter)
+                                   read_drafter_config_versioned, read_drafter_weights, register_drafter)
 from specdec.drafters.trie import depth_bucket, freq_bucket, frequency_prior
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree
@@ -185,9 +185,9 @@ class GADDrafter(Drafter):
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "GADDrafter":
+        path = drafter_path(args, "gad-smollm2-135m", cls.name, kwargs)
         opts = config_from_options(GADDrafterConfig, kwargs, cls.name)
-        path = drafter_path(args, "gad-smollm2-135m", cls.name)
-        raw = read_drafter_config(path / "config.json")
+        raw = read_drafter_config_versioned(path, FORMAT_VERSION, "GAD")
         config = GADConfig(**{k: v for k, v in raw.items() if k in GADConfig.__dataclass_fields__})
         return cls(config, read_drafter_weights(path / "model.safetensors"), opts, str(path))
 

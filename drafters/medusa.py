@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path, read_drafter_config,
+                                   read_drafter_config_versioned,
                                    read_drafter_weights, register_drafter)
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree, parents_from_paths
@@ -167,9 +168,7 @@ class MedusaHeads(nn.Module):
         path = Path(path)
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"{path} is not a Medusa drafter directory (needs config.json and model.safetensors)")
-        raw = read_drafter_config(path / "config.json")
-        if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(f"{path} was saved by a newer specdec (format {raw['format_version']}); upgrade specdec")
+        raw = read_drafter_config_versioned(path, FORMAT_VERSION, "Medusa")
         config = MedusaConfig(**{k: v for k, v in raw.items() if k in MedusaConfig.__dataclass_fields__})
         state = read_drafter_weights(path / "model.safetensors")
         if "draft_vocab" not in state:
@@ -188,7 +187,6 @@ class MedusaHeads(nn.Module):
 class MedusaDrafterConfig:
     """Spec options: ``medusa:PATH,tree=32`` (static candidate tree of 32 nodes), ``medusa:PATH,budget=24`` (dynamic)."""
 
-    path: str = ""
     tree: int = 0  # size of the static candidate tree; 0: 64 nodes (trimmed by the engine to what pays)
     budget: int = 0  # > 0: dynamic candidate tree of this many draft nodes, scored by the heads' probabilities
     topk: int = 8  # candidates per head in the dynamic tree
@@ -235,8 +233,9 @@ class MedusaDrafter(Drafter):
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "MedusaDrafter":
+        path = drafter_path(args, "medusa-smollm2-135m", cls.name, kwargs)
         opts = config_from_options(MedusaDrafterConfig, kwargs, cls.name)
-        heads = MedusaHeads.from_pretrained(drafter_path(args, "medusa-smollm2-135m", cls.name))
+        heads = MedusaHeads.from_pretrained(path)
         accuracy = heads.config.extra.get("heldout_accuracy") or _CALIBRATION
         paths = tree_from_accuracies(accuracy, opts.tree) if opts.tree else None
         return cls(heads, paths=paths, budget=opts.budget, topk=opts.topk, decay=opts.decay)

@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
-                                   read_drafter_config, read_drafter_weights, register_drafter)
+                                   read_drafter_config_versioned, read_drafter_weights, register_drafter)
 from specdec.drafters.medusa import tree_from_accuracies
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree, parents_from_paths
@@ -106,9 +106,7 @@ class PromptTokens(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "PromptTokens":
         path = Path(path)
-        raw = read_drafter_config(path / "config.json")
-        if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(f"{path} was saved by a newer specdec (format {raw['format_version']}); upgrade specdec")
+        raw = read_drafter_config_versioned(path, FORMAT_VERSION, "PPD")
         config = PPDConfig(**{k: v for k, v in raw.items() if k in PPDConfig.__dataclass_fields__})
         tokens = cls(config)
         state = read_drafter_weights(path / "model.safetensors")
@@ -206,8 +204,8 @@ class PPDDrafter(Drafter):
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "PPDDrafter":
-        opts = config_from_options(PPDDrafterConfig, kwargs, cls.name)
-        return cls(PromptTokens.from_pretrained(drafter_path(args, "ppd-smollm2-135m", cls.name)), opts)
+        path = drafter_path(args, "ppd-smollm2-135m", cls.name, kwargs)
+        return cls(PromptTokens.from_pretrained(path), config_from_options(PPDDrafterConfig, kwargs, cls.name))
 
     def sparse_trees(self, budgets: tuple[int, ...] = (2, 4, 8, 16, 32)) -> dict[int, dict[int, list[tuple[int, ...]]]]:
         """The offline sparse trees: for k prompt tokens below the accepted node and each node budget, the draft

@@ -169,3 +169,35 @@ def test_bad_recipe_settings_are_one_line_errors(override, words, capsys):
     assert rc == 2 and err.startswith("specdec: error:") and "\n" not in err, err
     for w in words:
         assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "gad"])
+def test_path_option_loads_that_directory_and_every_format_is_checked(kind, tmp_path):
+    """``medusa:path=DIR`` means DIR (it once loaded the shipped heads); a directory without a format version
+    (or another one) is a clear error for every trained drafter."""
+    import json
+
+    from conftest import tiny_model
+
+    import specdec
+
+    model = tiny_model("llama")
+    if kind == "medusa":
+        from test_medusa import random_heads
+
+        random_heads(model).save_pretrained(tmp_path / "d")
+    else:
+        from test_gad import random_block
+
+        random_block(model).save_pretrained(tmp_path / "d")
+    d = specdec.drafters.build_drafter(f"{kind}:path={tmp_path / 'd'}")
+    assert d.vocab_size == 96  # the tiny model's, not the shipped drafter's
+    with pytest.raises(FileNotFoundError):
+        specdec.drafters.build_drafter(f"{kind}:path={tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="one path"):
+        specdec.drafters.build_drafter(f"{kind}:{tmp_path / 'd'},path={tmp_path / 'd'}")
+    raw = json.loads((tmp_path / "d" / "config.json").read_text())
+    del raw["format_version"]
+    (tmp_path / "d" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="format None.*retrain"):
+        specdec.drafters.build_drafter(f"{kind}:{tmp_path / 'd'}")
