@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.clover import CloverConfig, CloverHeads, decoder_parts
-from specdec.training.common import collate_features, draft_vocabulary, features_cached, fit, start_run
+from specdec.training.common import collate_features, draft_vocabulary, fit, start_run, target_features
 from specdec.training.config import TrainConfig
 from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
 
@@ -110,14 +110,13 @@ def clover_heldout_accuracy(module: CloverModule, items: list[dict]) -> list[lis
 
 def train_clover(cfg: TrainConfig) -> Path:
     """Train Clover (or Clover-2) heads as ``cfg`` says; returns the directory of the final drafter."""
-    from specdec.training.trainer import PermutedDataset
+    from specdec.training.features import EpochSampler
 
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
-    held = features_cached(model, tokenizer, heldout_convs, cfg, out, "heldout") if heldout_convs else []
-    train_feats = features_cached(model, tokenizer, train_convs, cfg, out, "train")
+    held, train_feats = target_features(model, tokenizer, heldout_convs + train_convs, cfg, min_len=3)
     lm_head = model.get_output_embeddings().weight.detach()
     vocab = lm_head.shape[0]
-    draft_vocab = draft_vocabulary([f["labels"] for f in train_feats], vocab, cfg.draft_vocab_size)
+    draft_vocab = draft_vocabulary(train_feats.label_sets(), vocab, cfg.draft_vocab_size)
     layer, rotary = decoder_parts(model)
     ccfg = CloverConfig(
         hidden_size=lm_head.shape[1], vocab_size=vocab, num_heads=cfg.num_heads,
@@ -129,13 +128,13 @@ def train_clover(cfg: TrainConfig) -> Path:
     heads = CloverHeads(ccfg, layer if cfg.augment else None, rotary, model.get_input_embeddings(), lm_head, draft_vocab)
     distill = cfg.method == "clover2" or cfg.loss_type == "kl"
     module = CloverModule(heads, vocab, cfg.loss_decay, distill, cfg.regression_weight if cfg.method == "clover2" else 0.0)
-    dataset = PermutedDataset(train_feats, cfg.seed, cfg.shuffle)
-    trainer = fit(module, dataset, lambda batch: collate_features(batch, with_ids=True), cfg, out)
+    trainer = fit(module, train_feats, lambda batch: collate_features(batch, with_ids=True), cfg, out,
+                  sampler=EpochSampler(len(train_feats), cfg.seed, cfg.shuffle))
 
     final = out / "final"
     if trainer.is_world_process_zero():
         heads.eval()
-        if held:
+        if len(held):
             acc = clover_heldout_accuracy(module, held)
             heads.config.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in acc]
         heads.config.extra["trained_on"] = str(cfg.data)

@@ -1,50 +1,27 @@
 """What every drafter's training shares: the frozen target's features, the draft vocabulary, Trainer
 arguments, checkpoints.
 
-Features: the frozen target runs once over the data (teacher forcing); per
-conversation its last hidden states [T, H], its own greedy next tokens (the
-labels of self-distillation) and the input ids are cached in
-``output_dir/<split>-<key>.pt`` and reused every epoch and by every method
-(Medusa, Clover, ...).
+Features: the frozen target runs once over the data (teacher forcing) into a
+sharded, memory-mapped store (:mod:`specdec.training.features`): per position
+the hidden states of the layers the methods read, its own greedy next token
+(the label of self-distillation) and the input id. Every method streams its
+items from the store (:func:`target_features`), in a new order every epoch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from specdec.training.config import TrainConfig
-from specdec.training.data import tokenize_conversation
 
-__all__ = ["extract_features", "collate_features", "draft_vocabulary", "training_args", "features_cached", "last_complete_checkpoint"]
+__all__ = ["collate_features", "draft_vocabulary", "training_args", "target_features", "FeatureItems", "last_complete_checkpoint"]
 
 log = logging.getLogger(__name__)
-FEATURES_VERSION = 2  # 2: items carry their input ids
-
-
-@torch.inference_mode()
-def extract_features(model, tokenizer, conversations, cfg: TrainConfig, desc: str = "features") -> list[dict]:
-    """Run the frozen target once: per conversation, [T, H] last hidden states, [T] labels and [T] input ids."""
-    from tqdm.auto import tqdm
-
-    items = []
-    for conv in tqdm(conversations, desc=desc, unit="conv", disable=not cfg.progress):
-        ids = tokenize_conversation(tokenizer, conv, cfg.max_len)
-        if ids.numel() < cfg.num_heads + 2:
-            continue
-        out = model(input_ids=ids[None].to(model.device), output_hidden_states=True)
-        if cfg.label_source == "self":
-            labels = out.logits[0].argmax(-1).cpu()
-        else:
-            labels = torch.cat([ids[1:], torch.tensor([-100])])
-        items.append({"hidden": out.hidden_states[-1][0].float().cpu(), "labels": labels, "ids": ids.cpu()})
-    return items
 
 
 def collate_features(batch: list[dict], with_ids: bool = False) -> dict:
@@ -101,26 +78,67 @@ def training_args(cfg: TrainConfig, out: Path):
     )
 
 
-def features_cached(model, tokenizer, convs, cfg: TrainConfig, path: Path, desc: str) -> list[dict]:
-    """The target's features for ``convs``, computed once and cached in ``cfg.features_dir`` (default: ``path``).
+class FeatureItems:
+    """Conversations of a feature store as training items, read lazily: item i is ``{"hidden": [T, H] (one
+    layer) or [T, L, H] (several), "labels": [T], "ids": [T], "answer": [T]}``, cut at ``max_len``."""
 
-    The cache key covers the model, the data (for a file, also its size and modification time), the split and
-    the settings that shape the features, so several methods can share one directory of features.
+    def __init__(self, store, indices: list[int], layers: list[int], max_len: int, label_source: str = "self") -> None:
+        self.store, self.indices, self.layers, self.max_len, self.label_source = store, indices, layers, max_len, label_source
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.store.item(self.indices[i], self.layers)
+        item = {k: v[: self.max_len] for k, v in item.items()}
+        if len(self.layers) == 1:
+            item["hidden"] = item["hidden"][:, 0]
+        if self.label_source == "data":
+            item["labels"] = torch.cat([item["ids"][1:], torch.tensor([-100])])
+        return item
+
+    def label_sets(self) -> list[Tensor]:
+        """Every item's labels (read without the hidden states), for the draft vocabulary."""
+        if self.label_source == "data":
+            return [self[i]["labels"] for i in range(len(self))]
+        return [torch.from_numpy(self.store.item_labels(j)[: self.max_len]) for j in self.indices]
+
+
+def target_features(model, tokenizer, convs: list, cfg: TrainConfig, layers: list[int] = (-1,), min_len: int = 2):
+    """The frozen target's features of ``convs`` (the first ``cfg.heldout`` held out), from the sharded feature
+    store in ``cfg.features_dir`` (default ``output_dir/features``), extracted once and shared by every method.
+
+    A store already there serves when it holds these conversations with every layer asked for and at least
+    ``cfg.max_len`` tokens each (items are cut to ``cfg.max_len``); a store of anything else is an error. A new
+    store holds the layers asked for and ``cfg.store_layers`` (so methods reading other layers can share it).
+
+    Returns:
+        (heldout, train): :class:`FeatureItems`.
     """
+    from specdec.training.features import FeatureSpec, FeatureStore, extract_store
+
+    layers = list(layers)
     data = Path(cfg.data)
-    stamp = [data.stat().st_size, int(data.stat().st_mtime)] if data.is_file() else []
-    key = hashlib.sha1(json.dumps([FEATURES_VERSION, cfg.model, cfg.data, stamp, cfg.num_conversations, cfg.heldout, cfg.max_len,
-                                   cfg.label_source, desc, len(convs)]).encode()).hexdigest()[:10]
-    where = Path(cfg.features_dir) if cfg.features_dir else path
-    where.mkdir(parents=True, exist_ok=True)
-    file = where / f"{desc}-{key}.pt"
-    if file.is_file():
-        return torch.load(file)
-    items = extract_features(model, tokenizer, convs, cfg, desc=desc)
-    tmp = file.with_suffix(f".{os.getpid()}.tmp")  # every process of a multi-process run writes its own, then renames
-    torch.save(items, tmp)
-    os.replace(tmp, file)
-    return items
+    stamp = (json.loads((data / "manifest.json").read_text()).get("answer_tokens") if (data / "manifest.json").is_file()
+             else data.stat().st_size if data.is_file() else None)
+    key = f"{cfg.data}|{stamp}|{len(convs)}"
+    where = Path(cfg.features_dir) if cfg.features_dir else Path(cfg.output_dir) / "features"
+    store = None
+    if (where / "manifest.json").is_file():
+        m = json.loads((where / "manifest.json").read_text())
+        spec = m.get("spec", {})
+        if m.get("data") == key and set(layers) <= set(spec.get("layers", [])) and spec.get("max_len", 0) >= cfg.max_len \
+                and m.get("items") == len(convs):
+            store = FeatureStore(where)
+    if store is None:
+        every = layers + [x for x in cfg.store_layers if x not in layers]
+        store = extract_store(model, tokenizer, convs, where, FeatureSpec(layers=every, max_len=cfg.max_len, topk=0),
+                              data_key=key, progress=cfg.progress)
+    keep = [i for i in range(len(store)) if min(store.item_len(i), cfg.max_len) >= min_len]
+    held = [i for i in keep if i < cfg.heldout]
+    train = [i for i in keep if i >= cfg.heldout]
+    return (FeatureItems(store, held, layers, cfg.max_len, cfg.label_source),
+            FeatureItems(store, train, layers, cfg.max_len, cfg.label_source))
 
 
 def last_complete_checkpoint(out: Path) -> str | None:

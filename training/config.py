@@ -83,7 +83,8 @@ class TrainConfig:
     model: str = "default"
     data: str = "sharegpt"
     output_dir: str = "runs/medusa"
-    features_dir: str = ""  # where the target's features are cached ("" = output_dir); methods can share one
+    features_dir: str = ""  # the target's feature store ("" = output_dir/features); methods can share one
+    store_layers: list[int] = field(default_factory=list)  # layers a new store also holds, so later methods share it
     num_conversations: int = 600
     heldout: int = 60
     max_len: int = 256
@@ -160,8 +161,9 @@ class TrainConfig:
             raise ValueError("set epochs > 0 or max_steps > 0")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
-        if isinstance(self.eagle_layers, str):
-            self.eagle_layers = [int(x) for x in self.eagle_layers.replace("[", "").replace("]", "").split(",") if x.strip()]
+        for name in ("eagle_layers", "store_layers"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [int(x) for x in getattr(self, name).replace("[", "").replace("]", "").split(",") if x.strip()])
         if self.eagle_steps < 1:
             raise ValueError(f"eagle_steps must be >= 1, got {self.eagle_steps}")
         if isinstance(self.lora_targets, str):

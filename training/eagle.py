@@ -15,13 +15,11 @@ assistant answers, weighted ``loss_decay ** j``. Gradients flow through the unro
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -148,61 +146,30 @@ def eagle_heldout_accuracy(module: EagleModule, items: list[dict], num_features:
     return acc.table()
 
 
-def _draft_vocab(store, indices: list[int], vocab: int, size: int | None) -> Tensor:
-    """The ``size`` most frequent target labels of the training items (FR-Spec's frequency-ranked vocabulary)."""
-    if size is None or size >= vocab:
-        return torch.arange(vocab)
-    counts = np.zeros(vocab, dtype=np.int64)
-    for i in indices:
-        lab = store.item_labels(i)
-        counts += np.bincount(lab[lab >= 0], minlength=vocab)
-    return torch.sort(torch.topk(torch.from_numpy(counts), size).indices).values
-
-
-def features_store(model, tokenizer, cfg: TrainConfig, layers: list[int]):
-    """The feature store for ``cfg.data`` (extracted into ``cfg.features_dir`` once; shared by every method
-    whose layers it holds)."""
-    from specdec.training.data import load_conversations
-    from specdec.training.features import FeatureSpec, extract_store
-
-    convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.num_conversations)
-    data = Path(cfg.data)
-    stamp = json.loads((data / "manifest.json").read_text()).get("answer_tokens") if (data / "manifest.json").is_file() else (
-        data.stat().st_size if data.is_file() else None)
-    where = Path(cfg.features_dir) if cfg.features_dir else Path(cfg.output_dir) / "features"
-    spec = FeatureSpec(layers=layers, max_len=cfg.max_len, topk=0)
-    return extract_store(model, tokenizer, convs, where, spec, data_key=f"{cfg.data}|{stamp}|{len(convs)}", progress=cfg.progress)
-
-
 def train_eagle(cfg: TrainConfig) -> Path:
     """Train the EAGLE drafter as ``cfg`` says; returns the directory of the final drafter."""
-    from specdec.training.common import fit, start_run
-    from specdec.training.features import EpochSampler, StoreDataset
+    from specdec.training.common import draft_vocabulary, fit, start_run, target_features
+    from specdec.training.features import EpochSampler
 
     started = time.perf_counter()
-    out, model, tokenizer, _, _ = start_run(cfg, load_data=False)
+    out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
     ecfg = EagleConfig.for_target(model, feature_layers=cfg.eagle_layers or None, ttt_steps=cfg.eagle_steps, target_model=str(cfg.model))
     layers = list(ecfg.feature_layers) + [-1]
-    store = features_store(model, tokenizer, cfg, layers)
-    held = list(range(min(cfg.heldout, len(store))))
-    train_idx = list(range(len(held), len(store)))
-    if not train_idx:
-        raise ValueError(f"{cfg.data} holds {len(store)} conversations, all used for held-out evaluation; lower heldout")
+    held, train = target_features(model, tokenizer, heldout_convs + train_convs, cfg, layers, min_len=3)
     head = model.get_output_embeddings().weight.detach()
-    draft_vocab = _draft_vocab(store, train_idx, head.shape[0], cfg.draft_vocab_size)
+    draft_vocab = draft_vocabulary(train.label_sets(), head.shape[0], cfg.draft_vocab_size)
     ecfg.draft_vocab_size = None if cfg.draft_vocab_size is None else draft_vocab.numel()
     rows = head[draft_vocab].float().clone()
     eagle = EagleModel(ecfg, draft_vocab, rows).attach(model.get_input_embeddings())
     module = EagleModule(eagle, rows, head.shape[0], cfg.eagle_steps, cfg.loss_decay, cfg.loss_type == "kl")
-    dataset = StoreDataset(store, train_idx, layers, min_len=3)
     nf = len(ecfg.feature_layers)
-    trainer = fit(module, dataset, lambda items: collate_store(items, nf), cfg, out, sampler=EpochSampler(len(dataset), cfg.seed, cfg.shuffle))
+    trainer = fit(module, train, lambda items: collate_store(items, nf), cfg, out, sampler=EpochSampler(len(train), cfg.seed, cfg.shuffle))
     final = out / "final"
     if trainer.is_world_process_zero():
         eagle.eval()
-        if held:
-            table = eagle_heldout_accuracy(module, [store.item(i, layers) for i in held], nf)
+        if len(held):
+            table = eagle_heldout_accuracy(module, held, nf)
             ecfg.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in table]
-        ecfg.extra.update(trained_on=str(cfg.data), train_conversations=len(dataset), train_time_s=round(time.perf_counter() - started, 1))
+        ecfg.extra.update(trained_on=str(cfg.data), train_conversations=len(train), train_time_s=round(time.perf_counter() - started, 1))
         eagle.save_pretrained(final)
     return final

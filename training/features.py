@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
-__all__ = ["FeatureSpec", "FeatureStore", "extract_store", "StoreDataset", "EpochSampler", "answer_mask"]
+__all__ = ["FeatureSpec", "FeatureStore", "extract_store", "EpochSampler", "answer_mask"]
 
 FORMAT = 1
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -146,20 +146,6 @@ class FeatureStore:
             out["topk_ids"] = torch.from_numpy(sh["topk_ids"][a:b].astype(np.int64))
             out["topk_logp"] = torch.from_numpy(sh["topk_logp"][a:b].astype(np.float32))
         return out
-
-
-class StoreDataset(Dataset):
-    """Items ``indices`` of a store (conversations), read lazily; ``layers`` picks hidden-state layers."""
-
-    def __init__(self, store: FeatureStore, indices: list[int], layers: list[int] | None = None, min_len: int = 2) -> None:
-        self.store, self.layers = store, layers
-        self.indices = [i for i in indices if store.item_len(i) >= min_len]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.store.item(self.indices[i], self.layers)
 
 
 class EpochSampler(Sampler):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.drafters.gad import GADBlock, GADConfig, decoder_layers
-from specdec.training.common import draft_vocabulary, features_cached, fit, start_run
+from specdec.training.common import draft_vocabulary, fit, start_run, target_features
 from specdec.training.config import TrainConfig
 from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
 
@@ -117,26 +117,26 @@ def gad_heldout_accuracy(module: GADModule, feats: list[dict], per_conv: int = 1
 
 def train_gad(cfg: TrainConfig) -> Path:
     """Train the GAD block drafter as ``cfg`` says; returns the directory of the final drafter."""
-    from specdec.training.trainer import PermutedDataset
+    from specdec.training.features import EpochSampler
 
     started = time.perf_counter()
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
-    held = features_cached(model, tokenizer, heldout_convs, cfg, out, "heldout") if heldout_convs else []
-    feats = features_cached(model, tokenizer, train_convs, cfg, out, "train")
+    held, feats = target_features(model, tokenizer, heldout_convs + train_convs, cfg, min_len=cfg.num_heads + 2)
     head = model.get_output_embeddings().weight.detach()
-    draft_vocab = draft_vocabulary([f["labels"] for f in feats], head.shape[0], cfg.draft_vocab_size)
+    draft_vocab = draft_vocabulary(feats.label_sets(), head.shape[0], cfg.draft_vocab_size)
     layers, rotary = decoder_layers(model, cfg.num_layers)
     gcfg = GADConfig(hidden_size=head.shape[1], vocab_size=head.shape[0], block=cfg.num_heads, window=cfg.gad_window,
                      num_layers=cfg.num_layers, draft_vocab_size=None if cfg.draft_vocab_size is None else draft_vocab.numel(),
                      rms_norm_eps=getattr(model.config, "rms_norm_eps", 1e-5), target_model=str(cfg.model))
     block = GADBlock(gcfg, layers, rotary, model.get_input_embeddings(), head, draft_vocab)
     module = GADModule(block, head.shape[0], cfg.loss_decay, cfg.loss_type == "kl")
-    dataset = PermutedDataset(_Windows(feats, cfg.gad_windows, gcfg.block, cfg.seed).pairs, cfg.seed, cfg.shuffle)
-    trainer = fit(module, dataset, lambda pairs: window_batch(feats, pairs, gcfg.window, gcfg.block), cfg, out)
+    dataset = _Windows(feats, cfg.gad_windows, gcfg.block, cfg.seed).pairs
+    trainer = fit(module, dataset, lambda pairs: window_batch(feats, pairs, gcfg.window, gcfg.block), cfg, out,
+                  sampler=EpochSampler(len(dataset), cfg.seed, cfg.shuffle))
     final = out / "final"
     if trainer.is_world_process_zero():
         block.eval()
-        if held:
+        if len(held):
             gcfg.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in gad_heldout_accuracy(module, held)]
         gcfg.extra.update(train_seconds=round(time.perf_counter() - started, 1), trained_on=str(cfg.data))
         block.save_pretrained(final)

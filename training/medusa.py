@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.medusa import MedusaConfig, MedusaHeads, tree_from_accuracies
-from specdec.training.common import collate_features, draft_vocabulary, features_cached, fit, start_run
+from specdec.training.common import collate_features, draft_vocabulary, fit, start_run, target_features
 from specdec.training.config import TrainConfig
 from specdec.training.data import tokenize_conversation
 from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
@@ -162,15 +162,15 @@ def heldout_accuracy(heads: MedusaHeads, loss: MedusaLoss, items: list[dict]) ->
 # ---------------------------------------------------------------------- the run
 def train_medusa(cfg: TrainConfig) -> Path:
     """Train Medusa heads as ``cfg`` says; returns the directory of the final drafter."""
-    from specdec.training.trainer import PermutedDataset
+    from specdec.training.features import EpochSampler
 
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
     lm_head = model.get_output_embeddings().weight.detach()
     vocab = lm_head.shape[0]
-    held_feats = features_cached(model, tokenizer, heldout_convs, cfg, out, "heldout") if heldout_convs else []
-    if cfg.method == "medusa1":  # the frozen target's features, computed once and reused every epoch
-        train_feats = features_cached(model, tokenizer, train_convs, cfg, out, "train")
-        label_sets = [f["labels"] for f in train_feats]
+    min_len = cfg.num_heads + 2
+    held_feats, train_feats = target_features(model, tokenizer, heldout_convs + train_convs, cfg, min_len=min_len)
+    if cfg.method == "medusa1":  # the frozen target's features, extracted once and streamed every epoch
+        label_sets = train_feats.label_sets()
     else:  # the target changes while training: count the data's own tokens for the draft vocabulary
         seqs = [tokenize_conversation(tokenizer, c, cfg.max_len) for c in train_convs]
         label_sets = seqs
@@ -183,7 +183,7 @@ def train_medusa(cfg: TrainConfig) -> Path:
 
     if cfg.method == "medusa1":
         module = Medusa1Module(heads, loss, lm_head[draft_vocab].float().clone() if cfg.loss_type == "kl" else None)
-        dataset = PermutedDataset(train_feats, cfg.seed, cfg.shuffle)
+        dataset = train_feats
         collate = collate_features
     else:
         from peft import LoraConfig, get_peft_model
@@ -192,10 +192,10 @@ def train_medusa(cfg: TrainConfig) -> Path:
         if cfg.gradient_checkpointing:
             peft_model.enable_input_require_grads()
         module = Medusa2Module(peft_model, heads, loss, cfg)
-        dataset = PermutedDataset([{"input_ids": s} for s in seqs if s.numel() > cfg.num_heads + 1], cfg.seed, cfg.shuffle)
+        dataset = [{"input_ids": s} for s in seqs if s.numel() > cfg.num_heads + 1]
         collate = _collate_tokens(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
-    trainer = fit(module, dataset, collate, cfg, out)
+    trainer = fit(module, dataset, collate, cfg, out, sampler=EpochSampler(len(dataset), cfg.seed, cfg.shuffle))
 
     final = out / "final"
     if trainer.is_world_process_zero():
