@@ -78,7 +78,7 @@ def test_training_time_test_computes_what_drafting_computes():
         full = model(seq[None], output_hidden_states=True)
         features = torch.cat([full.hidden_states[1], full.hidden_states[2]], -1)
         module = EagleModule(eagle, eagle.head.weight, 96, steps=3, decay=0.8, distill=True)
-        unrolled = [lg[0, len(prompt) - 1] for _, lg in module.unroll(features, seq[None], torch.zeros_like(seq)[None])]
+        unrolled = [eagle.logits(h[0, len(prompt) - 1]) for _, h in module.unroll(features, seq[None], torch.zeros_like(seq)[None])]
     for j in range(3):
         torch.testing.assert_close(unrolled[j], seen[j], rtol=1e-4, atol=1e-5)  # (softmax sums in float32)
 
@@ -109,13 +109,13 @@ def test_training_fits_eagle_and_ships_a_drafter(tmp_path, default_tokenizer):
     target = save_tiny_target(tmp_path / "target", default_tokenizer)
     data = write_conversations(tmp_path / "convs.jsonl", [(f"Say something about topic {i}.", f"Topic {i} is a fine topic. " * 3) for i in range(16)])
     cfg = load_recipe("eagle-smollm2-cpu", dict(model=str(target), data=str(data), output_dir=str(tmp_path / "run"), features_dir="",
-                                                num_conversations=12, heldout=4, max_len=64, eagle_steps=3, draft_vocab_size=128,
+                                                num_conversations=12, heldout=4, max_len=64, eagle_steps=3, draft_vocab_size=128, store_layers=[],
                                                 batch_size=4, max_steps=4, epochs=1, save_steps=100, logging_steps=2, progress=False))
     final = train(cfg)
     saved = json.loads((final / "config.json").read_text())
     assert saved["feature_layers"] == [1] and len(saved["extra"]["heldout_accuracy"]) == 3 and saved["extra"]["train_time_s"] > 0
     model, tok = specdec.load_model(target)
     msgs = [{"role": "user", "content": "Say something about topic 3."}]
-    out = specdec.generate(model, tok, msgs, drafter=f"eagle:{final}", max_new_tokens=12)
+    out = specdec.generate(model, tok, msgs, drafter=f"eagle:{final}", max_new_tokens=12, size_trees=False)  # (untrimmed: it drafts)
     assert out.token_ids == specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=12).token_ids
     assert out.stats.drafted_tokens > 0

@@ -133,3 +133,17 @@ def test_the_trainer_draws_a_new_order_each_epoch(target, tmp_path):
                              sampler=EpochSampler(len(data), seed=5))
     trainer.train()
     assert sorted(seen[:12]) == sorted(seen[12:]) == list(range(12)) and seen[:12] != seen[12:]
+
+
+def test_length_grouped_batches_pad_little_and_change_every_epoch():
+    lengths = [int(x) for x in torch.randint(5, 500, (96,), generator=torch.Generator().manual_seed(0))]
+    s = EpochSampler(96, seed=1, lengths=lengths, batch_size=4, group=8)
+    first = list(s)
+    s.set_epoch(1)
+    second = list(s)
+    assert sorted(first) == sorted(second) == list(range(96)) and first != second
+
+    def padding(order):
+        return sum(max(lengths[i] for i in order[b : b + 4]) * 4 - sum(lengths[i] for i in order[b : b + 4]) for b in range(0, 96, 4))
+
+    assert padding(first) < 0.5 * padding(list(EpochSampler(96, seed=1)))  # against a plain shuffle

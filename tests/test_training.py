@@ -176,7 +176,7 @@ def test_recipes_parse_and_gpu_deepspeed_config_validates():
         DeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 7}})
 
 
-@pytest.mark.parametrize("bad, match", [(["epochz=1"], "unknown setting"), (["lr=fast"], "number"), (["method=eagle"], "method"),
+@pytest.mark.parametrize("bad, match", [(["epochz=1"], "unknown setting"), (["lr=fast"], "number"), (["method=hydra"], "method"),
                                         (["shuffle=maybe"], "true or false"), (["batch_size=0"], "batch_size")])
 def test_bad_settings_are_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):

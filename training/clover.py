@@ -110,7 +110,6 @@ def clover_heldout_accuracy(module: CloverModule, items: list[dict]) -> list[lis
 
 def train_clover(cfg: TrainConfig) -> Path:
     """Train Clover (or Clover-2) heads as ``cfg`` says; returns the directory of the final drafter."""
-    from specdec.training.features import EpochSampler
 
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
     held, train_feats = target_features(model, tokenizer, heldout_convs + train_convs, cfg, min_len=3)
@@ -129,7 +128,7 @@ def train_clover(cfg: TrainConfig) -> Path:
     distill = cfg.method == "clover2" or cfg.loss_type == "kl"
     module = CloverModule(heads, vocab, cfg.loss_decay, distill, cfg.regression_weight if cfg.method == "clover2" else 0.0)
     trainer = fit(module, train_feats, lambda batch: collate_features(batch, with_ids=True), cfg, out,
-                  sampler=EpochSampler(len(train_feats), cfg.seed, cfg.shuffle))
+                  sampler=train_feats.sampler(cfg))
 
     final = out / "final"
     if trainer.is_world_process_zero():

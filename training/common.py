@@ -97,6 +97,16 @@ class FeatureItems:
             item["labels"] = torch.cat([item["ids"][1:], torch.tensor([-100])])
         return item
 
+    def lengths(self) -> list[int]:
+        """Every item's token count (as cut at ``max_len``)."""
+        return [min(self.store.item_len(j), self.max_len) for j in self.indices]
+
+    def sampler(self, cfg: TrainConfig):
+        """A new order every epoch, batches of similar lengths (little padding)."""
+        from specdec.training.features import EpochSampler
+
+        return EpochSampler(len(self), cfg.seed, cfg.shuffle, self.lengths(), cfg.batch_size)
+
     def label_sets(self) -> list[Tensor]:
         """Every item's labels (read without the hidden states), for the draft vocabulary."""
         if self.label_source == "data":

@@ -94,7 +94,8 @@ class EagleModule(nn.Module):
         self.register_buffer("target_rows", target_rows, persistent=False)  # [V', H] the target's head, draft vocabulary
 
     def unroll(self, features: Tensor, ids: Tensor, labels: Tensor):
-        """Yield (j, logits [B, T - 1, V']) for each unrolled step (index t of step j predicts x_{t+2+j})."""
+        """Yield (j, h [B, T - 1, H]) for each unrolled step: the layer's output, whose logits
+        (``model.logits(h)``) at index t predict x_{t+2+j}."""
         m = self.model
         tp = ids.shape[1] - 1
         real = labels[:, :tp] >= 0
@@ -115,41 +116,48 @@ class EagleModule(nn.Module):
                 ks.append(k)
                 vs.append(v)
             state = m.finish(ttt_attend(q, k0, v0, ks, vs, visible), state)
-            yield j, m.logits(state)
+            yield j, state
+
+    def targets(self, labels: Tensor, answer: Tensor, j: int, tp: int) -> tuple[Tensor, Tensor]:
+        """Step j's labels as draft indices [B, T - 1] and where they count (inside answers) [B, T - 1] bool."""
+        target = _shift(labels, 1 + j, tp, -100)
+        ok = (target >= 0) & _shift(answer, 1 + j, tp, False)
+        return self.vocab(torch.where(ok, target, torch.full_like(target, -100))), ok
 
     def forward(self, features: Tensor, last: Tensor, ids: Tensor, labels: Tensor, answer: Tensor, num_items_in_batch=None) -> dict:
         tp = ids.shape[1] - 1
         loss = features.new_zeros(())
         acc = DepthAccuracy(self.steps)
-        for j, logits in self.unroll(features, ids, labels):
-            target = _shift(labels, 1 + j, tp, -100)
-            ok = (target >= 0) & _shift(answer, 1 + j, tp, False)
-            target = torch.where(ok, target, torch.full_like(target, -100))
-            mapped = self.vocab(target)
-            teacher = F.log_softmax(_shift(last, 1 + j, tp, 0.0).float() @ self.target_rows.float().T, -1) if self.distill else None
-            loss = loss + self.decay**j * depth_loss(logits, mapped, ok, teacher)
-            acc.add(j, logits.detach(), mapped, ok)
+        teacher = None
+        if self.distill:  # the target's distribution over the draft vocabulary at every position, once
+            with torch.no_grad():
+                teacher = F.log_softmax(last.float() @ self.target_rows.float().T, -1)  # [B, T, V']
+        for j, h in self.unroll(features, ids, labels):
+            mapped, ok = self.targets(labels, answer, j, tp)
+            logits = self.model.logits(h[ok])  # only where a loss is taken: the head is most of the cost
+            te = _shift(teacher, 1 + j, tp, 0.0)[ok] if teacher is not None else None
+            valid = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+            loss = loss + self.decay**j * depth_loss(logits, mapped[ok], valid, te)
+            acc.add(j, logits.detach(), mapped[ok], valid)
         return {"loss": loss, "metrics": acc.metrics()}
 
 
 @torch.inference_mode()
-def eagle_heldout_accuracy(module: EagleModule, items: list[dict], num_features: int) -> list[list[float]]:
+def eagle_heldout_accuracy(module: EagleModule, items, num_features: int) -> list[list[float]]:
     """acc[j][r]: share of held-out answer positions where unrolled step j's r-th choice is the target's token."""
     acc = DepthAccuracy(module.steps)
     for item in items:
         b = collate_store([item], num_features)
         tp = b["ids"].shape[1] - 1
-        for j, logits in module.unroll(b["features"], b["ids"], b["labels"]):
-            target = _shift(b["labels"], 1 + j, tp, -100)
-            ok = (target >= 0) & _shift(b["answer"], 1 + j, tp, False)
-            acc.add(j, logits, module.vocab(torch.where(ok, target, torch.full_like(target, -100))), ok)
+        for j, h in module.unroll(b["features"], b["ids"], b["labels"]):
+            mapped, ok = module.targets(b["labels"], b["answer"], j, tp)
+            acc.add(j, module.model.logits(h[ok]), mapped[ok], torch.ones(int(ok.sum()), dtype=torch.bool))
     return acc.table()
 
 
 def train_eagle(cfg: TrainConfig) -> Path:
     """Train the EAGLE drafter as ``cfg`` says; returns the directory of the final drafter."""
     from specdec.training.common import draft_vocabulary, fit, start_run, target_features
-    from specdec.training.features import EpochSampler
 
     started = time.perf_counter()
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
@@ -163,7 +171,7 @@ def train_eagle(cfg: TrainConfig) -> Path:
     eagle = EagleModel(ecfg, draft_vocab, rows).attach(model.get_input_embeddings())
     module = EagleModule(eagle, rows, head.shape[0], cfg.eagle_steps, cfg.loss_decay, cfg.loss_type == "kl")
     nf = len(ecfg.feature_layers)
-    trainer = fit(module, train, lambda items: collate_store(items, nf), cfg, out, sampler=EpochSampler(len(train), cfg.seed, cfg.shuffle))
+    trainer = fit(module, train, lambda items: collate_store(items, nf), cfg, out, sampler=train.sampler(cfg))
     final = out / "final"
     if trainer.is_world_process_zero():
         eagle.eval()

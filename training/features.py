@@ -150,10 +150,17 @@ class FeatureStore:
 
 class EpochSampler(Sampler):
     """A new seeded random order every epoch (the Trainer calls :meth:`set_epoch`); every process computes
-    the same order, so N processes still split one global order."""
+    the same order, so N processes still split one global order.
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+    With ``lengths`` (per item) and ``batch_size``, items are grouped by length: the epoch's random order is
+    cut into windows of ``group`` batches, each window sorted by length and cut into batches, and the
+    batches shuffled, so a batch pads little while every epoch still sees a new order and new batches.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, lengths: list[int] | None = None, batch_size: int = 1,
+                 group: int = 16) -> None:
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.lengths, self.batch_size, self.group = lengths, batch_size, group
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -165,7 +172,15 @@ class EpochSampler(Sampler):
         if not self.shuffle:
             return iter(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is None or self.batch_size <= 1:
+            return iter(order)
+        window = self.batch_size * self.group
+        batches = []
+        for w in range(0, self.n, window):
+            part = sorted(order[w : w + window], key=lambda i: self.lengths[i])
+            batches += [part[b : b + self.batch_size] for b in range(0, len(part), self.batch_size)]
+        return iter([i for k in torch.randperm(len(batches), generator=g).tolist() for i in batches[k]])
 
 
 # ---------------------------------------------------------------------------------------------------- extraction
@@ -176,21 +191,23 @@ def _key(fingerprint: str, data_key: str, spec: FeatureSpec, shard_items: int) -
 @torch.inference_mode()
 def _features(model, batch: list[Tensor], spec: FeatureSpec) -> list[dict]:
     """One right-padded forward over a few sequences; per sequence its arrays (padding never reaches a real
-    position: attention is causal and the pads come after)."""
+    position: attention is causal and the pads come after). Only the layers asked for are captured."""
+    from specdec.runner import tapped_forward
+
     t = max(x.numel() for x in batch)
     ids = torch.zeros(len(batch), t, dtype=torch.long)
     for i, x in enumerate(batch):
         ids[i, : x.numel()] = x
-    out = model(input_ids=ids.to(model.device), output_hidden_states=True)
-    hidden = torch.stack([out.hidden_states[x] for x in spec.layers], dim=2)  # [B, T, L, H]
-    logp = torch.log_softmax(out.logits.float(), -1)
+    out, hidden = tapped_forward(model, tuple(spec.layers), input_ids=ids.to(model.device))
+    hidden = hidden.view(len(batch), t, len(spec.layers), -1)  # [B, T, L, H]
+    logits = out.logits
     res = []
     for i, x in enumerate(batch):
         n = x.numel()
         item = {"hidden": hidden[i, :n].to(_DTYPES[spec.dtype]).cpu().view(torch.int16).numpy(),
-                "labels": logp[i, :n].argmax(-1).int().cpu().numpy()}
+                "labels": logits[i, :n].argmax(-1).int().cpu().numpy()}
         if spec.topk:
-            top = logp[i, :n].topk(spec.topk, dim=-1)
+            top = torch.log_softmax(logits[i, :n].float(), -1).topk(spec.topk, dim=-1)
             item["topk_ids"] = top.indices.int().cpu().numpy()
             item["topk_logp"] = top.values.half().cpu().numpy()
         res.append(item)

@@ -195,7 +195,8 @@ def train_medusa(cfg: TrainConfig) -> Path:
         dataset = [{"input_ids": s} for s in seqs if s.numel() > cfg.num_heads + 1]
         collate = _collate_tokens(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
-    trainer = fit(module, dataset, collate, cfg, out, sampler=EpochSampler(len(dataset), cfg.seed, cfg.shuffle))
+    sampler = dataset.sampler(cfg) if cfg.method == "medusa1" else EpochSampler(len(dataset), cfg.seed, cfg.shuffle)
+    trainer = fit(module, dataset, collate, cfg, out, sampler=sampler)
 
     final = out / "final"
     if trainer.is_world_process_zero():
