@@ -69,7 +69,7 @@ from specdec.tree import TokenTree
 
 __all__ = ["Target", "DraftState", "StepResult", "Drafter", "NoDrafter", "register_drafter", "build_drafter",
            "registered_drafters", "parse_spec", "read_drafter_config", "read_drafter_config_versioned", "read_drafter_weights",
-           "drafter_path"]
+           "drafter_path", "write_drafter"]
 
 
 @dataclass
@@ -353,6 +353,26 @@ def read_drafter_config_versioned(path, current: int, kind: str) -> dict:
     if version > current:
         raise ValueError(f"{path} was saved by a newer specdec ({kind} format {version}); upgrade specdec")
     return raw
+
+
+def write_drafter(path, config, module: nn.Module) -> None:
+    """A trained drafter's directory: ``config.json`` (the config dataclass) and ``model.safetensors`` (the
+    module's state), each written to a temporary file and renamed, so a kill never leaves half a file."""
+    import json
+    import os
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".model.{os.getpid()}.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
+    os.replace(tmp, path / "model.safetensors")
+    tmp = path / f".config.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(asdict(config), indent=2))
+    os.replace(tmp, path / "config.json")
 
 
 def read_drafter_weights(path) -> dict[str, Tensor]:

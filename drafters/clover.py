@@ -56,18 +56,16 @@ nodes by path probability; the engine then trims the tree to what pays.
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
-                                   read_drafter_config, read_drafter_weights, register_drafter)
+                                   read_drafter_config, read_drafter_weights, register_drafter, write_drafter)
 from specdec.drafters.trie import depth_bucket, freq_bucket
 from specdec.sizing import AcceptanceRates, learn, nodes_cost
 from specdec.tree import TokenTree
@@ -221,11 +219,7 @@ class CloverHeads(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        write_drafter(path, self.config, self)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, layer: nn.Module | None = None) -> tuple["CloverHeads", dict]:

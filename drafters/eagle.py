@@ -26,18 +26,16 @@ drawn from q and carry it (``draft_probs``), so speculative sampling stays lossl
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
-                                   read_drafter_config_versioned, read_drafter_weights, register_drafter)
+                                   read_drafter_config_versioned, read_drafter_weights, register_drafter, write_drafter)
 from specdec.drafters.clover import grow_tree, heads_dtype, prob_prior
 from specdec.sizing import AcceptanceRates, learn, nodes_cost
 from specdec.tree import TokenTree
@@ -189,11 +187,7 @@ class EagleModel(nn.Module):
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        write_drafter(path, self.config, self)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "EagleModel":

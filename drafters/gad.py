@@ -23,16 +23,14 @@ engine trims it to what pays.
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
-                                   read_drafter_config_versioned, read_drafter_weights, register_drafter)
+                                   read_drafter_config_versioned, read_drafter_weights, register_drafter, write_drafter)
 from specdec.drafters.trie import depth_bucket, freq_bucket, frequency_prior
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree
@@ -142,10 +140,7 @@ class GADBlock(nn.Module):
         return self.norm(x[:, w + 1 :]) @ self._head.to(dtype).T
 
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        write_drafter(path, self.config, self)
 
 
 def decoder_layers(model, n: int) -> tuple[list[nn.Module], nn.Module]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path, read_drafter_config,
                                    read_drafter_config_versioned,
-                                   read_drafter_weights, register_drafter)
+                                   read_drafter_weights, register_drafter, write_drafter)
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree, parents_from_paths
 
@@ -157,11 +157,7 @@ class MedusaHeads(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        write_drafter(path, self.config, self)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> "MedusaHeads":

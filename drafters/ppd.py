@@ -39,16 +39,14 @@ none, the next step drafts nothing and re-attaches.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
-                                   read_drafter_config_versioned, read_drafter_weights, register_drafter)
+                                   read_drafter_config_versioned, read_drafter_weights, register_drafter, write_drafter)
 from specdec.drafters.medusa import tree_from_accuracies
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree, parents_from_paths
@@ -98,10 +96,7 @@ class PromptTokens(nn.Module):
         return (logits * w[..., None]).sum(dim=-2)
 
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        write_drafter(path, self.config, self)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "PromptTokens":

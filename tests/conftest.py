@@ -72,3 +72,20 @@ def hf_greedy(model, ids: torch.Tensor, n: int, **kwargs) -> list[int]:
     out = model.generate(ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long, device=model.device),
                          do_sample=False, max_new_tokens=n, **kwargs)
     return out[0, ids.numel():].tolist()
+
+
+def assert_greedy_equals_hf_on_random_prompts(model, drafter, label="", prompts: int = 4, n: int = 24) -> None:
+    """A drafter's greedy output equals HF greedy on random prompts of random lengths, with trees sized by the
+    measured cost and untrimmed (then it must also have drafted something)."""
+    import specdec
+
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    for i in range(prompts):
+        ids = torch.randint(0, vocab, (int(torch.randint(2, 25, (1,), generator=g)),), generator=g)
+        ref = hf_greedy(model, ids, n, min_new_tokens=n)
+        for sized in (False, True):
+            out = specdec.generate(model, None, ids, drafter=drafter, max_new_tokens=n, size_trees=sized)
+            assert out.token_ids == ref, (i, label, sized)
+            if not sized:
+                assert out.stats.drafted_tokens > 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import specdec
-from conftest import hf_greedy, save_tiny_target, tiny_model, write_conversations
+from conftest import assert_greedy_equals_hf_on_random_prompts, save_tiny_target, tiny_model, write_conversations
 from specdec.drafters.clover import AttentionDecoder, CloverConfig, CloverDrafter, CloverHeads, decoder_parts
 
 
@@ -69,15 +69,7 @@ def test_clover_greedy_equals_hf_greedy(tiny, kind):
         from specdec.drafters.prompt_lookup import PromptLookupDrafter
 
         drafter = FusedDrafter([drafter, PromptLookupDrafter()])
-    g = torch.Generator().manual_seed(1)
-    for i in range(4):
-        ids = torch.randint(0, 96, (int(torch.randint(2, 25, (1,), generator=g)),), generator=g)
-        ref = hf_greedy(tiny, ids, 24, min_new_tokens=24)
-        for sized in (False, True):
-            out = specdec.generate(tiny, None, ids, drafter=drafter, max_new_tokens=24, size_trees=sized)
-            assert out.token_ids == ref, (i, kind, sized)
-            if not sized:
-                assert out.stats.drafted_tokens > 0
+    assert_greedy_equals_hf_on_random_prompts(tiny, drafter, kind)
 
 
 def test_siblings_are_conditioned_on_their_own_parent():

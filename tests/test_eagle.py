@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import specdec
-from conftest import hf_greedy, save_tiny_target, tiny_model, write_conversations
+from conftest import assert_greedy_equals_hf_on_random_prompts, hf_greedy, save_tiny_target, tiny_model, write_conversations
 from specdec.drafters.eagle import EagleConfig, EagleDrafter, EagleDrafterConfig, EagleModel, default_feature_layers
 
 
@@ -37,15 +37,7 @@ def test_eagle_greedy_equals_hf_greedy(tiny, kind):
         from specdec.drafters.prompt_lookup import PromptLookupDrafter
 
         drafter = FusedDrafter([PromptLookupDrafter(), drafter])
-    g = torch.Generator().manual_seed(1)
-    for i in range(4):
-        ids = torch.randint(0, 96, (int(torch.randint(2, 25, (1,), generator=g)),), generator=g)
-        ref = hf_greedy(tiny, ids, 24, min_new_tokens=24)
-        for sized in (False, True):
-            out = specdec.generate(tiny, None, ids, drafter=drafter, max_new_tokens=24, size_trees=sized)
-            assert out.token_ids == ref, (i, kind, sized)
-            if not sized:
-                assert out.stats.drafted_tokens > 0
+    assert_greedy_equals_hf_on_random_prompts(tiny, drafter, kind)
     batch = specdec.generate(tiny, None, [torch.tensor([3, 4, 5]), torch.tensor([9, 8, 7, 6, 5, 4])], drafter=drafter, max_new_tokens=12)
     assert [r.token_ids for r in batch] == [hf_greedy(tiny, torch.tensor(p), 12, min_new_tokens=12) for p in ([3, 4, 5], [9, 8, 7, 6, 5, 4])]
 
