@@ -121,12 +121,28 @@ class _MklPackedUpcast(_Kernel):
         return torch.ops.mkl._mkl_linear(x.float(), packed, shape_only, bias32, rows).to(x.dtype)
 
 
+_ONEDNN_BF16: list[bool] = []
+
+
+def _onednn_bf16() -> bool:
+    """Whether oneDNN packs bf16 weights on this CPU (it needs avx512bw/vl/dq or avx_ne_convert: an AVX2-only
+    CPU such as AMD Zen 2 refuses, and a bf16 model then runs on the other candidates)."""
+    if not _ONEDNN_BF16:
+        try:
+            torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), None)
+            _ONEDNN_BF16.append(True)
+        except RuntimeError:
+            _ONEDNN_BF16.append(False)
+    return _ONEDNN_BF16[0]
+
+
 class _OneDnnPacked(_Kernel):
     name = "onednn-packed"
 
     def supports(self, weight):
         return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-                and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+                and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and (weight.dtype == torch.float32 or _onednn_bf16()))
 
     def prepare(self, weight, bias):
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
