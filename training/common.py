@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -102,10 +103,12 @@ class FeatureItems:
         return [min(self.store.item_len(j), self.max_len) for j in self.indices]
 
     def sampler(self, cfg: TrainConfig):
-        """A new order every epoch, batches of similar lengths (little padding)."""
+        """A new order every epoch, global batches of similar lengths (little padding). Grouped by the global
+        batch (per-process batch x processes), so N processes split exactly the batches one process would see."""
         from specdec.training.features import EpochSampler
 
-        return EpochSampler(len(self), cfg.seed, cfg.shuffle, self.lengths(), cfg.batch_size)
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        return EpochSampler(len(self), cfg.seed, cfg.shuffle, self.lengths(), cfg.batch_size * world)
 
     def label_sets(self) -> list[Tensor]:
         """Every item's labels (read without the hidden states), for the draft vocabulary."""
@@ -133,13 +136,18 @@ def target_features(model, tokenizer, convs: list, cfg: TrainConfig, layers: lis
              else data.stat().st_size if data.is_file() else None)
     key = f"{cfg.data}|{stamp}|{len(convs)}"
     where = Path(cfg.features_dir) if cfg.features_dir else Path(cfg.output_dir) / "features"
-    store = None
-    if (where / "manifest.json").is_file():
+
+    def usable():
+        if not (where / "manifest.json").is_file():
+            return False
         m = json.loads((where / "manifest.json").read_text())
         spec = m.get("spec", {})
-        if m.get("data") == key and set(layers) <= set(spec.get("layers", [])) and spec.get("max_len", 0) >= cfg.max_len \
-                and m.get("items") == len(convs):
-            store = FeatureStore(where)
+        return (m.get("data") == key and set(layers) <= set(spec.get("layers", [])) and spec.get("max_len", 0) >= cfg.max_len
+                and m.get("items") == len(convs) and len(m.get("shards", [])) > 0)
+
+    if int(os.environ.get("RANK", "0") or 0) > 0:  # several processes: rank 0 extracts, the others wait for it
+        _wait_for(usable, where)
+    store = FeatureStore(where) if usable() else None
     if store is None:
         every = layers + [x for x in cfg.store_layers if x not in layers]
         store = extract_store(model, tokenizer, convs, where, FeatureSpec(layers=every, max_len=cfg.max_len, topk=0),
@@ -149,6 +157,30 @@ def target_features(model, tokenizer, convs: list, cfg: TrainConfig, layers: lis
     train = [i for i in keep if i >= cfg.heldout]
     return (FeatureItems(store, held, layers, cfg.max_len, cfg.label_source),
             FeatureItems(store, train, layers, cfg.max_len, cfg.label_source))
+
+
+def _wait_for(ready, where: Path, grace_s: float = 60.0) -> None:
+    """Wait until ``ready()``; give up once nobody holds ``where``'s lock and it is still not ready after
+    ``grace_s`` (the extracting process died)."""
+    import fcntl
+    import time
+
+    idle_since = None
+    while not ready():
+        lock = where / ".lock"
+        held = False
+        if lock.is_file():
+            with lock.open("a+") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    held = True
+        idle_since = None if held else (idle_since or time.monotonic())
+        if idle_since is not None and time.monotonic() - idle_since > grace_s:
+            raise RuntimeError(f"waited for rank 0 to extract the features into {where}, but nobody is extracting; "
+                               "run again (rank 0 extracts, the other ranks read)")
+        time.sleep(0.5)
 
 
 def last_complete_checkpoint(out: Path) -> str | None:
