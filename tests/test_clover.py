@@ -141,7 +141,7 @@ def test_training_fits_clover_and_ships_a_drafter(method, tmp_path, default_toke
     target = save_tiny_target(tmp_path / "target", default_tokenizer)
     data = write_conversations(tmp_path / "convs.jsonl", [(f"Say something about topic {i}.", f"Topic {i} is a fine topic. " * 3) for i in range(16)])
     cfg = load_recipe(f"{method}-smollm2-cpu", dict(model=str(target), data=str(data), output_dir=str(tmp_path / "run"), features_dir="",
-                                                    num_conversations=12, heldout=4, max_len=40, num_heads=3, draft_vocab_size=128,
+                                                    num_conversations=12, heldout=4, max_len=40, depth=3, draft_vocab_size=128,
                                                     batch_size=4, max_steps=4, epochs=1, save_steps=100, logging_steps=2, progress=False))
     final = train(cfg)
     saved = json.loads((final / "config.json").read_text())

@@ -41,7 +41,7 @@ def convs(tmp_path_factory):
 
 def settings(target, data, out, **extra):
     base = dict(model=str(target), data=str(data), output_dir=str(out), features_dir="", num_conversations=20, heldout=4, max_len=48,
-                num_heads=3, draft_vocab_size=256, batch_size=4, max_steps=6, epochs=1, lr=3e-3, save_steps=100,
+                depth=3, draft_vocab_size=256, batch_size=4, max_steps=6, epochs=1, lr=3e-3, save_steps=100,
                 logging_steps=2, progress=False)
     base.update(extra)
     return base
@@ -125,8 +125,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_nothing_lost(tiny_target,
 def test_medusa2_trains_lora_and_heads_and_merges(tiny_target, convs, tmp_path):
     import specdec
 
-    final = train(load_recipe(None, settings(tiny_target, convs, tmp_path / "m2", method="medusa2", max_steps=4, lora_r=4,
-                                             head_warmup_steps=2, lora_targets="q_proj,v_proj")))
+    final = train(load_recipe(None, settings(tiny_target, convs, tmp_path / "m2", method="medusa2", max_steps=4,
+                                             medusa={"lora_r": 4, "head_warmup_steps": 2, "lora_targets": "q_proj,v_proj"})))
     merged, tok = specdec.load_model(final / "target")
     base, _ = specdec.load_model(tiny_target)
     ids = torch.tensor(tok("Tell me about rain")["input_ids"])
@@ -177,12 +177,30 @@ def test_recipes_parse_and_gpu_deepspeed_config_validates():
 
 
 @pytest.mark.parametrize("bad, match", [(["epochz=1"], "unknown setting"), (["lr=fast"], "number"), (["method=hydra"], "method"),
-                                        (["shuffle=maybe"], "true or false"), (["batch_size=0"], "batch_size")])
+                                        (["shuffle=maybe"], "true or false"), (["batch_size=0"], "batch_size"),
+                                        (["num_heads=3"], "it is now 'depth'"), (["ppd_groups=2"], "ppd.groups"),
+                                        (["clover.augmnt=false"], "the clover section has augment"), (["hydra.layers=2"], "unknown section"),
+                                        (["clover.augment=maybe"], "true or false"), (["ppd.groups=0"], "ppd.groups")])
 def test_bad_settings_are_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         load_recipe("medusa1-smollm2-cpu", bad)
     with pytest.raises(FileNotFoundError, match="no recipe"):
         load_recipe("no-such-recipe")
+
+
+def test_method_settings_sit_in_their_sections(tmp_path):
+    cfg = load_recipe("gad-smollm2-cpu", ["gad.window=8", "depth=6", "clover.augment=false", "eagle.layers=1,2"])
+    assert (cfg.gad.window, cfg.gad.windows, cfg.gad.layers, cfg.depth) == (8, 24, 2, 6)  # the recipe's other gad settings stay
+    assert cfg.clover.augment is False and cfg.eagle.layers == [1, 2]
+    assert cfg.to_dict()["gad"] == {"layers": 2, "window": 8, "windows": 24}
+    old = tmp_path / "old.yaml"
+    old.write_text("method: ppd\nppd_groups: 4\n")
+    with pytest.raises(ValueError, match="it is now 'ppd.groups'"):
+        load_recipe(str(old))
+    nested = tmp_path / "new.yaml"
+    nested.write_text("method: ppd\nppd:\n  groups: 4\n  aggregation: learned\n")
+    cfg = load_recipe(str(nested), {"ppd": {"virtual": 2}})
+    assert (cfg.ppd.groups, cfg.ppd.aggregation, cfg.ppd.virtual) == (4, "learned", 2)
 
 
 def test_truncated_sharegpt_is_parsed_up_to_the_break(tmp_path):

@@ -118,15 +118,15 @@ def train_clover(cfg: TrainConfig) -> Path:
     draft_vocab = draft_vocabulary(train_feats.label_sets(), vocab, cfg.draft_vocab_size)
     layer, rotary = decoder_parts(model)
     ccfg = CloverConfig(
-        hidden_size=lm_head.shape[1], vocab_size=vocab, num_heads=cfg.num_heads,
-        attention_heads=getattr(model.config, "num_attention_heads", 1), augment=cfg.augment,
+        hidden_size=lm_head.shape[1], vocab_size=vocab, num_heads=cfg.depth,
+        attention_heads=getattr(model.config, "num_attention_heads", 1), augment=cfg.clover.augment,
         draft_vocab_size=None if cfg.draft_vocab_size is None else draft_vocab.numel(),
         version=2 if cfg.method == "clover2" else 1, rms_norm_eps=getattr(model.config, "rms_norm_eps", 1e-5),
         target_model=str(cfg.model),
     )
-    heads = CloverHeads(ccfg, layer if cfg.augment else None, rotary, model.get_input_embeddings(), lm_head, draft_vocab)
+    heads = CloverHeads(ccfg, layer if cfg.clover.augment else None, rotary, model.get_input_embeddings(), lm_head, draft_vocab)
     distill = cfg.method == "clover2" or cfg.loss_type == "kl"
-    module = CloverModule(heads, vocab, cfg.loss_decay, distill, cfg.regression_weight if cfg.method == "clover2" else 0.0)
+    module = CloverModule(heads, vocab, cfg.loss_decay, distill, cfg.clover.regression_weight if cfg.method == "clover2" else 0.0)
     trainer = fit(module, train_feats, lambda batch: collate_features(batch, with_ids=True), cfg, out,
                   sampler=train_feats.sampler(cfg))
 

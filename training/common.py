@@ -211,7 +211,7 @@ def start_run(cfg: TrainConfig, load_data: bool = True):
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=str))
+    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
     for p in model.parameters():

@@ -9,7 +9,7 @@ which key and what is allowed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import yaml
 
 from specdec.config import coerce
 
-__all__ = ["TrainConfig", "load_recipe", "recipe_names", "METHODS", "DRAFTER_OF", "register_method"]
+__all__ = ["TrainConfig", "SECTIONS", "MedusaSettings", "CloverSettings", "PPDSettings", "GADSettings", "EagleSettings", "load_recipe", "recipe_names", "METHODS", "DRAFTER_OF", "register_method"]
 
 # method -> "module:function" of its trainer (imported only when a run starts); a new drafter adds a line
 METHODS: dict[str, str] = {
@@ -44,39 +44,99 @@ def register_method(name: str, trainer: str, drafter: str | None = None) -> None
 
 
 @dataclass
+class MedusaSettings:
+    """Section ``medusa:`` (methods ``medusa1`` and ``medusa2``)."""
+
+    layers: int = 1  # residual blocks per head
+    own_projection: bool = False  # each head its own output projection instead of the target's head
+    tree_size: int = 16  # nodes of the static tree built from the held-out accuracies
+    # Medusa-2 only: a LoRA on the target, trained jointly
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    head_lr_multiplier: float = 4.0  # heads' learning rate = this x lr
+    head_warmup_steps: int = 50  # the heads' loss weight ramps from 0 to 1 over these steps
+    target_loss_weight: float = 1.0  # weight of the target's own loss (KL to the adapter-disabled model)
+
+
+@dataclass
+class CloverSettings:
+    """Section ``clover:`` (methods ``clover`` and ``clover2``)."""
+
+    augment: bool = True  # Clover's Augmenting Block (a copy of the target's last decoder layer)
+    regression_weight: float = 1.0  # Clover-2's SmoothL1 of each head's state onto the target's hidden state
+
+
+@dataclass
+class PPDSettings:
+    """Section ``ppd:``."""
+
+    groups: int = 8  # insertion points per training sequence
+    virtual: int = 1  # virtual tokens per prompt token (the ensemble variant when > 1)
+    aggregation: str = "mean"  # "mean" or "learned" (ensemble)
+    init_text: str = "The next words are"  # the prompt tokens start as these words' embeddings
+
+
+@dataclass
+class GADSettings:
+    """Section ``gad:`` (GAD's block drafter)."""
+
+    layers: int = 2  # decoder layers copied from the target's last ones
+    window: int = 16  # committed positions the block reads
+    windows: int = 24  # training positions drawn per conversation
+
+
+@dataclass
+class EagleSettings:
+    """Section ``eagle:``."""
+
+    layers: list[int] = field(default_factory=list)  # target hidden_states indices fused (empty: EAGLE-3's low/mid/high)
+
+
+# section name -> its dataclass; a method's own settings live only in its section
+SECTIONS: dict[str, type] = {"medusa": MedusaSettings, "clover": CloverSettings, "ppd": PPDSettings, "gad": GADSettings,
+                             "eagle": EagleSettings}
+
+# settings of earlier releases -> where they are now (an old recipe gets an error that names the new key)
+MOVED: dict[str, str] = {
+    "num_heads": "depth", "num_layers": "medusa.layers or gad.layers", "own_projection": "medusa.own_projection",
+    "tree_size": "medusa.tree_size", "augment": "clover.augment", "regression_weight": "clover.regression_weight",
+    **{f"ppd_{k}": f"ppd.{k}" for k in ("groups", "virtual", "aggregation", "init_text")},
+    "gad_window": "gad.window", "gad_windows": "gad.windows", "eagle_layers": "eagle.layers", "eagle_steps": "depth",
+    **{k: f"medusa.{k}" for k in ("lora_r", "lora_alpha", "lora_targets", "head_lr_multiplier", "head_warmup_steps",
+                                 "target_loss_weight")},
+}
+
+
+@dataclass
 class TrainConfig:
     """Everything a drafter training run needs.
+
+    Settings every method shares sit at the top level; each method's own sit
+    in its section (``medusa:``, ``clover:``, ``ppd:``, ``gad:``, ``eagle:``;
+    on the command line ``clover.augment=false``).
 
     Data: ``num_conversations`` training conversations are read after the
     first ``heldout`` ones (which are kept for evaluation), chat-templated and
     cut at ``max_len`` tokens. Labels are the target's own greedy next tokens
     (``label_source="self"``, self-distillation) or the data's tokens
-    (``"data"``). Head k's loss weight is ``loss_decay ** k``; ``loss_type="kl"``
-    replaces the cross-entropy by the KL divergence to the target's own
-    distribution at that position (over the draft vocabulary).
+    (``"data"``).
 
-    Medusa-2 (``method="medusa2"``) adds a LoRA on the target (``lora_*``),
-    the target's own loss (KL to the adapter-disabled model), a head learning
-    rate ``head_lr_multiplier`` × ``lr``, and a head-loss weight that ramps
-    linearly from 0 to 1 over ``head_warmup_steps``.
+    ``depth`` is how many tokens past the root the drafter is trained to
+    guess, for every method: Medusa's and Clover's heads, PPD's prompt
+    tokens, GAD's block size, EAGLE's unrolled steps (training-time test).
+    Depth k's loss weight is ``loss_decay ** k``; ``loss_type="kl"`` replaces
+    the cross-entropy by the KL divergence to the target's own distribution
+    at that position (over the draft vocabulary of ``draft_vocab_size``
+    tokens, the target's most frequent ones; None: the whole vocabulary).
 
-    Clover (``method="clover"``) and Clover-2 (``"clover2"``): ``num_heads`` is
-    the draft depth trained, ``augment`` adds the Augmenting Block; Clover-2
-    trains with KL to the target's distribution plus ``regression_weight`` ×
-    SmoothL1 on hidden states (see :mod:`specdec.training.clover`).
-
-    PPD (``method="ppd"``): ``num_heads`` prompt tokens of ``ppd_virtual``
-    virtual tokens each, ``ppd_groups`` insertion points per sequence, loss
-    ``kl`` (distillation) or ``ce`` (hard labels) (see :mod:`specdec.training.ppd`).
-
-    EAGLE (``method="eagle"``): the drafter reads the target's ``eagle_layers`` (``hidden_states`` indices;
-    empty: EAGLE-3's low/mid/high choice) and is unrolled ``eagle_steps`` steps in training (training-time
-    test); features come from the sharded store in ``features_dir`` (see :mod:`specdec.training.eagle`).
-
-    GAD's block drafter (``method="gad"``): ``num_heads`` mask slots,
-    ``num_layers`` copies of the target's last layers, reading ``gad_window``
-    committed positions; ``gad_windows`` training positions per conversation
-    (see :mod:`specdec.training.gad`).
+    Medusa-2 (``method="medusa2"``) adds a LoRA on the target, the target's
+    own loss, a head learning rate multiplier and a head-loss warm-up (section
+    ``medusa``). Clover-2 trains with KL plus ``clover.regression_weight`` ×
+    SmoothL1 on hidden states (:mod:`specdec.training.clover`). PPD's section
+    sets its insertion points and virtual tokens (:mod:`specdec.training.ppd`);
+    GAD's, the layers copied and the window read (:mod:`specdec.training.gad`);
+    EAGLE's, the fused target layers (:mod:`specdec.training.eagle`).
     """
 
     method: str = "medusa1"
@@ -89,27 +149,9 @@ class TrainConfig:
     heldout: int = 60
     max_len: int = 256
     label_source: str = "self"
-    loss_type: str = "ce"  # "ce": cross-entropy on the labels; "kl": KL to the target's own distribution (Medusa-1)
-    # heads
-    num_heads: int = 4
-    num_layers: int = 1
+    loss_type: str = "ce"  # "ce": cross-entropy on the labels; "kl": KL to the target's own distribution
+    depth: int = 4
     draft_vocab_size: int | None = 8192
-    own_projection: bool = False
-    tree_size: int = 16
-    # clover
-    augment: bool = True  # Clover's Augmenting Block (a copy of the target's last decoder layer)
-    regression_weight: float = 1.0  # Clover-2's SmoothL1 on hidden states
-    # ppd (num_heads = the number of prompt tokens m)
-    ppd_groups: int = 8  # insertion points per training sequence
-    ppd_virtual: int = 1  # virtual tokens per prompt token (the ensemble variant when > 1)
-    ppd_aggregation: str = "mean"  # "mean" or "learned" (ensemble)
-    ppd_init_text: str = "The next words are"
-    # gad (num_heads = the block size k, num_layers = the target layers copied)
-    gad_window: int = 16  # committed positions the block reads
-    gad_windows: int = 24  # training positions drawn per conversation
-    # eagle
-    eagle_layers: list[int] = field(default_factory=list)
-    eagle_steps: int = 4
     # optimisation
     epochs: float = 3.0
     max_steps: int = -1
@@ -124,13 +166,12 @@ class TrainConfig:
     dtype: str = "float32"
     bf16: bool = False
     gradient_checkpointing: bool = False
-    # medusa-2
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    head_lr_multiplier: float = 4.0
-    head_warmup_steps: int = 50
-    target_loss_weight: float = 1.0
+    # the methods' own settings
+    medusa: MedusaSettings = field(default_factory=MedusaSettings)
+    clover: CloverSettings = field(default_factory=CloverSettings)
+    ppd: PPDSettings = field(default_factory=PPDSettings)
+    gad: GADSettings = field(default_factory=GADSettings)
+    eagle: EagleSettings = field(default_factory=EagleSettings)
     # bookkeeping
     save_steps: int = 200
     save_total_limit: int = 2
@@ -142,37 +183,67 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for name, cls in SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _section(name, value))
+            elif not isinstance(value, cls):
+                raise ValueError(f"section {name!r} must be a mapping of {', '.join(cls.__dataclass_fields__)}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.ppd_groups < 1 or self.ppd_virtual < 1 or self.ppd_aggregation not in ("mean", "learned"):
-            raise ValueError("ppd_groups and ppd_virtual must be >= 1 and ppd_aggregation 'mean' or 'learned'")
+        if self.ppd.groups < 1 or self.ppd.virtual < 1 or self.ppd.aggregation not in ("mean", "learned"):
+            raise ValueError("ppd.groups and ppd.virtual must be >= 1 and ppd.aggregation 'mean' or 'learned'")
         if self.loss_type not in ("ce", "kl"):
             raise ValueError(f"loss_type must be 'ce' or 'kl', got {self.loss_type!r}")
         if self.label_source not in ("self", "data"):
             raise ValueError(f"label_source must be 'self' or 'data', got {self.label_source!r}")
-        for name in ("num_conversations", "max_len", "num_heads", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+        for name in ("num_conversations", "max_len", "depth", "batch_size", "grad_accum", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.heldout < 0 or self.num_layers < 0:
-            raise ValueError("heldout and num_layers must be >= 0")
+        if self.heldout < 0 or self.medusa.layers < 0 or self.gad.layers < 0:
+            raise ValueError("heldout, medusa.layers and gad.layers must be >= 0")
+        if self.gad.window < 1 or self.gad.windows < 1:
+            raise ValueError("gad.window and gad.windows must be >= 1")
         if self.lr <= 0 or not 0 < self.loss_decay <= 1:
             raise ValueError("lr must be > 0 and loss_decay in (0, 1]")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("set epochs > 0 or max_steps > 0")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
-        for name in ("eagle_layers", "store_layers"):
-            if isinstance(getattr(self, name), str):
-                setattr(self, name, [int(x) for x in getattr(self, name).replace("[", "").replace("]", "").split(",") if x.strip()])
-        if self.eagle_steps < 1:
-            raise ValueError(f"eagle_steps must be >= 1, got {self.eagle_steps}")
-        if isinstance(self.lora_targets, str):
-            self.lora_targets = [t.strip() for t in self.lora_targets.split(",")]
+        if isinstance(self.store_layers, str):
+            self.store_layers = _ints(self.store_layers)
+        if isinstance(self.eagle.layers, str):
+            self.eagle.layers = _ints(self.eagle.layers)
+        if isinstance(self.medusa.lora_targets, str):
+            self.medusa.lora_targets = [t.strip() for t in self.medusa.lora_targets.split(",")]
 
     def deepspeed_config(self) -> dict | None:
         if self.deepspeed is None or isinstance(self.deepspeed, dict):
             return self.deepspeed
         return json.loads(Path(self.deepspeed).read_text())
+
+    def to_dict(self) -> dict:
+        """Every setting, sections as nested mappings (what a run writes to ``train_config.json``)."""
+        return asdict(self)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace("[", "").replace("]", "").split(",") if x.strip()]
+
+
+def _unknown(key: str, valid) -> ValueError:
+    hint = f" (it is now {MOVED[key]!r})" if key in MOVED else ""
+    return ValueError(f"unknown setting {key!r}{hint}; valid settings: {', '.join(valid)}")
+
+
+def _section(name: str, values: dict):
+    cls = SECTIONS[name]
+    out = {}
+    for key, raw in values.items():
+        if key not in cls.__dataclass_fields__:
+            raise ValueError(f"unknown setting {name}.{key}; the {name} section has {', '.join(cls.__dataclass_fields__)}")
+        out[key] = coerce(cls, key, raw, what="setting") if isinstance(raw, str) else raw
+    return cls(**out)
 
 
 def recipe_names() -> list[str]:
@@ -194,13 +265,26 @@ def load_recipe(name_or_path: str | None, overrides: list[str] | dict | None = N
         if not isinstance(values, dict):
             raise ValueError(f"recipe {name_or_path} must be a YAML mapping of TrainConfig fields")
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides or []]
+    top = TrainConfig.__dataclass_fields__
+    for key in values:
+        if key not in top:
+            raise _unknown(key, top) if key in MOVED else ValueError(f"unknown settings [{key!r}] in recipe {name_or_path}")
     for key, raw in items:
-        if key not in TrainConfig.__dataclass_fields__:
-            raise ValueError(f"unknown setting {key!r}; valid settings: {', '.join(TrainConfig.__dataclass_fields__)}")
-        values[key] = coerce(TrainConfig, key, raw, what="setting") if isinstance(raw, str) else raw
-    unknown = set(values) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)} in recipe {name_or_path}")
+        section, dot, sub = key.partition(".")
+        if dot:  # clover.augment=false
+            if section not in SECTIONS:
+                raise ValueError(f"unknown section {section!r} in {key!r}; sections: {', '.join(SECTIONS)}")
+            if sub not in SECTIONS[section].__dataclass_fields__:
+                raise ValueError(f"unknown setting {key!r}; the {section} section has {', '.join(SECTIONS[section].__dataclass_fields__)}")
+            base = values.get(section) or {}
+            values[section] = {**(base if isinstance(base, dict) else asdict(base)), sub: raw}
+            continue
+        if key not in top:
+            raise _unknown(key, top)
+        if key in SECTIONS and isinstance(raw, dict):  # a whole section merges into the recipe's
+            values[key] = {**(values.get(key) or {}), **raw}
+        else:
+            values[key] = coerce(TrainConfig, key, raw, what="setting") if isinstance(raw, str) else raw
     return TrainConfig(**values)
 
 

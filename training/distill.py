@@ -102,7 +102,10 @@ class DistillConfig:
 def model_fingerprint(model, tokenizer) -> str:
     """A hash of what decides the answers: the config, every weight's shape and a sample of its values, the vocabulary."""
     h = hashlib.sha1(type(model).__name__.encode())
-    h.update(model.config.to_json_string(use_diff=False).encode())
+    # Not the library version or the path the weights were loaded from: the same weights loaded by another
+    # transformers release (the pin is loose) or from another cache directory give the same answers.
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().reshape(-1)
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())

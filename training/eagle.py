@@ -4,7 +4,7 @@ Data: the frozen target's features in a :class:`~specdec.training.features.Featu
 shared with the other methods): the drafter's low/mid/high layers and the last layer (whose product with the
 target's output rows gives the target's own distribution over the draft vocabulary, the KL teacher).
 
-Training-time test (EAGLE-3; HASS): the layer is unrolled for ``eagle_steps`` steps over every position t of a
+Training-time test (EAGLE-3; HASS): the layer is unrolled for ``depth`` steps over every position t of a
 sequence at once. Step 0 reads the fused target state g_t and token x_{t+1} at position t; step j reads the
 layer's own step-(j-1) output at index t and token x_{t+1+j} at position t + j, and attends to step 0's
 entries at positions <= t and to the entries of its own chain (steps 1..j at index t), exactly what drafting
@@ -161,7 +161,7 @@ def train_eagle(cfg: TrainConfig) -> Path:
 
     started = time.perf_counter()
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
-    ecfg = EagleConfig.for_target(model, feature_layers=cfg.eagle_layers or None, ttt_steps=cfg.eagle_steps, target_model=str(cfg.model))
+    ecfg = EagleConfig.for_target(model, feature_layers=cfg.eagle.layers or None, ttt_steps=cfg.depth, target_model=str(cfg.model))
     layers = list(ecfg.feature_layers) + [-1]
     held, train = target_features(model, tokenizer, heldout_convs + train_convs, cfg, layers, min_len=3)
     head = model.get_output_embeddings().weight.detach()
@@ -169,7 +169,7 @@ def train_eagle(cfg: TrainConfig) -> Path:
     ecfg.draft_vocab_size = None if cfg.draft_vocab_size is None else draft_vocab.numel()
     rows = head[draft_vocab].float().clone()
     eagle = EagleModel(ecfg, draft_vocab, rows).attach(model.get_input_embeddings())
-    module = EagleModule(eagle, rows, head.shape[0], cfg.eagle_steps, cfg.loss_decay, cfg.loss_type == "kl")
+    module = EagleModule(eagle, rows, head.shape[0], cfg.depth, cfg.loss_decay, cfg.loss_type == "kl")
     nf = len(ecfg.feature_layers)
     trainer = fit(module, train, lambda items: collate_store(items, nf), cfg, out, sampler=train.sampler(cfg))
     final = out / "final"

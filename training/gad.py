@@ -1,6 +1,6 @@
 """Fitting GAD's block drafter (method ``gad``) on a frozen target's features.
 
-Each training example is one position t of a conversation (``gad_windows``
+Each training example is one position t of a conversation (``gad.windows``
 drawn per conversation, seeded): the block reads the target's hidden states at
 positions t - window + 1 .. t and the root token x_{t+1}, and slot j must
 give L[t + j], the target's own greedy token j places after the root (on the
@@ -121,16 +121,16 @@ def train_gad(cfg: TrainConfig) -> Path:
 
     started = time.perf_counter()
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
-    held, feats = target_features(model, tokenizer, heldout_convs + train_convs, cfg, min_len=cfg.num_heads + 2)
+    held, feats = target_features(model, tokenizer, heldout_convs + train_convs, cfg, min_len=cfg.depth + 2)
     head = model.get_output_embeddings().weight.detach()
     draft_vocab = draft_vocabulary(feats.label_sets(), head.shape[0], cfg.draft_vocab_size)
-    layers, rotary = decoder_layers(model, cfg.num_layers)
-    gcfg = GADConfig(hidden_size=head.shape[1], vocab_size=head.shape[0], block=cfg.num_heads, window=cfg.gad_window,
-                     num_layers=cfg.num_layers, draft_vocab_size=None if cfg.draft_vocab_size is None else draft_vocab.numel(),
+    layers, rotary = decoder_layers(model, cfg.gad.layers)
+    gcfg = GADConfig(hidden_size=head.shape[1], vocab_size=head.shape[0], block=cfg.depth, window=cfg.gad.window,
+                     num_layers=cfg.gad.layers, draft_vocab_size=None if cfg.draft_vocab_size is None else draft_vocab.numel(),
                      rms_norm_eps=getattr(model.config, "rms_norm_eps", 1e-5), target_model=str(cfg.model))
     block = GADBlock(gcfg, layers, rotary, model.get_input_embeddings(), head, draft_vocab)
     module = GADModule(block, head.shape[0], cfg.loss_decay, cfg.loss_type == "kl")
-    dataset = _Windows(feats, cfg.gad_windows, gcfg.block, cfg.seed).pairs
+    dataset = _Windows(feats, cfg.gad.windows, gcfg.block, cfg.seed).pairs
     trainer = fit(module, dataset, lambda pairs: window_batch(feats, pairs, gcfg.window, gcfg.block), cfg, out,
                   sampler=EpochSampler(len(dataset), cfg.seed, cfg.shuffle))
     final = out / "final"

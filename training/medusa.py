@@ -105,7 +105,7 @@ class Medusa2Module(nn.Module):
 
     def head_weight(self) -> float:
         """Head-loss warm-up: 0 → 1 linearly over ``head_warmup_steps`` forward passes."""
-        w = self.cfg.head_warmup_steps
+        w = self.cfg.medusa.head_warmup_steps
         return 1.0 if w <= 0 else min(1.0, float(self.steps) / w)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> dict:
@@ -120,13 +120,13 @@ class Medusa2Module(nn.Module):
         head_loss, metrics = self.loss_fn(self.heads(out.hidden_states[-1]), labels)
         if self.training:
             self.steps += 1
-        loss = self.cfg.target_loss_weight * target_loss + self.head_weight() * head_loss
+        loss = self.cfg.medusa.target_loss_weight * target_loss + self.head_weight() * head_loss
         metrics.update(target_kl=target_loss.detach(), head_loss=head_loss.detach())
         return {"loss": loss, "metrics": metrics}
 
     def param_groups(self, lr: float) -> list[dict]:
         lora = [p for p in self.target.parameters() if p.requires_grad]
-        return [{"params": lora, "lr": lr}, {"params": list(self.heads.parameters()), "lr": lr * self.cfg.head_lr_multiplier}]
+        return [{"params": lora, "lr": lr}, {"params": list(self.heads.parameters()), "lr": lr * self.cfg.medusa.head_lr_multiplier}]
 
 
 # ---------------------------------------------------------------------- data
@@ -167,7 +167,7 @@ def train_medusa(cfg: TrainConfig) -> Path:
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
     lm_head = model.get_output_embeddings().weight.detach()
     vocab = lm_head.shape[0]
-    min_len = cfg.num_heads + 2
+    min_len = cfg.depth + 2
     held_feats, train_feats = target_features(model, tokenizer, heldout_convs + train_convs, cfg, min_len=min_len)
     if cfg.method == "medusa1":  # the frozen target's features, extracted once and streamed every epoch
         label_sets = train_feats.label_sets()
@@ -175,8 +175,8 @@ def train_medusa(cfg: TrainConfig) -> Path:
         seqs = [tokenize_conversation(tokenizer, c, cfg.max_len) for c in train_convs]
         label_sets = seqs
     draft_vocab = draft_vocabulary(label_sets, vocab, cfg.draft_vocab_size)
-    mcfg = MedusaConfig(hidden_size=lm_head.shape[1], vocab_size=vocab, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                        own_projection=cfg.own_projection, draft_vocab_size=None if cfg.draft_vocab_size is None else draft_vocab.numel(),
+    mcfg = MedusaConfig(hidden_size=lm_head.shape[1], vocab_size=vocab, num_heads=cfg.depth, num_layers=cfg.medusa.layers,
+                        own_projection=cfg.medusa.own_projection, draft_vocab_size=None if cfg.draft_vocab_size is None else draft_vocab.numel(),
                         target_model=str(cfg.model), medusa_version=1 if cfg.method == "medusa1" else 2)
     heads = MedusaHeads(mcfg, lm_head_weight=lm_head, draft_vocab=draft_vocab)
     loss = MedusaLoss(vocab, draft_vocab, cfg.loss_decay)
@@ -188,11 +188,11 @@ def train_medusa(cfg: TrainConfig) -> Path:
     else:
         from peft import LoraConfig, get_peft_model
 
-        peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, lora_dropout=0.0))
+        peft_model = get_peft_model(model, LoraConfig(r=cfg.medusa.lora_r, lora_alpha=cfg.medusa.lora_alpha, target_modules=cfg.medusa.lora_targets, lora_dropout=0.0))
         if cfg.gradient_checkpointing:
             peft_model.enable_input_require_grads()
         module = Medusa2Module(peft_model, heads, loss, cfg)
-        dataset = [{"input_ids": s} for s in seqs if s.numel() > cfg.num_heads + 1]
+        dataset = [{"input_ids": s} for s in seqs if s.numel() > cfg.depth + 1]
         collate = _collate_tokens(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
     sampler = dataset.sampler(cfg) if cfg.method == "medusa1" else EpochSampler(len(dataset), cfg.seed, cfg.shuffle)
@@ -204,7 +204,7 @@ def train_medusa(cfg: TrainConfig) -> Path:
         if held_feats:
             acc = heldout_accuracy(heads, loss, held_feats)
             heads.config.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in acc]
-            heads.config.tree = [list(p) for p in tree_from_accuracies(acc, cfg.tree_size)]
+            heads.config.tree = [list(p) for p in tree_from_accuracies(acc, cfg.medusa.tree_size)]
         heads.save_pretrained(final)
         if cfg.method == "medusa2":
             merged = module.target.merge_and_unload()

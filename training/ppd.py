@@ -2,7 +2,7 @@
 
 Only the prompt embeddings (m × v × H numbers; 1,728 for the default model's
 3 tokens) are trained. Each training sequence (a conversation with the
-target's own distilled answer) gets ``ppd_groups`` insertion points drawn at
+target's own distilled answer) gets ``ppd.groups`` insertion points drawn at
 random inside the answer; at each point t a group of prompt tokens is
 appended in the same forward, seeing the sequence up to t and its own earlier
 prompt tokens (a 4-D mask; positions t + 1, ..., t + m), exactly as they ride
@@ -19,7 +19,7 @@ The target's distribution comes from one plain forward of the same sequence
 at the start of the input, while PPD inserts them in the middle of a sequence
 at arbitrary points, with their own attention pattern, so the module is our
 own (:class:`PPDModule`). Embeddings start from the target's embeddings of
-``ppd_init_text`` (the paper initialises from text). Held-out per-depth
+``ppd.init_text`` (the paper initialises from text). Held-out per-depth
 top-k accuracies are measured and saved with the tokens: they shape the
 dynamic sparse tree at inference.
 """
@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 
 
 def ppd_examples(tokenizer, convs, cfg: TrainConfig, seed: int) -> list[dict]:
-    """Per conversation: ids [T] and ``ppd_groups`` insertion points inside the answer (drawn once, seeded)."""
+    """Per conversation: ids [T] and ``ppd.groups`` insertion points inside the answer (drawn once, seeded)."""
     g = torch.Generator().manual_seed(seed)
-    m = cfg.num_heads
+    m = cfg.depth
     out = []
     for conv in convs:
         ids = tokenize_conversation(tokenizer, conv, cfg.max_len)
@@ -55,7 +55,7 @@ def ppd_examples(tokenizer, convs, cfg: TrainConfig, seed: int) -> list[dict]:
         last = ids.numel() - m - 2  # a cut needs m targets after it
         if last < start:
             continue
-        cuts = torch.randint(start, last + 1, (cfg.ppd_groups,), generator=g)
+        cuts = torch.randint(start, last + 1, (cfg.ppd.groups,), generator=g)
         out.append({"ids": ids, "cuts": torch.sort(cuts).values})
     return out
 
@@ -162,13 +162,13 @@ def train_ppd(cfg: TrainConfig) -> Path:
     held = ppd_examples(tokenizer, heldout_convs, cfg, seed=cfg.seed + 1)
     train_ex = ppd_examples(tokenizer, train_convs, cfg, seed=cfg.seed)
     if not train_ex:
-        raise ValueError(f"{cfg.data} gave no conversation with an answer longer than {cfg.num_heads + 2} tokens")
-    m, v, h = cfg.num_heads, cfg.ppd_virtual, model.config.hidden_size
-    init_ids = tokenizer(cfg.ppd_init_text, add_special_tokens=False)["input_ids"] or [0]
+        raise ValueError(f"{cfg.data} gave no conversation with an answer longer than {cfg.depth + 2} tokens")
+    m, v, h = cfg.depth, cfg.ppd.virtual, model.config.hidden_size
+    init_ids = tokenizer(cfg.ppd.init_text, add_special_tokens=False)["input_ids"] or [0]
     init = model.get_input_embeddings()(torch.tensor([init_ids[i % len(init_ids)] for i in range(m * v)])).detach().float()
     pcfg = PPDConfig(hidden_size=h, vocab_size=model.get_output_embeddings().weight.shape[0], num_prompt_tokens=m, num_virtual=v,
-                     aggregation=cfg.ppd_aggregation, target_model=str(cfg.model),
-                     extra={"init_text": cfg.ppd_init_text, "trained_on": str(cfg.data)})
+                     aggregation=cfg.ppd.aggregation, target_model=str(cfg.model),
+                     extra={"init_text": cfg.ppd.init_text, "trained_on": str(cfg.data)})
     tokens = PromptTokens(pcfg, init.reshape(m, v, h))
     module = PPDModule(model, tokens, cfg.loss_decay, cfg.loss_type)
     trainer = fit(module, PermutedDataset(train_ex, cfg.seed, cfg.shuffle), collate_examples, cfg, out)
