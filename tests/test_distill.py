@@ -11,9 +11,11 @@ import time
 import zlib
 
 import pytest
+import torch
 
 from specdec.training.data import load_conversations
-from specdec.training.distill import DistillConfig, DistillLocked, _read_members, lock_dir, distill, read_distilled, select_prompts
+from specdec.training.distill import (DistillConfig, DistillLocked, _read_members, distill, lock_dir, model_fingerprint, read_distilled,
+                                      select_prompts)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +114,20 @@ def test_settings_that_change_answers_must_match_and_the_store_reads_back(target
     assert [len(c) for c in convs] == [4, 2, 2, 4, 2, 2, 4, 2]  # ids 0, 3, 6 have two turns
     assert [r["id"] for r in read_distilled(out)] == list(range(8))
     assert convs[3][0]["content"].startswith("Question number 3") and convs[3][2]["content"] == "And then what about 3?"
+
+
+def test_the_fingerprint_names_the_weights_not_their_dtype(target):
+    import copy
+
+    from specdec import load_model
+
+    path, (model, tok) = target
+    fp = model_fingerprint(model, tok)
+    assert model_fingerprint(load_model(str(path), dtype="bfloat16")[0], tok) == fp  # the same model, generating in bf16
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(iter(other.parameters())).view(-1)[0] += 1.0
+    assert model_fingerprint(other, tok) != fp
 
 
 def test_read_members_stops_at_a_cut_member(tmp_path):

@@ -58,6 +58,23 @@ def test_the_store_holds_the_targets_own_features(target, tmp_path):
     assert isinstance(store._shards[0]["hidden"], np.memmap)  # read through memory maps, not loaded
 
 
+def test_a_bfloat16_forward_extracts_into_its_own_store(target, tmp_path):
+    _, (model, tok) = target
+    convs = conversations(3)
+    spec = FeatureSpec(**dict(SPEC, forward_dtype="bfloat16"))
+    store = extract_store(model, tok, convs, tmp_path / "f", spec, data_key="t", shard_items=4, progress=False)
+    assert model.dtype == torch.float32  # the caller's model is not cast
+    assert store.manifest["spec"]["forward_dtype"] == "bfloat16"
+    full = extract_store(model, tok, convs, tmp_path / "g", FeatureSpec(**SPEC), data_key="t", shard_items=4, progress=False)
+    a, b = store.item(2), full.item(2)
+    assert torch.equal(a["ids"], b["ids"]) and not torch.equal(a["hidden"], b["hidden"])  # computed in another dtype
+    torch.testing.assert_close(a["hidden"], b["hidden"], rtol=0.05, atol=0.1)
+    with pytest.raises(ValueError, match="other data, model or settings"):  # never mixed with a float32 store
+        extract_store(model, tok, convs, tmp_path / "f", FeatureSpec(**SPEC), data_key="t", shard_items=4, progress=False)
+    with pytest.raises(ValueError, match="forward_dtype"):
+        FeatureSpec(forward_dtype="int8")
+
+
 def test_answer_mask_marks_the_assistant_text(default_tokenizer):
     tok = default_tokenizer
     conv = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello friend"}]

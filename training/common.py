@@ -143,14 +143,14 @@ def target_features(model, tokenizer, convs: list, cfg: TrainConfig, layers: lis
         m = json.loads((where / "manifest.json").read_text())
         spec = m.get("spec", {})
         return (m.get("data") == key and set(layers) <= set(spec.get("layers", [])) and spec.get("max_len", 0) >= cfg.max_len
-                and m.get("items") == len(convs) and len(m.get("shards", [])) > 0)
+                and spec.get("forward_dtype", "") == cfg.feature_dtype and m.get("items") == len(convs) and len(m.get("shards", [])) > 0)
 
     if int(os.environ.get("RANK", "0") or 0) > 0:  # several processes: rank 0 extracts, the others wait for it
         _wait_for(usable, where)
     store = FeatureStore(where) if usable() else None
     if store is None:
         every = layers + [x for x in cfg.store_layers if x not in layers]
-        store = extract_store(model, tokenizer, convs, where, FeatureSpec(layers=every, max_len=cfg.max_len, topk=0),
+        store = extract_store(model, tokenizer, convs, where, FeatureSpec(layers=every, max_len=cfg.max_len, topk=0, forward_dtype=cfg.feature_dtype),
                               data_key=key, progress=cfg.progress)
     keep = [i for i in range(len(store)) if min(store.item_len(i), cfg.max_len) >= min_len]
     held = [i for i in keep if i < cfg.heldout]

