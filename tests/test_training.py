@@ -63,6 +63,17 @@ def test_medusa1_trains_logs_head_accuracy_and_ships_a_drafter(tiny_target, conv
     assert out.token_ids == ref[0, -len(out.token_ids):].tolist()
 
 
+def test_a_time_budget_stops_with_a_checkpoint_and_the_rerun_finishes(tiny_target, convs, tmp_path):
+    cfg = load_recipe("medusa1-smollm2-cpu", settings(tiny_target, convs, tmp_path / "run", max_steps=6, max_time_s=1e-6))
+    extra = MedusaHeads.from_pretrained(train(cfg)).config.extra
+    assert extra["stopped_by_time"] and extra["train_steps"] == 1  # stops after the first step
+    assert (tmp_path / "run" / "checkpoint-1" / "trainer_state.json").is_file()
+    assert extra["peak_rss_mb"] > 50 and extra["train_time_s"] > 0 and extra["trained_on"] == str(convs)
+    cfg = load_recipe("medusa1-smollm2-cpu", settings(tiny_target, convs, tmp_path / "run", max_steps=6))
+    extra = MedusaHeads.from_pretrained(train(cfg)).config.extra
+    assert not extra["stopped_by_time"] and extra["train_steps"] == 6
+
+
 def test_medusa1_loss_falls_and_per_head_metrics_are_logged(tiny_target, convs, tmp_path):
     from transformers import TrainerCallback
 

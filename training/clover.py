@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.clover import CloverConfig, CloverHeads, decoder_parts
-from specdec.training.common import collate_features, draft_vocabulary, fit, start_run, target_features
+from specdec.training.common import collate_features, draft_vocabulary, fit, run_record, start_run, target_features
 from specdec.training.config import TrainConfig
 from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
 
@@ -136,6 +136,6 @@ def train_clover(cfg: TrainConfig) -> Path:
         if len(held):
             acc = clover_heldout_accuracy(module, held)
             heads.config.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in acc]
-        heads.config.extra["trained_on"] = str(cfg.data)
+        heads.config.extra.update(run_record(cfg, trainer, len(train_feats)))
         heads.save_pretrained(final)
     return final

@@ -13,16 +13,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from transformers import TrainerCallback
 
 from specdec.training.config import TrainConfig
 
-__all__ = ["collate_features", "draft_vocabulary", "training_args", "target_features", "FeatureItems", "last_complete_checkpoint"]
+__all__ = ["collate_features", "draft_vocabulary", "training_args", "target_features", "FeatureItems", "last_complete_checkpoint",
+           "run_record", "TimeBudget"]
 
 log = logging.getLogger(__name__)
+_STARTED: dict[str, float] = {}  # output dir -> when its run started (start_run)
 
 
 def collate_features(batch: list[dict], with_ids: bool = False) -> dict:
@@ -211,6 +215,7 @@ def start_run(cfg: TrainConfig, load_data: bool = True):
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _STARTED[str(out)] = time.perf_counter()
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
@@ -230,9 +235,44 @@ def fit(module, dataset, collate, cfg: TrainConfig, out: Path, sampler=None):
     ``sampler``: the data order (default: the dataset's own; an ``EpochSampler`` draws a new one every epoch)."""
     from specdec.training.trainer import DrafterTrainer
 
-    trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset, data_collator=collate, sampler=sampler)
+    budget = TimeBudget(cfg.max_time_s) if cfg.max_time_s > 0 else None
+    trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset, data_collator=collate, sampler=sampler,
+                             callbacks=[budget] if budget else None)
     last = last_complete_checkpoint(out) if cfg.resume else None
     if last:
         log.warning("resuming from %s", last)
+    t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
+    trainer.fit_seconds = time.perf_counter() - t0
+    trainer.stopped_by_time = bool(budget and budget.fired)
     return trainer
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training (with a checkpoint, so a rerun resumes) once ``seconds`` of it have passed in this process."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.start, self.fired = seconds, None, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is not None and time.perf_counter() - self.start > self.seconds:
+            self.fired = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def run_record(cfg: TrainConfig, trainer, train_items: int) -> dict:
+    """What every shipped drafter records of its training run (``config.extra``): the data, the run's wall
+    time (features included) and the training loop's own, the steps, the peak resident memory."""
+    import resource
+
+    started = _STARTED.get(str(Path(cfg.output_dir)))
+    return {"trained_on": str(cfg.data), "train_conversations": train_items, "recipe_method": cfg.method,
+            "train_time_s": round(getattr(trainer, "fit_seconds", 0.0), 1),
+            "run_time_s": round(time.perf_counter() - started, 1) if started else None,
+            "train_steps": int(trainer.state.global_step), "stopped_by_time": bool(getattr(trainer, "stopped_by_time", False)),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

@@ -175,6 +175,7 @@ class TrainConfig:
     eagle: EagleSettings = field(default_factory=EagleSettings)
     # bookkeeping
     save_steps: int = 200
+    max_time_s: float = 0.0  # > 0: stop after this many seconds of training, with a checkpoint (a rerun resumes)
     save_total_limit: int = 2
     logging_steps: int = 10
     report_to: list[str] = field(default_factory=lambda: ["none"])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -157,9 +156,8 @@ def eagle_heldout_accuracy(module: EagleModule, items, num_features: int) -> lis
 
 def train_eagle(cfg: TrainConfig) -> Path:
     """Train the EAGLE drafter as ``cfg`` says; returns the directory of the final drafter."""
-    from specdec.training.common import draft_vocabulary, fit, start_run, target_features
+    from specdec.training.common import draft_vocabulary, fit, run_record, start_run, target_features
 
-    started = time.perf_counter()
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
     ecfg = EagleConfig.for_target(model, feature_layers=cfg.eagle.layers or None, ttt_steps=cfg.depth, target_model=str(cfg.model))
     layers = list(ecfg.feature_layers) + [-1]
@@ -178,6 +176,6 @@ def train_eagle(cfg: TrainConfig) -> Path:
         if len(held):
             table = eagle_heldout_accuracy(module, held, nf)
             ecfg.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in table]
-        ecfg.extra.update(trained_on=str(cfg.data), train_conversations=len(train), train_time_s=round(time.perf_counter() - started, 1))
+        ecfg.extra.update(run_record(cfg, trainer, len(train)))
         eagle.save_pretrained(final)
     return final

@@ -19,7 +19,6 @@ was enough. The layers start as copies of the target's last layers.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.drafters.gad import GADBlock, GADConfig, decoder_layers
-from specdec.training.common import draft_vocabulary, fit, start_run, target_features
+from specdec.training.common import draft_vocabulary, fit, run_record, start_run, target_features
 from specdec.training.config import TrainConfig
 from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
 
@@ -119,7 +118,6 @@ def train_gad(cfg: TrainConfig) -> Path:
     """Train the GAD block drafter as ``cfg`` says; returns the directory of the final drafter."""
     from specdec.training.features import EpochSampler
 
-    started = time.perf_counter()
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
     held, feats = target_features(model, tokenizer, heldout_convs + train_convs, cfg, min_len=cfg.depth + 2)
     head = model.get_output_embeddings().weight.detach()
@@ -138,6 +136,6 @@ def train_gad(cfg: TrainConfig) -> Path:
         block.eval()
         if len(held):
             gcfg.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in gad_heldout_accuracy(module, held)]
-        gcfg.extra.update(train_seconds=round(time.perf_counter() - started, 1), trained_on=str(cfg.data))
+        gcfg.extra.update(run_record(cfg, trainer, len(train_convs)))
         block.save_pretrained(final)
     return final

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.medusa import MedusaConfig, MedusaHeads, tree_from_accuracies
-from specdec.training.common import collate_features, draft_vocabulary, fit, start_run, target_features
+from specdec.training.common import collate_features, draft_vocabulary, fit, run_record, start_run, target_features
 from specdec.training.config import TrainConfig
 from specdec.training.data import tokenize_conversation
 from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
@@ -205,6 +205,7 @@ def train_medusa(cfg: TrainConfig) -> Path:
             acc = heldout_accuracy(heads, loss, held_feats)
             heads.config.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in acc]
             heads.config.tree = [list(p) for p in tree_from_accuracies(acc, cfg.medusa.tree_size)]
+        heads.config.extra.update(run_record(cfg, trainer, len(dataset)))
         heads.save_pretrained(final)
         if cfg.method == "medusa2":
             merged = module.target.merge_and_unload()

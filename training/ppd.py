@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.ppd import PPDConfig, PromptTokens
-from specdec.training.common import fit, start_run
+from specdec.training.common import fit, run_record, start_run
 from specdec.training.config import TrainConfig
 from specdec.training.data import tokenize_conversation
 from specdec.training.losses import DepthAccuracy, depth_loss
@@ -153,11 +153,9 @@ def ppd_heldout_accuracy(module: PPDModule, examples: list[dict]) -> list[list[f
 
 def train_ppd(cfg: TrainConfig) -> Path:
     """Train PPD prompt tokens as ``cfg`` says; returns the directory of the final drafter."""
-    import time
 
     from specdec.training.trainer import PermutedDataset
 
-    started = time.perf_counter()
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
     held = ppd_examples(tokenizer, heldout_convs, cfg, seed=cfg.seed + 1)
     train_ex = ppd_examples(tokenizer, train_convs, cfg, seed=cfg.seed)
@@ -177,7 +175,7 @@ def train_ppd(cfg: TrainConfig) -> Path:
         tokens.eval()
         if held:
             pcfg.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in ppd_heldout_accuracy(module, held)]
-        pcfg.extra["train_seconds"] = round(time.perf_counter() - started, 1)
+        pcfg.extra.update(run_record(cfg, trainer, len(train_ex)))
         pcfg.extra["parameters"] = sum(p.numel() for p in tokens.parameters())
         tokens.save_pretrained(final)
     return final
