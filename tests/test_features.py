@@ -1,6 +1,7 @@
 """The feature store: what it holds equals the target's own forward; a killed extraction resumes to the same
 bytes; another spec is refused; training streams it in a new order every epoch."""
 
+import copy
 import json
 import os
 import signal
@@ -73,6 +74,15 @@ def test_a_bfloat16_forward_extracts_into_its_own_store(target, tmp_path):
         extract_store(model, tok, convs, tmp_path / "f", FeatureSpec(**SPEC), data_key="t", shard_items=4, progress=False)
     with pytest.raises(ValueError, match="forward_dtype"):
         FeatureSpec(forward_dtype="int8")
+
+
+def test_auto_feature_dtype_is_timed_and_recorded(target):
+    from specdec.training.features import fastest_forward_dtype
+
+    _, (model, _) = target
+    assert fastest_forward_dtype(model, tokens=256, repeats=1) in ("", "bfloat16")
+    assert fastest_forward_dtype(copy.deepcopy(model).to(torch.bfloat16)) == ""  # not float32: kept as it is
+    assert model.dtype == torch.float32
 
 
 def test_answer_mask_marks_the_assistant_text(default_tokenizer):

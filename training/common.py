@@ -132,7 +132,7 @@ def target_features(model, tokenizer, convs: list, cfg: TrainConfig, layers: lis
     Returns:
         (heldout, train): :class:`FeatureItems`.
     """
-    from specdec.training.features import FeatureSpec, FeatureStore, extract_store
+    from specdec.training.features import FeatureSpec, FeatureStore, extract_store, fastest_forward_dtype
 
     layers = list(layers)
     data = Path(cfg.data)
@@ -147,14 +147,19 @@ def target_features(model, tokenizer, convs: list, cfg: TrainConfig, layers: lis
         m = json.loads((where / "manifest.json").read_text())
         spec = m.get("spec", {})
         return (m.get("data") == key and set(layers) <= set(spec.get("layers", [])) and spec.get("max_len", 0) >= cfg.max_len
-                and spec.get("forward_dtype", "") == cfg.feature_dtype and m.get("items") == len(convs) and len(m.get("shards", [])) > 0)
+                and (cfg.feature_dtype == "auto" or spec.get("forward_dtype", "") == cfg.feature_dtype)
+                and m.get("items") == len(convs) and len(m.get("shards", [])) > 0)
 
     if int(os.environ.get("RANK", "0") or 0) > 0:  # several processes: rank 0 extracts, the others wait for it
         _wait_for(usable, where)
     store = FeatureStore(where) if usable() else None
     if store is None:
         every = layers + [x for x in cfg.store_layers if x not in layers]
-        store = extract_store(model, tokenizer, convs, where, FeatureSpec(layers=every, max_len=cfg.max_len, topk=0, forward_dtype=cfg.feature_dtype),
+        forward = cfg.feature_dtype
+        if forward == "auto":
+            forward = fastest_forward_dtype(model)
+            log.warning("feature extraction runs the target in %s (feature_dtype=auto, timed on this host)", forward or str(model.dtype))
+        store = extract_store(model, tokenizer, convs, where, FeatureSpec(layers=every, max_len=cfg.max_len, topk=0, forward_dtype=forward),
                               data_key=key, progress=cfg.progress)
     keep = [i for i in range(len(store)) if min(store.item_len(i), cfg.max_len) >= min_len]
     held = [i for i in keep if i < cfg.heldout]
