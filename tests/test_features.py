@@ -76,6 +76,21 @@ def test_a_bfloat16_forward_extracts_into_its_own_store(target, tmp_path):
         FeatureSpec(forward_dtype="int8")
 
 
+def test_a_store_grows_to_more_conversations_of_the_same_data(target, tmp_path):
+    _, (model, tok) = target
+    convs = conversations(9)
+    small = extract_store(model, tok, convs[:5], tmp_path / "f", FeatureSpec(**SPEC), data_key="t", shard_items=4, progress=False)
+    assert len(small) == 5
+    grown = extract_store(model, tok, convs, tmp_path / "f", FeatureSpec(**SPEC), data_key="t", shard_items=4, progress=False)
+    whole = extract_store(model, tok, convs, tmp_path / "g", FeatureSpec(**SPEC), data_key="t", shard_items=4, progress=False)
+    assert len(grown) == 9 and grown.manifest["items"] == 9
+    for i in range(9):
+        a, b = grown.item(i), whole.item(i)
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    with pytest.raises(ValueError, match="already holds 9"):
+        extract_store(model, tok, convs[:3], tmp_path / "f", FeatureSpec(**SPEC), data_key="t", shard_items=4, progress=False)
+
+
 def test_auto_feature_dtype_is_timed_and_recorded(target):
     from specdec.training.features import fastest_forward_dtype
 

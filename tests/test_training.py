@@ -74,6 +74,17 @@ def test_a_time_budget_stops_with_a_checkpoint_and_the_rerun_finishes(tiny_targe
     assert not extra["stopped_by_time"] and extra["train_steps"] == 6
 
 
+def test_methods_with_fewer_conversations_share_a_bigger_store(tiny_target, convs, tmp_path):
+    store = tmp_path / "store"
+    train(load_recipe("medusa1-smollm2-cpu", settings(tiny_target, convs, tmp_path / "a", features_dir=str(store), max_steps=1)))
+    manifest = (store / "manifest.json").read_text()
+    assert json.loads(manifest)["items"] == 24
+    final = train(load_recipe("medusa1-smollm2-cpu", settings(tiny_target, convs, tmp_path / "b", features_dir=str(store), max_steps=1,
+                                                             num_conversations=10)))
+    assert (store / "manifest.json").read_text() == manifest  # served from the store, not extracted again
+    assert MedusaHeads.from_pretrained(final).config.extra["train_conversations"] == 10
+
+
 def test_medusa1_loss_falls_and_per_head_metrics_are_logged(tiny_target, convs, tmp_path):
     from transformers import TrainerCallback
 

@@ -125,9 +125,11 @@ def target_features(model, tokenizer, convs: list, cfg: TrainConfig, layers: lis
     """The frozen target's features of ``convs`` (the first ``cfg.heldout`` held out), from the sharded feature
     store in ``cfg.features_dir`` (default ``output_dir/features``), extracted once and shared by every method.
 
-    A store already there serves when it holds these conversations with every layer asked for and at least
-    ``cfg.max_len`` tokens each (items are cut to ``cfg.max_len``); a store of anything else is an error. A new
-    store holds the layers asked for and ``cfg.store_layers`` (so methods reading other layers can share it).
+    A store already there serves when it holds these conversations (or more of the same data: its first
+    items) with every layer asked for and at least ``cfg.max_len`` tokens each (items are cut to
+    ``cfg.max_len``); a store of the same data and spec with fewer conversations grows; a store of anything
+    else is an error. A new store holds the layers asked for and ``cfg.store_layers`` (so methods reading other
+    layers can share it).
 
     Returns:
         (heldout, train): :class:`FeatureItems`.
@@ -138,7 +140,7 @@ def target_features(model, tokenizer, convs: list, cfg: TrainConfig, layers: lis
     data = Path(cfg.data)
     stamp = (json.loads((data / "manifest.json").read_text()).get("answer_tokens") if (data / "manifest.json").is_file()
              else data.stat().st_size if data.is_file() else None)
-    key = f"{cfg.data}|{stamp}|{len(convs)}"
+    key = f"{cfg.data}|{stamp}"  # the first n items of a store are the first n conversations: any prefix serves
     where = Path(cfg.features_dir) if cfg.features_dir else Path(cfg.output_dir) / "features"
 
     def usable():
@@ -148,7 +150,7 @@ def target_features(model, tokenizer, convs: list, cfg: TrainConfig, layers: lis
         spec = m.get("spec", {})
         return (m.get("data") == key and set(layers) <= set(spec.get("layers", [])) and spec.get("max_len", 0) >= cfg.max_len
                 and (cfg.feature_dtype == "auto" or spec.get("forward_dtype", "") == cfg.feature_dtype)
-                and m.get("items") == len(convs) and len(m.get("shards", [])) > 0)
+                and m.get("items", 0) >= len(convs) and len(m.get("shards", [])) > 0)
 
     if int(os.environ.get("RANK", "0") or 0) > 0:  # several processes: rank 0 extracts, the others wait for it
         _wait_for(usable, where)
@@ -161,7 +163,7 @@ def target_features(model, tokenizer, convs: list, cfg: TrainConfig, layers: lis
             log.warning("feature extraction runs the target in %s (feature_dtype=auto, timed on this host)", forward or str(model.dtype))
         store = extract_store(model, tokenizer, convs, where, FeatureSpec(layers=every, max_len=cfg.max_len, topk=0, forward_dtype=forward),
                               data_key=key, progress=cfg.progress)
-    keep = [i for i in range(len(store)) if min(store.item_len(i), cfg.max_len) >= min_len]
+    keep = [i for i in range(len(convs)) if min(store.item_len(i), cfg.max_len) >= min_len]
     held = [i for i in keep if i < cfg.heldout]
     train = [i for i in keep if i >= cfg.heldout]
     return (FeatureItems(store, held, layers, cfg.max_len, cfg.label_source),

@@ -248,6 +248,12 @@ def _features(model, batch: list[Tensor], spec: FeatureSpec) -> list[dict]:
     return res
 
 
+def _shard_items(folder: Path) -> int:
+    """How many conversations a finished shard holds (-1: none there)."""
+    path = folder / "offsets.npy"
+    return len(np.load(path, mmap_mode="r")) - 1 if path.is_file() else -1
+
+
 def _write_shard(folder: Path, items: list[dict]) -> None:
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -256,7 +262,11 @@ def _write_shard(folder: Path, items: list[dict]) -> None:
     np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     for name in items[0]:
         np.save(tmp / f"{name}.npy", np.concatenate([it[name] for it in items]))
+    old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+    if folder.exists():  # a shard of a smaller extraction, redone with more conversations
+        os.replace(folder, old)
     os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def extract_store(model, tokenizer, conversations: list[list[dict]], out: str | os.PathLike, spec: FeatureSpec, *,
@@ -264,7 +274,8 @@ def extract_store(model, tokenizer, conversations: list[list[dict]], out: str | 
     """Extract (or finish extracting) the features of ``conversations`` into ``out``; returns the opened store.
 
     ``data_key`` names the data (e.g. the distilled directory and its token total): a store of other data, another
-    model or another spec is refused instead of mixed in. Conversations are cut at ``spec.max_len`` tokens and
+    model or another spec is refused instead of mixed in. A store of the first n conversations grows to more
+    (its last, partial shard is redone); the first n items of a store are the first n conversations. Conversations are cut at ``spec.max_len`` tokens and
     batched by up to ``batch_tokens`` padded tokens per forward.
     """
     from tqdm.auto import tqdm
@@ -288,9 +299,13 @@ def extract_store(model, tokenizer, conversations: list[list[dict]], out: str | 
         else:  # written first, so a killed first run's shards are never mixed with another setting's
             manifest = {"format": FORMAT, "key": key, "data": data_key, "spec": asdict(spec), "shards": [], "items": 0, "wall_time_s": 0.0}
             write_json(manifest_path, manifest)
+        if manifest.get("items", 0) > len(conversations):
+            raise ValueError(f"{out} already holds {manifest['items']} conversations' features, more than the "
+                             f"{len(conversations)} given; open it with FeatureStore (any prefix of it serves)")
         starts = list(range(0, len(conversations), shard_items))
         names = [f"shard-{s // shard_items:05d}" for s in starts]
-        todo = [(s, n) for s, n in zip(starts, names) if not (out / n / "offsets.npy").is_file()]
+        # a shard is done when it holds all its conversations (the last one of a smaller extraction is redone)
+        todo = [(s, n) for s, n in zip(starts, names) if _shard_items(out / n) != min(shard_items, len(conversations) - s)]
         t0 = time.perf_counter()
         bar = tqdm(total=len(conversations), initial=len(conversations) - sum(min(shard_items, len(conversations) - s) for s, _ in todo),
                    desc="features", unit="conv", disable=not progress)
