@@ -96,7 +96,7 @@ def load_questions(name_or_path: str, *, limit: int | None = None, categories: l
             raise FileNotFoundError(f"prompt file {path} does not exist; give a question.jsonl path or one of {', '.join(NAMED_SETS)}")
         text, source = path.read_text(), str(path)
     questions = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # JSON lines end at "\n" only (not at U+2028)
         if not line.strip():
             continue
         try:

@@ -81,7 +81,7 @@ def _read_prompts(args) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {path} does not exist")
-        for line in path.read_text().splitlines():
+        for line in path.read_text().split("\n"):  # JSON lines end at "\n" only
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":

@@ -130,6 +130,22 @@ def test_the_fingerprint_names_the_weights_not_their_dtype(target):
     assert model_fingerprint(other, tok) != fp
 
 
+def test_line_separators_inside_answers_do_not_end_a_record(tmp_path):
+    from specdec.training.distill import _Writer
+
+    out = tmp_path / "d"
+    out.mkdir()
+    writer = _Writer(out, shard_size=10)
+    texts = ["one\u2028two", "three\x85four", "five\x0bsix\x1cseven", "plain"]
+    for i, t in enumerate(texts):
+        writer.add({"id": i, "turn": 1, "messages": [{"role": "user", "content": t}, {"role": "assistant", "content": t}]})
+    writer.flush()
+    assert [r["messages"][0]["content"] for r in read_distilled(out, partial=True)] == texts
+    size = (out / "shard-00000.jsonl.gz").stat().st_size
+    _Writer(out, shard_size=10)  # a rerun opens the last shard: it must not cut it at such a character
+    assert (out / "shard-00000.jsonl.gz").stat().st_size == size and len(read_distilled(out, partial=True)) == 4
+
+
 def test_read_members_stops_at_a_cut_member(tmp_path):
     path = tmp_path / "s.jsonl.gz"
     blobs = []

@@ -111,7 +111,7 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
     try:
         from datasets import load_dataset
     except ImportError:
-        yield from (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        yield from (json.loads(line) for line in path.read_text().split("\n") if line.strip())  # not splitlines: U+2028 may sit inside a string
         return
     yield from load_dataset("json", data_files=str(path), split="train")
 

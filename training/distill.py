@@ -156,7 +156,9 @@ def _read_members(path: Path) -> tuple[list[dict], int]:
         if not d.eof:
             break  # cut mid-member
         try:
-            batch = [json.loads(line) for line in text.decode("utf-8").splitlines() if line.strip()]
+            # split on "\n" only: str.splitlines() also splits at U+2028, U+0085 and other characters that
+            # json.dumps(ensure_ascii=False) leaves inside strings (ShareGPT has them)
+            batch = [json.loads(line) for line in text.decode("utf-8").split("\n") if line.strip()]
         except (UnicodeDecodeError, json.JSONDecodeError):
             break
         records += batch
