@@ -166,7 +166,7 @@ def train_ppd(cfg: TrainConfig) -> Path:
     init = model.get_input_embeddings()(torch.tensor([init_ids[i % len(init_ids)] for i in range(m * v)])).detach().float()
     pcfg = PPDConfig(hidden_size=h, vocab_size=model.get_output_embeddings().weight.shape[0], num_prompt_tokens=m, num_virtual=v,
                      aggregation=cfg.ppd.aggregation, target_model=str(cfg.model),
-                     extra={"init_text": cfg.ppd.init_text, "trained_on": str(cfg.data)})
+                     extra={"init_text": cfg.ppd.init_text})
     tokens = PromptTokens(pcfg, init.reshape(m, v, h))
     module = PPDModule(model, tokens, cfg.loss_decay, cfg.loss_type)
     trainer = fit(module, PermutedDataset(train_ex, cfg.seed, cfg.shuffle), collate_examples, cfg, out)
