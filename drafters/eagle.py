@@ -104,12 +104,18 @@ class _RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+_INV_FREQ: dict = {}
+
+
 def _rotate(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     """Rotary embedding of x [B, heads, T, D] at positions pos [B, T] (Llama's half-split layout)."""
     d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    ang = pos.to(torch.float32)[..., None] * inv  # [B, T, D/2]
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1)[:, None].to(x.dtype), torch.cat([ang.sin(), ang.sin()], -1)[:, None].to(x.dtype)
+    key = (d, theta, x.device)
+    if key not in _INV_FREQ:
+        _INV_FREQ[key] = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    ang = pos.to(torch.float32)[..., None] * _INV_FREQ[key]  # [B, T, D/2]
+    cos, sin = ang.cos(), ang.sin()
+    cos, sin = torch.cat([cos, cos], -1)[:, None].to(x.dtype), torch.cat([sin, sin], -1)[:, None].to(x.dtype)
     half = d // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], -1)
     return x * cos + rot * sin
@@ -117,12 +123,27 @@ def _rotate(x: Tensor, pos: Tensor, theta: float) -> Tensor:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
     """Attention: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], visible [B or 1, Tq, Tk] bool -> [B, Tq, Hq·D]."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~visible[:, None], torch.finfo(scores.dtype).min)
-    out = torch.softmax(scores.float(), -1).to(q.dtype) @ v
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], enable_gqa=True)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+class _Entries:
+    """The drafter's own keys and values [1, Hkv, capacity, D], grown by doubling: the committed positions
+    first, then (scratch, overwritten by the next step) the entries of the tree being drafted."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def write(self, at: int, k: Tensor, v: Tensor) -> None:
+        need = at + k.shape[2]
+        if self.k is None or need > self.k.shape[2]:
+            cap = max(need, 2 * (0 if self.k is None else self.k.shape[2]), 64)
+            big_k, big_v = k.new_empty(*k.shape[:2], cap, k.shape[3]), v.new_empty(*v.shape[:2], cap, v.shape[3])
+            if self.k is not None:
+                big_k[:, :, :at], big_v[:, :, :at] = self.k[:, :, :at], self.v[:, :, :at]
+            self.k, self.v = big_k, big_v
+        self.k[:, :, at:need], self.v[:, :, at:need] = k, v
 
 
 class EagleModel(nn.Module):
@@ -261,8 +282,8 @@ class EagleDrafter(Drafter):
         self.model.attach(target.input_embeddings)
 
     def reset(self, prompt_ids: Tensor) -> None:
-        self.k: Tensor | None = None  # [1, Hkv, P, D] the committed positions' keys and values
-        self.v: Tensor | None = None
+        self.entries = _Entries()  # the committed positions' keys and values, then the drafted tree's
+        self.p = 0  # committed entries
         self.rates = AcceptanceRates(prob_prior, self.options.decay)
         self._keys: dict = {}
         self._nodes_cost = nodes_cost(getattr(getattr(self, "target", None), "cost", None))
@@ -270,43 +291,43 @@ class EagleDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, state: DraftState) -> TokenTree:
         m, dev = self.model, self.target.device
-        # 1. Entries of the positions committed since the last step (index t pairs f_t with x_{t+1}).
+        # 1. Entries of the positions committed since the last step (index t pairs f_t with x_{t+1}); what earlier
+        #    steps committed before hidden_start is kept, the rest (last step's tree) is overwritten.
         n = state.hidden_states.shape[0]
-        start = state.hidden_start
-        if self.k is not None:  # keep what earlier steps committed before hidden_start
-            self.k, self.v = self.k[:, :, :start], self.v[:, :, :start]
+        start = min(state.hidden_start, self.p)
         g = m.fuse(state.hidden_states.to(dev))[None]  # [1, n, H]
         tok = state.token_ids[start + 1 : start + 1 + n].to(dev)[None]
-        pos = torch.arange(start, start + n, device=dev)[None]
-        q, k, v = m.project(g, tok, pos)
-        self.k = k if self.k is None else torch.cat([self.k, k], 2)
-        self.v = v if self.v is None else torch.cat([self.v, v], 2)
-        p = self.k.shape[2]
+        q, k, v = m.project(g, tok, torch.arange(start, start + n, device=dev)[None])
+        self.entries.write(start, k, v)
+        p = self.p = start + n
         visible = torch.ones(n, p, dtype=torch.bool, device=dev).tril(p - n)[None]
-        h = m.finish(attend(q, self.k, self.v, visible), g)[0, -1]  # [H]: index P - 2, predicts the root's child
+        e = self.entries
+        h = m.finish(attend(q, e.k[:, :, :p], e.v[:, :, :p], visible), g)[0, -1]  # [H]: index P - 2, predicts the root's child
         first = torch.log_softmax(m.logits(h).float(), -1)[None]
         # 2. Depth by depth: each frontier node attends to the committed entries and its own ancestors' entries.
-        nodes = {"h": [h], "k": [], "v": [], "anc": [[]], "depth": [0]}  # per tree node; node 0 = the root (index P - 2)
+        #    Tree node i > 0 has entry p + i - 1; its state, depth and ancestors (as entries) are kept in tensors.
+        cap = self.options.beam * self.options.depth + 1
+        states = h.new_empty(cap, h.shape[0])
+        states[0] = h
+        depth = torch.zeros(cap, dtype=torch.long, device=dev)
+        anc = torch.zeros(cap, cap, dtype=torch.bool, device=dev)  # anc[i, j]: node j + 1 is node i's ancestor or itself
+        made = [1]  # tree nodes so far (the root)
 
         def expand(rows: list[int], tokens: list[int], parents: list[int], new: list[int]) -> Tensor:
-            s = torch.stack([nodes["h"][pa] for pa in parents])[None]  # [1, F, H]
-            depth = [nodes["depth"][pa] + 1 for pa in parents]
-            pos = torch.tensor([p - 1 + d for d in depth], device=dev)[None]
-            q, k, v = m.project(s, torch.tensor(tokens, device=dev)[None], pos)
-            base = len(nodes["k"])
-            for i, pa in enumerate(parents):
-                nodes["k"].append(k[:, :, i : i + 1])
-                nodes["v"].append(v[:, :, i : i + 1])
-                nodes["anc"].append(nodes["anc"][pa] + [base + i])
-                nodes["depth"].append(depth[i])
-            keys = torch.cat([self.k, *nodes["k"]], 2)
-            vals = torch.cat([self.v, *nodes["v"]], 2)
-            vis = torch.zeros(len(parents), keys.shape[2], dtype=torch.bool, device=dev)
-            vis[:, :p] = True
-            for i in range(len(parents)):
-                vis[i, [p + a for a in nodes["anc"][1 + base + i]]] = True
-            out = m.finish(attend(q, keys, vals, vis[None]), s)[0]  # [F, H]
-            nodes["h"].extend(out)
+            base, f = made[0], len(parents)
+            idx = torch.arange(base, base + f, device=dev)
+            par = torch.tensor(parents, device=dev)
+            depth[idx] = depth[par] + 1
+            anc[idx] = anc[par]
+            anc[idx, idx - 1] = True
+            s = states[par][None]  # [1, F, H]
+            q, k, v = m.project(s, torch.tensor(tokens, device=dev)[None], (p - 1 + depth[idx])[None])
+            e.write(p + base - 1, k, v)
+            total = p + base - 1 + f
+            vis = torch.cat([torch.ones(f, p, dtype=torch.bool, device=dev), anc[idx, : base - 1 + f]], 1)
+            out = m.finish(attend(q, e.k[:, :, :total], e.v[:, :, :total], vis[None]), s)[0]  # [F, H]
+            states[idx] = out
+            made[0] = base + f
             return torch.log_softmax(m.logits(out).float(), -1)
 
         tree, self._keys = grow_tree(state.root, first, expand, m.draft_vocab, self.options.depth, self.options, self.rates,

@@ -111,3 +111,17 @@ def test_training_fits_eagle_and_ships_a_drafter(tmp_path, default_tokenizer):
     out = specdec.generate(model, tok, msgs, drafter=f"eagle:{final}", max_new_tokens=12, size_trees=False)  # (untrimmed: it drafts)
     assert out.token_ids == specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=12).token_ids
     assert out.stats.drafted_tokens > 0
+    # a run continued from that drafter (a later session: new optimizer, same layers and draft vocabulary)
+    cfg.output_dir = str(tmp_path / "run2")
+    cfg.eagle.init = str(final)
+    cfg.max_steps = 2
+    again = train(cfg)
+    first, second = EagleModel.from_pretrained(final), EagleModel.from_pretrained(again)
+    assert torch.equal(first.draft_vocab, second.draft_vocab)
+    assert not torch.equal(first.fc.weight, second.fc.weight)  # it trained on
+    extra = json.loads((again / "config.json").read_text())["extra"]
+    assert [r["train_steps"] for r in extra["runs"]] == [4, 2] and extra["total_train_steps"] == 6
+    assert extra["runs"][1]["init"] == str(final) and extra["train_steps"] == 2
+    cfg.eagle.layers = [2]
+    with pytest.raises(ValueError, match="reads layers"):
+        train(cfg)

@@ -69,6 +69,8 @@ def test_a_time_budget_stops_with_a_checkpoint_and_the_rerun_finishes(tiny_targe
     assert extra["stopped_by_time"] and extra["train_steps"] == 1  # stops after the first step
     assert (tmp_path / "run" / "checkpoint-1" / "trainer_state.json").is_file()
     assert extra["peak_rss_mb"] > 50 and extra["train_time_s"] > 0 and extra["trained_on"] == str(convs)
+    if Path("/proc/self/status").is_file():  # Linux: the training's own memory, apart from mapped store pages
+        assert 50 < extra["peak_anon_mb"] <= extra["peak_rss_mb"]
     cfg = load_recipe("medusa1-smollm2-cpu", settings(tiny_target, convs, tmp_path / "run", max_steps=6))
     extra = MedusaHeads.from_pretrained(train(cfg)).config.extra
     assert not extra["stopped_by_time"] and extra["train_steps"] == 6

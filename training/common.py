@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from specdec.training.config import TrainConfig
 
 __all__ = ["collate_features", "draft_vocabulary", "training_args", "target_features", "FeatureItems", "last_complete_checkpoint",
-           "run_record", "TimeBudget"]
+           "run_record", "TimeBudget", "MemoryWatch"]
 
 log = logging.getLogger(__name__)
 _STARTED: dict[str, float] = {}  # output dir -> when its run started (start_run)
@@ -243,8 +243,9 @@ def fit(module, dataset, collate, cfg: TrainConfig, out: Path, sampler=None):
     from specdec.training.trainer import DrafterTrainer
 
     budget = TimeBudget(cfg.max_time_s) if cfg.max_time_s > 0 else None
+    memory = MemoryWatch()
     trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset, data_collator=collate, sampler=sampler,
-                             callbacks=[budget] if budget else None)
+                             callbacks=[memory] + ([budget] if budget else []))
     last = last_complete_checkpoint(out) if cfg.resume else None
     if last:
         log.warning("resuming from %s", last)
@@ -252,7 +253,37 @@ def fit(module, dataset, collate, cfg: TrainConfig, out: Path, sampler=None):
     trainer.train(resume_from_checkpoint=last)
     trainer.fit_seconds = time.perf_counter() - t0
     trainer.stopped_by_time = bool(budget and budget.fired)
+    trainer.peak_anon_mb = memory.peak_anon_mb
     return trainer
+
+
+def _rss_parts() -> dict[str, float]:
+    """This process's resident memory now, in MB, by kind (Linux ``/proc/self/status``): ``anon`` (its own
+    allocations) and ``file`` (pages of mapped files, such as a feature store's: the kernel drops them under
+    memory pressure); {} where that file is missing."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssFile"):
+            out[name[3:].lower()] = int(value.split()[0]) / 1024
+    return out
+
+
+class MemoryWatch(TrainerCallback):
+    """The peak of the process's own (anonymous) resident memory over the training steps. The peak RSS the
+    kernel reports also counts the memory-mapped feature store's pages the steps touched, which grows with the
+    data read and is not the training's to keep; this one is what the training holds."""
+
+    def __init__(self) -> None:
+        self.peak_anon_mb = 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.peak_anon_mb = max(self.peak_anon_mb, _rss_parts().get("anon", 0.0))
+        return control
 
 
 class TimeBudget(TrainerCallback):
@@ -282,4 +313,5 @@ def run_record(cfg: TrainConfig, trainer, train_items: int) -> dict:
             "train_time_s": round(getattr(trainer, "fit_seconds", 0.0), 1),
             "run_time_s": round(time.perf_counter() - started, 1) if started else None,
             "train_steps": int(trainer.state.global_step), "stopped_by_time": bool(getattr(trainer, "stopped_by_time", False)),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_anon_mb": round(getattr(trainer, "peak_anon_mb", 0.0), 1)}

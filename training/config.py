@@ -91,6 +91,9 @@ class EagleSettings:
     """Section ``eagle:``."""
 
     layers: list[int] = field(default_factory=list)  # target hidden_states indices fused (empty: EAGLE-3's low/mid/high)
+    # start from this EAGLE drafter's weights (a directory, or "shipped"), keeping its layers and draft vocabulary: a
+    # run continued in a later session, where the optimizer's state and the feature store are not kept
+    init: str = ""
 
 
 # section name -> its dataclass; a method's own settings live only in its section

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from specdec.drafters.eagle import EagleConfig, EagleModel
 from specdec.training.config import TrainConfig
-from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
+from specdec.training.losses import DepthAccuracy, DraftVocab, Teacher, depth_loss
 
 __all__ = ["EagleModule", "train_eagle", "eagle_heldout_accuracy", "collate_store"]
 
@@ -63,22 +63,28 @@ def ttt_attend(q: Tensor, k0: Tensor, v0: Tensor, ks: list[Tensor], vs: list[Ten
     """Attention of step j's queries q [B, Hq, T, D] over step 0's keys k0/v0 [B, Hkv, T, D] (where ``visible``
     [B, T, T] allows) and, position by position, over the chain's own entries ks/vs (steps 1..j, each
     [B, Hkv, T, D]) -> [B, T, Hq·D]."""
+    b, _, t, _ = q.shape
+    if not ks:  # step 0: masked attention (SDPA's flash kernel on the CPU keeps nothing [T, T] for backward)
+        out = F.scaled_dot_product_attention(q, k0, v0, attn_mask=visible[:, None], enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, t, -1)
+    if TTT_ATTENTION == "sdpa":
+        eye = torch.eye(t, dtype=torch.bool, device=q.device).expand(b, t, t)
+        mask = torch.cat([visible.expand(b, t, t)] + [eye] * len(ks), -1)[:, None]
+        out = F.scaled_dot_product_attention(q, torch.cat([k0, *ks], 2), torch.cat([v0, *vs], 2), attn_mask=mask, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, t, -1)
     rep = q.shape[1] // k0.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1])
     k0, v0 = k0.repeat_interleave(rep, 1), v0.repeat_interleave(rep, 1)
-    s0 = (q @ k0.transpose(-1, -2)) * scale
-    s0 = s0.masked_fill(~visible[:, None], torch.finfo(s0.dtype).min)
-    parts = [s0]
-    if ks:
-        kd = torch.stack([k.repeat_interleave(rep, 1) for k in ks], -2)  # [B, Hq, T, j, D]
-        parts.append((q[..., None, :] * kd).sum(-1) * scale)  # [B, Hq, T, j]
-    p = torch.softmax(torch.cat(parts, -1).float(), -1).to(q.dtype)
-    t = s0.shape[-1]
-    out = p[..., :t] @ v0
-    if ks:
-        vd = torch.stack([v.repeat_interleave(rep, 1) for v in vs], -2)
-        out = out + (p[..., t:, None] * vd).sum(-2)
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    s0 = (q @ k0.transpose(-1, -2)).mul_(scale).masked_fill_(~visible[:, None], torch.finfo(q.dtype).min)
+    kd = torch.stack([k.repeat_interleave(rep, 1) for k in ks], -2)  # [B, Hq, T, j, D]
+    chain = (q[..., None, :] * kd).sum(-1) * scale  # [B, Hq, T, j]
+    p = torch.softmax(torch.cat([s0, chain], -1), -1, dtype=torch.float32).to(q.dtype)
+    vd = torch.stack([v.repeat_interleave(rep, 1) for v in vs], -2)
+    out = p[..., :t] @ v0 + (p[..., t:, None] * vd).sum(-2)
+    return out.transpose(1, 2).reshape(b, t, -1)
+
+
+TTT_ATTENTION = "manual"
 
 
 class EagleModule(nn.Module):
@@ -127,14 +133,19 @@ class EagleModule(nn.Module):
         tp = ids.shape[1] - 1
         loss = features.new_zeros(())
         acc = DepthAccuracy(self.steps)
-        teacher = None
-        if self.distill:  # the target's distribution over the draft vocabulary at every position, once
+        teacher = where = None
+        if self.distill:  # the target's distribution over the draft vocabulary, once, at the answer positions only
+            where = torch.full(answer.shape, -1, dtype=torch.long, device=answer.device)
+            where[answer] = torch.arange(int(answer.sum()), device=answer.device)
             with torch.no_grad():
-                teacher = F.log_softmax(last.float() @ self.target_rows.float().T, -1)  # [B, T, V']
+                teacher = Teacher.from_logits(last[answer].float() @ self.target_rows.float().T)  # [answer positions, V']
         for j, h in self.unroll(features, ids, labels):
             mapped, ok = self.targets(labels, answer, j, tp)
             logits = self.model.logits(h[ok])  # only where a loss is taken: the head is most of the cost
-            te = _shift(teacher, 1 + j, tp, 0.0)[ok] if teacher is not None else None
+            te = None
+            if teacher is not None:  # step j at index t is taught by the target at position t + 1 + j (an answer position)
+                b, t = ok.nonzero(as_tuple=True)
+                te = teacher[where[b, t + 1 + j]]
             valid = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
             loss = loss + self.decay**j * depth_loss(logits, mapped[ok], valid, te)
             acc.add(j, logits.detach(), mapped[ok], valid)
@@ -159,14 +170,21 @@ def train_eagle(cfg: TrainConfig) -> Path:
     from specdec.training.common import draft_vocabulary, fit, run_record, start_run, target_features
 
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
-    ecfg = EagleConfig.for_target(model, feature_layers=cfg.eagle.layers or None, ttt_steps=cfg.depth, target_model=str(cfg.model))
+    start = _initial(cfg, model)
+    ecfg = start.config if start is not None else EagleConfig.for_target(model, feature_layers=cfg.eagle.layers or None,
+                                                                         ttt_steps=cfg.depth, target_model=str(cfg.model))
+    ecfg.ttt_steps = cfg.depth
     layers = list(ecfg.feature_layers) + [-1]
     held, train = target_features(model, tokenizer, heldout_convs + train_convs, cfg, layers, min_len=3)
     head = model.get_output_embeddings().weight.detach()
-    draft_vocab = draft_vocabulary(train.label_sets(), head.shape[0], cfg.draft_vocab_size)
-    ecfg.draft_vocab_size = None if cfg.draft_vocab_size is None else draft_vocab.numel()
+    if start is not None:
+        draft_vocab, eagle = start.draft_vocab.clone(), start
+    else:
+        draft_vocab = draft_vocabulary(train.label_sets(), head.shape[0], cfg.draft_vocab_size)
+        ecfg.draft_vocab_size = None if cfg.draft_vocab_size is None else draft_vocab.numel()
+        eagle = EagleModel(ecfg, draft_vocab, head[draft_vocab].float().clone())
     rows = head[draft_vocab].float().clone()
-    eagle = EagleModel(ecfg, draft_vocab, rows).attach(model.get_input_embeddings())
+    eagle.train().attach(model.get_input_embeddings())
     module = EagleModule(eagle, rows, head.shape[0], cfg.depth, cfg.loss_decay, cfg.loss_type == "kl")
     nf = len(ecfg.feature_layers)
     trainer = fit(module, train, lambda items: collate_store(items, nf), cfg, out, sampler=train.sampler(cfg))
@@ -176,6 +194,32 @@ def train_eagle(cfg: TrainConfig) -> Path:
         if len(held):
             table = eagle_heldout_accuracy(module, held, nf)
             ecfg.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in table]
-        ecfg.extra.update(run_record(cfg, trainer, len(train)))
+        record = run_record(cfg, trainer, len(train))
+        earlier = ecfg.extra.get("runs", [])
+        if start is not None:  # a continued run: what came before is kept, and the totals add up
+            earlier = earlier or [{k: ecfg.extra.get(k) for k in record}]
+            record["init"] = cfg.eagle.init
+        ecfg.extra["runs"] = earlier + [record]
+        ecfg.extra.update({k: v for k, v in record.items() if k != "init"})
+        for key in ("train_time_s", "run_time_s", "train_steps"):
+            ecfg.extra[f"total_{key}"] = round(sum(r.get(key) or 0 for r in ecfg.extra["runs"]), 1)
         eagle.save_pretrained(final)
     return final
+
+
+def _initial(cfg: TrainConfig, model) -> EagleModel | None:
+    """The drafter ``cfg.eagle.init`` names (None: start from scratch), checked against the target and the settings."""
+    if not cfg.eagle.init:
+        return None
+    from specdec.drafters.base import drafter_path
+
+    path = drafter_path([cfg.eagle.init] if cfg.eagle.init != "shipped" else [], "eagle-smollm2-135m", "eagle", {})
+    start = EagleModel.from_pretrained(path)
+    c = start.config
+    if c.hidden_size != model.config.hidden_size or c.vocab_size != model.get_output_embeddings().weight.shape[0]:
+        raise ValueError(f"eagle.init={cfg.eagle.init} was trained for another target (hidden {c.hidden_size}, vocabulary "
+                         f"{c.vocab_size}); start without it or give a drafter of this model")
+    if cfg.eagle.layers and list(cfg.eagle.layers) != list(c.feature_layers):
+        raise ValueError(f"eagle.init={cfg.eagle.init} reads layers {c.feature_layers}, the settings ask for {cfg.eagle.layers}")
+    log.warning("starting from the EAGLE drafter in %s (%s steps so far)", path, c.extra.get("total_train_steps", c.extra.get("train_steps")))
+    return start

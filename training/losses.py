@@ -15,6 +15,12 @@ about to predict itself. Per depth:
 
 :class:`DepthAccuracy` accumulates both for training logs (per batch) and
 for the held-out table every trained drafter ships in its config.
+
+The KL loss is computed by one fused autograd function (:func:`kl_from_logits`): per position
+KL = sum p log p - sum p z + logsumexp(z), with gradient softmax(z) - p. It makes two passes over the
+[positions, V'] logits forward and one backward, where the composed ``log_softmax`` + ``kl_div`` made about
+a dozen, and keeps one [positions, V'] tensor for backward. A method whose teacher serves several depths
+(EAGLE's unrolled steps all read the same target distribution, shifted) builds a :class:`Teacher` once.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TOPK", "DraftVocab", "depth_loss", "DepthAccuracy"]
+__all__ = ["TOPK", "DraftVocab", "Teacher", "kl_from_logits", "depth_loss", "DepthAccuracy"]
 
 TOPK = 5
 
@@ -42,23 +48,76 @@ class DraftVocab(nn.Module):
         return torch.where(labels >= 0, self.lookup[labels.clamp(min=0)], torch.full_like(labels, -100))
 
 
-def depth_loss(logits: Tensor, mapped: Tensor, valid: Tensor, teacher_logp: Tensor | None = None) -> Tensor:
+class Teacher:
+    """The target's distribution over the draft vocabulary at some positions: ``probs`` [..., V'] and its
+    negative entropy ``negent`` [...] (sum p log p), computed once from its log-probabilities."""
+
+    def __init__(self, probs: Tensor, negent: Tensor) -> None:
+        self.probs, self.negent = probs, negent
+
+    @classmethod
+    @torch.no_grad()
+    def from_logits(cls, logits: Tensor) -> "Teacher":
+        """From the target's logits [..., V'] (normalised over the draft vocabulary)."""
+        logp = torch.log_softmax(logits.float(), -1)
+        probs = logp.exp()
+        negent = torch.bmm(probs.reshape(-1, 1, probs.shape[-1]), logp.reshape(-1, probs.shape[-1], 1)).reshape(probs.shape[:-1])
+        return cls(probs, negent)
+
+    def __getitem__(self, index) -> "Teacher":
+        return Teacher(self.probs[index], self.negent[index])
+
+
+class _KLFromLogits(torch.autograd.Function):
+    """KL(teacher || softmax(logits)) per row, fused (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, probs: Tensor, negent: Tensor) -> Tensor:
+        n, v = logits.shape
+        z = logits.to(torch.float32, copy=True)
+        cross = torch.bmm(z.view(n, 1, v), probs.view(n, v, 1)).view(n)
+        top = z.amax(-1, keepdim=True)
+        q = z.sub_(top).exp_()  # in place: z becomes the softmax
+        total = q.sum(-1, keepdim=True)
+        q.div_(total)
+        ctx.save_for_backward(q, probs)
+        ctx.logits_dtype = logits.dtype
+        return negent - cross + top.view(n) + total.log().view(n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        q, probs = ctx.saved_tensors
+        return (q - probs).mul_(grad[:, None]).to(ctx.logits_dtype), None, None
+
+
+def kl_from_logits(logits: Tensor, teacher: Teacher) -> Tensor:
+    """[N] KL(teacher || softmax(logits)) of logits [N, V'] against ``teacher`` (probs [N, V'], negent [N])."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(0, dtype=torch.float32) + logits.sum() * 0
+    return _KLFromLogits.apply(logits, teacher.probs.float().contiguous(), teacher.negent.float())
+
+
+def depth_loss(logits: Tensor, mapped: Tensor, valid: Tensor, teacher_logp: "Tensor | Teacher | None" = None) -> Tensor:
     """One depth's loss, averaged over its valid positions.
 
     Args:
         logits: [..., V'] the drafter's logits over the draft vocabulary.
         mapped: [...] the labels as draft indices (-100: none, or out of the draft vocabulary).
         valid: [...] bool, the positions that have a label.
-        teacher_logp: [..., V'] the target's log-probabilities there; given, the loss is
-            KL(target || drafter) instead of cross-entropy on ``mapped``.
+        teacher_logp: [..., V'] the target's log-probabilities there, or a :class:`Teacher` of them; given,
+            the loss is KL(target || drafter) instead of cross-entropy on ``mapped``.
     """
-    logits = logits.float()
     n = valid.sum().clamp(min=1)
     if teacher_logp is None:
+        logits = logits.float()
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mapped.reshape(-1), ignore_index=-100, reduction="sum")
         return ce / n
-    kl = F.kl_div(F.log_softmax(logits, -1), teacher_logp.float(), log_target=True, reduction="none").sum(-1)
-    return (kl * valid).sum() / n
+    teacher = teacher_logp if isinstance(teacher_logp, Teacher) else Teacher.from_logits(teacher_logp)
+    v = logits.shape[-1]
+    rows = valid.reshape(-1)
+    flat = Teacher(teacher.probs.reshape(-1, v), teacher.negent.reshape(-1))
+    return kl_from_logits(logits.reshape(-1, v)[rows], flat[rows]).sum() / n
 
 
 class DepthAccuracy:
