@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from specdec.drafters.clover import CloverConfig, CloverHeads, decoder_parts
 from specdec.training.common import collate_features, draft_vocabulary, fit, run_record, start_run, target_features
 from specdec.training.config import TrainConfig
-from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
+from specdec.training.losses import DepthAccuracy, DraftVocab, Teacher, depth_loss
 
 __all__ = ["CloverModule", "train_clover", "clover_heldout_accuracy"]
 
@@ -85,7 +85,7 @@ class CloverModule(nn.Module):
             ok = labels[:, 1 + d :] >= 0  # L[t + 1 + d]
             mapped = self.vocab(labels[:, 1 + d :])
             logits = self.heads.logits(o).float()
-            teacher = F.log_softmax(hidden[:, 1 + d :].float() @ rows.T, -1) if self.distill else None
+            teacher = Teacher.from_logits(hidden[:, 1 + d :].float() @ rows.T) if self.distill else None
             per = depth_loss(logits, mapped, ok, teacher)
             if self.regression_weight:
                 reg = F.smooth_l1_loss(o.float(), hidden[:, 1 + d :].float(), reduction="none").mean(-1)

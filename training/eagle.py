@@ -67,11 +67,6 @@ def ttt_attend(q: Tensor, k0: Tensor, v0: Tensor, ks: list[Tensor], vs: list[Ten
     if not ks:  # step 0: masked attention (SDPA's flash kernel on the CPU keeps nothing [T, T] for backward)
         out = F.scaled_dot_product_attention(q, k0, v0, attn_mask=visible[:, None], enable_gqa=True)
         return out.transpose(1, 2).reshape(b, t, -1)
-    if TTT_ATTENTION == "sdpa":
-        eye = torch.eye(t, dtype=torch.bool, device=q.device).expand(b, t, t)
-        mask = torch.cat([visible.expand(b, t, t)] + [eye] * len(ks), -1)[:, None]
-        out = F.scaled_dot_product_attention(q, torch.cat([k0, *ks], 2), torch.cat([v0, *vs], 2), attn_mask=mask, enable_gqa=True)
-        return out.transpose(1, 2).reshape(b, t, -1)
     rep = q.shape[1] // k0.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1])
     k0, v0 = k0.repeat_interleave(rep, 1), v0.repeat_interleave(rep, 1)
@@ -83,8 +78,6 @@ def ttt_attend(q: Tensor, k0: Tensor, v0: Tensor, ks: list[Tensor], vs: list[Ten
     out = p[..., :t] @ v0 + (p[..., t:, None] * vd).sum(-2)
     return out.transpose(1, 2).reshape(b, t, -1)
 
-
-TTT_ATTENTION = "manual"
 
 
 class EagleModule(nn.Module):

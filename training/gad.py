@@ -22,13 +22,12 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from specdec.drafters.gad import GADBlock, GADConfig, decoder_layers
 from specdec.training.common import draft_vocabulary, fit, run_record, start_run, target_features
 from specdec.training.config import TrainConfig
-from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
+from specdec.training.losses import DepthAccuracy, DraftVocab, Teacher, depth_loss
 
 __all__ = ["GADModule", "train_gad", "gad_heldout_accuracy"]
 
@@ -92,7 +91,7 @@ class GADModule(nn.Module):
         rows = self.block._head.float()
         for j in range(logits.shape[1]):
             ok = targets[:, j] >= 0
-            teacher = F.log_softmax(teacher_hidden[:, j].float() @ rows.T, -1) if self.distill else None
+            teacher = Teacher.from_logits(teacher_hidden[:, j].float() @ rows.T) if self.distill else None
             loss = loss + self.decay**j * depth_loss(logits[:, j], mapped[:, j], ok, teacher)
             acc.add(j, logits[:, j], mapped[:, j], ok)
         return {"loss": loss, "metrics": acc.metrics()}

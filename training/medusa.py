@@ -24,7 +24,7 @@ from specdec.drafters.medusa import MedusaConfig, MedusaHeads, tree_from_accurac
 from specdec.training.common import collate_features, draft_vocabulary, fit, run_record, start_run, target_features
 from specdec.training.config import TrainConfig
 from specdec.training.data import tokenize_conversation
-from specdec.training.losses import DepthAccuracy, DraftVocab, depth_loss
+from specdec.training.losses import DepthAccuracy, DraftVocab, Teacher, depth_loss
 
 __all__ = ["MedusaLoss", "Medusa1Module", "Medusa2Module", "train_medusa", "heldout_accuracy"]
 
@@ -66,7 +66,7 @@ class MedusaLoss(nn.Module):
                 break
             valid, mapped = self.targets(labels, shift)  # [B, T - k - 1] each
             lg = logits[k, :, : seq - shift]
-            teacher = None if target_logits is None else F.log_softmax(target_logits[:, shift:].float(), -1)
+            teacher = None if target_logits is None else Teacher.from_logits(target_logits[:, shift:])
             per = depth_loss(lg, mapped, valid, teacher)
             if num_items is not None:
                 per = per * valid.sum().clamp(min=1) / num_items
