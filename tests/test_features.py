@@ -189,3 +189,33 @@ def test_length_grouped_batches_pad_little_and_change_every_epoch():
         return sum(max(lengths[i] for i in order[b : b + 4]) * 4 - sum(lengths[i] for i in order[b : b + 4]) for b in range(0, 96, 4))
 
     assert padding(first) < 0.5 * padding(list(EpochSampler(96, seed=1)))  # against a plain shuffle
+
+
+def test_skip_trains_on_conversations_after_the_skipped_ones_with_a_store_of_their_own(target, tmp_path):
+    """``skip``: the held-out conversations stay the first ones; the training ones start ``skip`` later, and
+    their features go to a store keyed apart from the unskipped one (never mixed up)."""
+    from specdec.training.common import start_run, target_features
+    from specdec.training.config import TrainConfig
+
+    path, _ = target
+    convs = conversations(9)
+    data = tmp_path / "convs.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    common = dict(model=str(path), data=str(data), heldout=2, num_conversations=3, max_len=96, progress=False,
+                  features_dir=str(tmp_path / "f"))
+    plain = TrainConfig(**common, output_dir=str(tmp_path / "a"))
+    skipped = TrainConfig(**common, skip=3, output_dir=str(tmp_path / "b"))
+    _, model, tok, held, train = start_run(plain)
+    assert held == convs[:2] and train == convs[2:5]
+    _, _, _, held_s, train_s = start_run(skipped)
+    assert held_s == convs[:2] and train_s == convs[5:8]
+    target_features(model, tok, held + train, plain)
+    with pytest.raises(ValueError, match="other data"):  # the plain store is not read as the skipped one's
+        target_features(model, tok, held_s + train_s, skipped)
+    skipped.features_dir = str(tmp_path / "g")
+    _, feats = target_features(model, tok, held_s + train_s, skipped)
+    from specdec.training.data import tokenize_conversation
+
+    assert torch.equal(feats[0]["ids"], tokenize_conversation(tok, convs[5], 96))
+    with pytest.raises(ValueError, match="skip"):
+        TrainConfig(**common, skip=-1)

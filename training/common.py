@@ -141,6 +141,8 @@ def target_features(model, tokenizer, convs: list, cfg: TrainConfig, layers: lis
     stamp = (json.loads((data / "manifest.json").read_text()).get("answer_tokens") if (data / "manifest.json").is_file()
              else data.stat().st_size if data.is_file() else None)
     key = f"{cfg.data}|{stamp}"  # the first n items of a store are the first n conversations: any prefix serves
+    if cfg.skip:  # held-out ones, then the training ones after the skipped: a store of its own
+        key += f"|skip={cfg.heldout}+{cfg.skip}"
     where = Path(cfg.features_dir) if cfg.features_dir else Path(cfg.output_dir) / "features"
 
     def usable():
@@ -230,10 +232,11 @@ def start_run(cfg: TrainConfig, load_data: bool = True):
         p.requires_grad_(False)
     if not load_data:
         return out, model, tokenizer, None, None
-    convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.num_conversations)
-    heldout, train = convs[: cfg.heldout], convs[cfg.heldout :]
+    convs = load_conversations(cfg.data, limit=cfg.heldout + cfg.skip + cfg.num_conversations)
+    heldout, train = convs[: cfg.heldout], convs[cfg.heldout + cfg.skip :]
     if not train:
-        raise ValueError(f"{cfg.data} holds {len(convs)} conversations, all used for held-out evaluation; lower heldout")
+        raise ValueError(f"{cfg.data} holds {len(convs)} conversations, all used for held-out evaluation or skipped "
+                         f"(heldout={cfg.heldout}, skip={cfg.skip}); lower heldout or skip")
     return out, model, tokenizer, heldout, train
 
 

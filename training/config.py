@@ -120,7 +120,9 @@ class TrainConfig:
     on the command line ``clover.augment=false``).
 
     Data: ``num_conversations`` training conversations are read after the
-    first ``heldout`` ones (which are kept for evaluation), chat-templated and
+    first ``heldout`` ones (which are kept for evaluation) and the ``skip``
+    after those (a run that continues an earlier drafter, e.g. ``eagle.init``,
+    trains on conversations the earlier run never saw), chat-templated and
     cut at ``max_len`` tokens. Labels are the target's own greedy next tokens
     (``label_source="self"``, self-distillation) or the data's tokens
     (``"data"``).
@@ -151,6 +153,7 @@ class TrainConfig:
     feature_dtype: str = ""  # the target's dtype while extracting features ("": dtype; "auto": the faster, timed here)
     num_conversations: int = 600
     heldout: int = 60
+    skip: int = 0  # training conversations start this many after the held-out ones
     max_len: int = 256
     label_source: str = "self"
     loss_type: str = "ce"  # "ce": cross-entropy on the labels; "kl": KL to the target's own distribution
@@ -209,8 +212,8 @@ class TrainConfig:
         for name in ("num_conversations", "max_len", "depth", "batch_size", "grad_accum", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.heldout < 0 or self.medusa.layers < 0 or self.gad.layers < 0:
-            raise ValueError("heldout, medusa.layers and gad.layers must be >= 0")
+        if self.heldout < 0 or self.skip < 0 or self.medusa.layers < 0 or self.gad.layers < 0:
+            raise ValueError("heldout, skip, medusa.layers and gad.layers must be >= 0")
         if self.gad.window < 1 or self.gad.windows < 1:
             raise ValueError("gad.window and gad.windows must be >= 1")
         if self.lr <= 0 or not 0 < self.loss_decay <= 1:
