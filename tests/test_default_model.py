@@ -82,21 +82,27 @@ def test_shipped_medusa_heads_accept_tokens(default_model):
         assert out.stats.mean_accepted_length > 1.2, out.stats.as_dict()
 
 
+def whole_tree_tau(model, tok, drafters, max_new_tokens=48) -> dict:
+    """Each drafter's new tokens per target forward at its whole candidate tree (sizing off), over two prompts,
+    checking every output against plain decoding."""
+    prompts = [[{"role": "user", "content": q}] for q in ("Explain what a hash table is in two sentences.", CHAT[1])]
+    plain = [specdec.generate(model, tok, m, drafter="none", max_new_tokens=max_new_tokens).token_ids for m in prompts]
+    tau = {}
+    for drafter in drafters:
+        steps = tokens = 0
+        for msgs, ref in zip(prompts, plain):
+            out = specdec.generate(model, tok, msgs, drafter=drafter, max_new_tokens=max_new_tokens, size_trees=False)
+            assert out.token_ids == ref, drafter
+            steps, tokens = steps + out.stats.target_forwards, tokens + out.stats.new_tokens
+        tau[drafter] = tokens / steps
+    return tau
+
+
 def test_shipped_clover_heads_draft_further_than_medusa_and_ppd_tokens_accept(default_model):
     """Shipped drafters at their whole candidate trees (sizing off, as for Medusa above): Clover's regressive heads
     get more tokens per step than Medusa's independent heads on the same prompts, and PPD's prompt tokens draft
     tokens that are accepted; every output equals plain decoding."""
-    model, tok = default_model
-    prompts = [[{"role": "user", "content": q}] for q in ("Explain what a hash table is in two sentences.", CHAT[1])]
-    tau = {}
-    for drafter in ("medusa", "clover", "ppd", "ppd+prompt-lookup"):
-        steps = tokens = 0
-        for msgs in prompts:
-            plain = specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=48).token_ids
-            out = specdec.generate(model, tok, msgs, drafter=drafter, max_new_tokens=48, size_trees=False)
-            assert out.token_ids == plain, drafter
-            steps, tokens = steps + out.stats.target_forwards, tokens + out.stats.new_tokens
-        tau[drafter] = tokens / steps
+    tau = whole_tree_tau(*default_model, ("medusa", "clover", "ppd", "ppd+prompt-lookup"))
     assert tau["clover"] > 1.1 * tau["medusa"], tau
     assert tau["ppd"] > 1.1 and tau["ppd+prompt-lookup"] > 1.1, tau
 
@@ -150,9 +156,16 @@ def test_retrieval_and_copy_drafters_equal_plain_decoding(default_model):
         assert out.stats.mean_accepted_length > 1.5, (drafter, out.stats.as_dict())
 
 
+def test_shipped_eagle_drafter_accepts_tokens_and_equals_plain_decoding(default_model):
+    """The shipped EAGLE drafter (trained on the self-distilled data) at its whole dynamic tree, alone and fused
+    with prompt lookup: every output equals plain decoding, and it gets more than one token per target forward."""
+    tau = whole_tree_tau(*default_model, ("eagle", "eagle+prompt-lookup"))
+    assert min(tau.values()) > 1.2, tau
+
+
 def test_an_eagle_drafter_reading_three_layers_equals_plain_decoding(default_model):
-    """An EAGLE drafter (random weights: the shipped one comes with its training) on the default model's layers
-    2, 15 and 27, alone and fused with Clover (which reads the last layer: each gets its own slice)."""
+    """An EAGLE drafter (random weights, so its drafts are mostly wrong) on the default model's layers 2, 15 and
+    27, alone and fused with Clover (which reads the last layer: each gets its own slice)."""
     from test_eagle import random_eagle
 
     from specdec.drafters.clover import CloverDrafter

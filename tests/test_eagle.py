@@ -70,9 +70,40 @@ def test_training_time_test_computes_what_drafting_computes():
         full = model(seq[None], output_hidden_states=True)
         features = torch.cat([full.hidden_states[1], full.hidden_states[2]], -1)
         module = EagleModule(eagle, eagle.head.weight, 96, steps=3, decay=0.8, distill=True)
-        unrolled = [eagle.logits(h[0, len(prompt) - 1]) for _, h in module.unroll(features, seq[None], torch.zeros_like(seq)[None])]
+        unrolled = [eagle.logits(h[0, len(prompt) - 1]) for _, h, _, _ in module.unroll(features, seq[None], torch.zeros_like(seq)[None])]
     for j in range(3):
         torch.testing.assert_close(unrolled[j], seen[j], rtol=1e-4, atol=1e-5)  # (softmax sums in float32)
+
+
+def test_unrolled_steps_at_sampled_positions_compute_what_the_full_unroll_does():
+    """eagle.ttt_positions: steps 1.. at a random sample of answer indices give, there, the full unroll's states;
+    only wanted indices are marked sampled, and a short sequence's fillers are not; the loss trains through it."""
+    from specdec.training.eagle import EagleModule
+
+    model = tiny_model("llama")
+    eagle = random_eagle(model, (1, 2), steps=3)
+    torch.manual_seed(3)
+    b, t = 3, 20
+    ids = torch.randint(0, 96, (b, t))
+    labels = torch.randint(0, 96, (b, t))
+    labels[2, 9:] = -100  # a short sequence: 3 wanted indices (x_6..x_8), fewer than the 5 sampled
+    answer = torch.zeros(b, t, dtype=torch.bool)
+    answer[:, 6:] = True
+    features = torch.randn(b, t, 2 * model.config.hidden_size)
+    module = EagleModule(eagle, eagle.head.weight.detach(), 96, steps=3, decay=0.8, distill=True, positions=5)
+    with torch.no_grad():
+        full = [h for _, h, _, _ in module.unroll(features, ids, labels, answer)]
+        part = list(module.unroll(features, ids, labels, answer, positions=5))
+    assert [p[1].shape[1] for p in part] == [t - 1, 5, 5]
+    for j, h, at, sampled in part[1:]:
+        want = (labels[:, 2:] >= 0) & answer[:, 2:]  # step 1's target at index t is x_{t+2}
+        assert torch.equal(sampled, want.gather(1, at)) and sampled[:2].all()
+        assert int(sampled[2].sum()) == 3 and len(set(at[2].tolist())) == 5  # all its wanted ones, then fillers
+        torch.testing.assert_close(h, full[j].gather(1, at[..., None].expand(-1, -1, h.shape[-1])), rtol=1e-5, atol=1e-5)
+    module.train()
+    out = module(features, features[..., : model.config.hidden_size], ids, labels, answer)
+    out["loss"].backward()
+    assert eagle.q_proj.weight.grad is not None and torch.isfinite(out["loss"])
 
 
 def test_files_round_trip_and_fit_checks(tmp_path):
@@ -114,6 +145,7 @@ def test_training_fits_eagle_and_ships_a_drafter(tmp_path, default_tokenizer):
     # a run continued from that drafter (a later session: new optimizer, same layers and draft vocabulary)
     cfg.output_dir = str(tmp_path / "run2")
     cfg.eagle.init = str(final)
+    cfg.eagle.ttt_positions = 8  # (the later steps at 8 sampled positions)
     cfg.max_steps = 2
     again = train(cfg)
     first, second = EagleModel.from_pretrained(final), EagleModel.from_pretrained(again)

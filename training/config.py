@@ -94,6 +94,9 @@ class EagleSettings:
     # start from this EAGLE drafter's weights (a directory, or "shipped"), keeping its layers and draft vocabulary: a
     # run continued in a later session, where the optimizer's state and the feature store are not kept
     init: str = ""
+    # > 0: the unrolled steps after the first run at this many answer positions per sequence, drawn anew every batch
+    # (step 0 runs everywhere: the later steps attend to its entries); 0: at every position
+    ttt_positions: int = 0
 
 
 # section name -> its dataclass; a method's own settings live only in its section
@@ -212,6 +215,8 @@ class TrainConfig:
         for name in ("num_conversations", "max_len", "depth", "batch_size", "grad_accum", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eagle.ttt_positions < 0:
+            raise ValueError(f"eagle.ttt_positions must be >= 0 (0: every position), got {self.eagle.ttt_positions}")
         if self.heldout < 0 or self.skip < 0 or self.medusa.layers < 0 or self.gad.layers < 0:
             raise ValueError("heldout, skip, medusa.layers and gad.layers must be >= 0")
         if self.gad.window < 1 or self.gad.windows < 1:

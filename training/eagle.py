@@ -64,6 +64,7 @@ def ttt_attend(q: Tensor, k0: Tensor, v0: Tensor, ks: list[Tensor], vs: list[Ten
     [B, T, T] allows) and, position by position, over the chain's own entries ks/vs (steps 1..j, each
     [B, Hkv, T, D]) -> [B, T, Hq·D]."""
     b, _, t, _ = q.shape
+    n0 = k0.shape[2]  # step 0's entries (the queries may be a sample of the positions)
     if not ks:  # step 0: masked attention (SDPA's flash kernel on the CPU keeps nothing [T, T] for backward)
         out = F.scaled_dot_product_attention(q, k0, v0, attn_mask=visible[:, None], enable_gqa=True)
         return out.transpose(1, 2).reshape(b, t, -1)
@@ -75,7 +76,7 @@ def ttt_attend(q: Tensor, k0: Tensor, v0: Tensor, ks: list[Tensor], vs: list[Ten
     chain = (q[..., None, :] * kd).sum(-1) * scale  # [B, Hq, T, j]
     p = torch.softmax(torch.cat([s0, chain], -1), -1, dtype=torch.float32).to(q.dtype)
     vd = torch.stack([v.repeat_interleave(rep, 1) for v in vs], -2)
-    out = p[..., :t] @ v0 + (p[..., t:, None] * vd).sum(-2)
+    out = p[..., :n0] @ v0 + (p[..., n0:, None] * vd).sum(-2)
     return out.transpose(1, 2).reshape(b, t, -1)
 
 
@@ -85,45 +86,63 @@ class EagleModule(nn.Module):
 
     accepts_loss_kwargs = True
 
-    def __init__(self, model: EagleModel, target_rows: Tensor, vocab_size: int, steps: int, decay: float, distill: bool) -> None:
+    def __init__(self, model: EagleModel, target_rows: Tensor, vocab_size: int, steps: int, decay: float, distill: bool,
+                 positions: int = 0) -> None:
         super().__init__()
         self.model, self.steps, self.decay, self.distill = model, steps, decay, distill
+        self.positions = positions  # > 0: steps 1.. run at this many sampled answer positions per sequence
         self.vocab = DraftVocab(vocab_size, model.draft_vocab)
         self.register_buffer("target_rows", target_rows, persistent=False)  # [V', H] the target's head, draft vocabulary
 
-    def unroll(self, features: Tensor, ids: Tensor, labels: Tensor):
-        """Yield (j, h [B, T - 1, H]) for each unrolled step: the layer's output, whose logits
-        (``model.logits(h)``) at index t predict x_{t+2+j}."""
+    def unroll(self, features: Tensor, ids: Tensor, labels: Tensor, answer: Tensor | None = None, positions: int = 0):
+        """Yield (j, h [B, S, H], at [B, S], sampled [B, S] bool) for each unrolled step: the layer's output at
+        indices ``at``, whose logits (``model.logits(h)``) at index t predict x_{t+2+j}.
+
+        Step 0 runs at every index (S = T - 1; its entries are what the later steps attend to). With
+        ``positions`` > 0 (and ``answer``), steps 1.. run only at that many indices per sequence, drawn at random
+        among those whose step-1 target lies in an answer (``sampled`` False: a filler index of a short
+        sequence): the chains there compute exactly what they compute in the full unroll, for a fraction of
+        the cost."""
         m = self.model
         tp = ids.shape[1] - 1
         real = labels[:, :tp] >= 0
         visible = torch.ones(tp, tp, dtype=torch.bool, device=ids.device).tril()[None] & real[:, None, :]
         visible = visible | torch.eye(tp, dtype=torch.bool, device=ids.device)[None]  # no empty row on padding
         state = m.fuse(features[:, :tp])
-        pos = torch.arange(tp, device=ids.device)[None].expand(ids.shape[0], -1)
+        at = torch.arange(tp, device=ids.device)[None].expand(ids.shape[0], -1)
+        sampled = torch.ones_like(at, dtype=torch.bool)
         k0 = v0 = None
         ks: list[Tensor] = []
         vs: list[Tensor] = []
         for j in range(self.steps):
             if tp - j <= 0:
                 break
-            q, k, v = m.project(state, _shift(ids, 1 + j, tp, 0), pos + j)
+            if j == 1 and 0 < positions < tp and answer is not None:
+                want = (_shift(labels, 2, tp, -100) >= 0) & _shift(answer, 2, tp, False)
+                score = torch.rand(want.shape, device=ids.device) + want  # wanted indices first, in random order
+                at = score.topk(positions, -1).indices.sort(-1).values
+                sampled = want.gather(1, at)
+                state = state.gather(1, at[..., None].expand(-1, -1, state.shape[-1]))
+                visible = visible.gather(1, at[..., None].expand(-1, -1, tp))
+            tokens = _shift(ids, 1 + j, tp, 0).gather(1, at)
+            q, k, v = m.project(state, tokens, at + j)
             if j == 0:
                 k0, v0 = k, v
             else:
                 ks.append(k)
                 vs.append(v)
             state = m.finish(ttt_attend(q, k0, v0, ks, vs, visible), state)
-            yield j, state
+            yield j, state, at, sampled
 
-    def targets(self, labels: Tensor, answer: Tensor, j: int, tp: int) -> tuple[Tensor, Tensor]:
-        """Step j's labels as draft indices [B, T - 1] and where they count (inside answers) [B, T - 1] bool."""
-        target = _shift(labels, 1 + j, tp, -100)
-        ok = (target >= 0) & _shift(answer, 1 + j, tp, False)
+    def targets(self, labels: Tensor, answer: Tensor, j: int, at: Tensor, sampled: Tensor) -> tuple[Tensor, Tensor]:
+        """Step j's labels at indices ``at`` [B, S] as draft indices [B, S] and where they count (inside answers,
+        at sampled indices) [B, S] bool."""
+        tp = labels.shape[1] - 1
+        target = _shift(labels, 1 + j, tp, -100).gather(1, at)
+        ok = (target >= 0) & _shift(answer, 1 + j, tp, False).gather(1, at) & sampled
         return self.vocab(torch.where(ok, target, torch.full_like(target, -100))), ok
 
     def forward(self, features: Tensor, last: Tensor, ids: Tensor, labels: Tensor, answer: Tensor, num_items_in_batch=None) -> dict:
-        tp = ids.shape[1] - 1
         loss = features.new_zeros(())
         acc = DepthAccuracy(self.steps)
         teacher = where = None
@@ -132,13 +151,13 @@ class EagleModule(nn.Module):
             where[answer] = torch.arange(int(answer.sum()), device=answer.device)
             with torch.no_grad():
                 teacher = Teacher.from_logits(last[answer].float() @ self.target_rows.float().T)  # [answer positions, V']
-        for j, h in self.unroll(features, ids, labels):
-            mapped, ok = self.targets(labels, answer, j, tp)
+        for j, h, at, sampled in self.unroll(features, ids, labels, answer, self.positions if self.training else 0):
+            mapped, ok = self.targets(labels, answer, j, at, sampled)
             logits = self.model.logits(h[ok])  # only where a loss is taken: the head is most of the cost
             te = None
             if teacher is not None:  # step j at index t is taught by the target at position t + 1 + j (an answer position)
-                b, t = ok.nonzero(as_tuple=True)
-                te = teacher[where[b, t + 1 + j]]
+                b, s = ok.nonzero(as_tuple=True)
+                te = teacher[where[b, at[b, s] + 1 + j]]
             valid = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
             loss = loss + self.decay**j * depth_loss(logits, mapped[ok], valid, te)
             acc.add(j, logits.detach(), mapped[ok], valid)
@@ -151,9 +170,8 @@ def eagle_heldout_accuracy(module: EagleModule, items, num_features: int) -> lis
     acc = DepthAccuracy(module.steps)
     for item in items:
         b = collate_store([item], num_features)
-        tp = b["ids"].shape[1] - 1
-        for j, h in module.unroll(b["features"], b["ids"], b["labels"]):
-            mapped, ok = module.targets(b["labels"], b["answer"], j, tp)
+        for j, h, at, sampled in module.unroll(b["features"], b["ids"], b["labels"]):
+            mapped, ok = module.targets(b["labels"], b["answer"], j, at, sampled)
             acc.add(j, module.model.logits(h[ok]), mapped[ok], torch.ones(int(ok.sum()), dtype=torch.bool))
     return acc.table()
 
@@ -178,7 +196,7 @@ def train_eagle(cfg: TrainConfig) -> Path:
         eagle = EagleModel(ecfg, draft_vocab, head[draft_vocab].float().clone())
     rows = head[draft_vocab].float().clone()
     eagle.train().attach(model.get_input_embeddings())
-    module = EagleModule(eagle, rows, head.shape[0], cfg.depth, cfg.loss_decay, cfg.loss_type == "kl")
+    module = EagleModule(eagle, rows, head.shape[0], cfg.depth, cfg.loss_decay, cfg.loss_type == "kl", cfg.eagle.ttt_positions)
     nf = len(ecfg.feature_layers)
     trainer = fit(module, train, lambda items: collate_store(items, nf), cfg, out, sampler=train.sampler(cfg))
     final = out / "final"
