@@ -60,9 +60,9 @@ def _shift(x: Tensor, j: int, length: int, fill) -> Tensor:
 
 
 def ttt_attend(q: Tensor, k0: Tensor, v0: Tensor, ks: list[Tensor], vs: list[Tensor], visible: Tensor) -> Tensor:
-    """Attention of step j's queries q [B, Hq, T, D] over step 0's keys k0/v0 [B, Hkv, T, D] (where ``visible``
-    [B, T, T] allows) and, position by position, over the chain's own entries ks/vs (steps 1..j, each
-    [B, Hkv, T, D]) -> [B, T, Hq·D]."""
+    """Attention of step j's queries q [B, Hq, S, D] (S: every index, or a sample of them) over step 0's keys
+    k0/v0 [B, Hkv, T, D] (where ``visible`` [B, S, T] allows) and, index by index, over the chain's own entries
+    ks/vs (steps 1..j, each [B, Hkv, S, D]) -> [B, S, Hq·D]."""
     b, _, t, _ = q.shape
     n0 = k0.shape[2]  # step 0's entries (the queries may be a sample of the positions)
     if not ks:  # step 0: masked attention (SDPA's flash kernel on the CPU keeps nothing [T, T] for backward)
