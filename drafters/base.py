@@ -88,6 +88,7 @@ class Target:
             seeded from the generation's seed (so seeded runs reproduce).
         cost: v(n), the measured cost of a forward over n nodes in plain steps, or None.
         step_ms: the measured wall time of one plain target step, or None.
+        max_nodes: the most nodes the engine lets one verifying forward hold (it trims every tree to that).
     """
 
     model: Any
@@ -101,6 +102,7 @@ class Target:
     generator: torch.Generator | None = None
     cost: Callable[[int], float] | None = None
     step_ms: float | None = None
+    max_nodes: int = 64
 
     @classmethod
     def of(cls, model, tokenizer=None, *, seed: int | None = None, cost: Callable[[int], float] | None = None) -> "Target":

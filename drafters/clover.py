@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
                                    read_drafter_config, read_drafter_weights, register_drafter, write_drafter)
 from specdec.drafters.trie import depth_bucket, freq_bucket
-from specdec.sizing import AcceptanceRates, learn, nodes_cost
+from specdec.sizing import AcceptanceRates, best_size, learn, nodes_cost
 from specdec.tree import TokenTree
 
 __all__ = ["CloverConfig", "CloverHeads", "CloverDrafter", "AttentionDecoder", "decoder_parts"]
@@ -281,6 +281,12 @@ def prob_prior(key: tuple) -> float:
 _MEASURED: dict = {}
 
 
+def drafting_cost(target: Target | None) -> Callable[[int], float] | None:
+    """The target's cost curve when extra nodes cost it something, else None (nodes are free: draft every depth)."""
+    cost = getattr(target, "cost", None)
+    return cost if nodes_cost(cost) else None
+
+
 def heads_dtype(target: Target, rows: int, choice: str = "auto") -> torch.dtype:
     """The dtype the heads draft in. Drafts are only guesses the target verifies (and in sampling runs q is
     computed in that dtype and used as such), so their precision never changes an output; the cost of drafting
@@ -325,7 +331,7 @@ class CloverDrafter(Drafter):
         self.vocab_size = config.vocab_size
         self.heads: CloverHeads | None = None
         self.rates = AcceptanceRates(prob_prior, self.options.decay)
-        self._nodes_cost = False  # whether extra nodes cost this target anything (set at reset from target.cost)
+        self._cost = None  # the target's v(n) when extra nodes cost it anything (set at reset from target.cost)
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "CloverDrafter":
@@ -359,7 +365,7 @@ class CloverDrafter(Drafter):
         self.cache = TreeKVCache()
         self.rates = AcceptanceRates(prob_prior, self.options.decay)
         self._keys: dict = {}
-        self._nodes_cost = nodes_cost(getattr(getattr(self, "target", None), "cost", None))
+        self._cost = drafting_cost(getattr(self, "target", None))
 
     @torch.inference_mode()
     def propose(self, state: DraftState) -> TokenTree:
@@ -386,7 +392,8 @@ class CloverDrafter(Drafter):
             return torch.log_softmax(heads.logits(o).float(), -1)
 
         tree, self._keys = grow_tree(root, first, expand, heads.draft_vocab, self.options.depth or self.clover_config.num_heads,
-                                     self.options, self.rates, self.target.generator, self._nodes_cost, self.vocab_size)
+                                     self.options, self.rates, self.target.generator, self._cost, self.vocab_size,
+                                     self.target.max_nodes)
         return tree
 
     def observe(self, result: StepResult) -> None:
@@ -401,8 +408,23 @@ def _causal_mask(prefix: int, n: int, dtype: torch.dtype, device) -> Tensor:
     return additive_tree_mask(prefix, torch.tril(torch.ones(n, n, dtype=torch.bool)), dtype).to(device)
 
 
+def deepening_pays(score: list[float], frontier: list[int], cost: Callable[[int], float], max_nodes: int) -> bool:
+    """Whether a node of the newest depth is among the drafts the engine's trim would keep from this tree.
+
+    ``score`` holds every node's acceptance estimate (root first), ``frontier`` the newest depth's nodes. The
+    trim keeps the k best-scoring drafts (:func:`specdec.sizing.best_size`); a child never scores above its
+    parent, so when no frontier node makes the cut, the next depth's nodes rank below nodes already left out.
+    """
+    drafts = torch.tensor(score[1:], dtype=torch.float64)
+    k, _ = best_size(drafts, cost, max_nodes)
+    if k == 0:
+        return False
+    threshold = float(torch.sort(drafts, descending=True).values[k - 1])
+    return max(score[n] for n in frontier) >= threshold
+
+
 def grow_tree(root: int, first_logp: Tensor, expand: Callable, vocab: Tensor, depth: int, opts, rates: AcceptanceRates,
-              generator, nodes_cost: bool, vocab_size: int) -> tuple[TokenTree, dict]:
+              generator, cost: Callable[[int], float] | None, vocab_size: int, max_nodes: int = 64) -> tuple[TokenTree, dict]:
     """A draft tree grown depth by depth from a drafter's distributions (Clover's heads, EAGLE's layer).
 
     Args:
@@ -414,9 +436,15 @@ def grow_tree(root: int, first_logp: Tensor, expand: Callable, vocab: Tensor, de
         vocab: [V'] the draft vocabulary's token ids.
         opts: ``beam``, ``topk``, ``min_score``, ``sample`` (see :class:`CloverDrafterConfig`).
         rates: running acceptance estimates keyed by (depth bucket, probability bucket).
+        cost: the target's v(n) when extra nodes cost it something (None: nodes are free, draft every depth).
+        max_nodes: the most nodes the engine lets a forward hold (what it trims to).
 
     Each depth keeps the ``beam`` most probable nodes by path probability. Node scores are the estimated
     chance the target accepts the node (the product of its path's estimates), which the engine sizes by.
+
+    With a cost, drafting stops at the first depth none of whose nodes the engine's trim would keep (see
+    :func:`deepening_pays`) or whose nodes all score below ``opts.min_score``: their children score no
+    higher than they do, so a deeper pass would cost a drafter forward for nodes the engine throws away.
 
     With ``opts.sample`` (for speculative sampling), each node's children are drawn from q without
     replacement, and every child carries q renormalised over the tokens its earlier siblings took
@@ -471,7 +499,8 @@ def grow_tree(root: int, first_logp: Tensor, expand: Callable, vocab: Tensor, de
             rows.append(i)
             new_tokens.append(tok)
             new_parents.append(parent)
-        if d == depth or (nodes_cost and max(score[n] for n in new_frontier) < opts.min_score):
+        if d == depth or (cost is not None and (max(score[n] for n in new_frontier) < opts.min_score
+                                                 or not deepening_pays(score, new_frontier, cost, max_nodes))):
             break  # (nodes that unlikely are trimmed by the engine anyway: drafting deeper would be wasted)
         logp = expand(rows, new_tokens, new_parents, new_frontier)
         frontier = new_frontier

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
                                    read_drafter_config_versioned, read_drafter_weights, register_drafter, write_drafter)
-from specdec.drafters.clover import grow_tree, heads_dtype, prob_prior
-from specdec.sizing import AcceptanceRates, learn, nodes_cost
+from specdec.drafters.clover import drafting_cost, grow_tree, heads_dtype, prob_prior
+from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree
 
 __all__ = ["EagleConfig", "EagleModel", "EagleDrafter", "EagleDrafterConfig", "default_feature_layers"]
@@ -238,6 +238,7 @@ class EagleDrafterConfig:
     topk: int = 8  # children tried per node
     decay: float = 0.9
     min_score: float = 0.05  # with a measured cost: stop deepening once every new node's acceptance estimate is below it
+    # (and once no node of the newest depth would survive the engine's trim: see clover.grow_tree)
     sample: bool = False
     dtype: str = "auto"  # the drafter's compute dtype: "auto" (bfloat16 where measured faster), or a dtype name
 
@@ -262,7 +263,7 @@ class EagleDrafter(Drafter):
         self.vocab_size = model.config.vocab_size
         self.hidden_layers = tuple(model.config.feature_layers)
         self.rates = AcceptanceRates(prob_prior, self.options.decay)
-        self._nodes_cost = False
+        self._cost = None
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "EagleDrafter":
@@ -286,7 +287,7 @@ class EagleDrafter(Drafter):
         self.p = 0  # committed entries
         self.rates = AcceptanceRates(prob_prior, self.options.decay)
         self._keys: dict = {}
-        self._nodes_cost = nodes_cost(getattr(getattr(self, "target", None), "cost", None))
+        self._cost = drafting_cost(getattr(self, "target", None))
 
     @torch.inference_mode()
     def propose(self, state: DraftState) -> TokenTree:
@@ -331,7 +332,7 @@ class EagleDrafter(Drafter):
             return torch.log_softmax(m.logits(out).float(), -1)
 
         tree, self._keys = grow_tree(state.root, first, expand, m.draft_vocab, self.options.depth, self.options, self.rates,
-                                     self.target.generator, self._nodes_cost, self.vocab_size)
+                                     self.target.generator, self._cost, self.vocab_size, self.target.max_nodes)
         return tree
 
     def observe(self, result: StepResult) -> None:

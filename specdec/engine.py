@@ -362,6 +362,7 @@ def _setup(model, tokenizer, prompts: list, drafter, config: GenerationConfig | 
     if config.node_budget:  # nodes cost nothing, and max_nodes = node_budget caps every tree (each row of a batch too)
         cost = _free
     target.cost, target.step_ms = cost, (profile.step_ms if profile is not None else None)
+    target.max_nodes = config.node_budget or config.max_tree_nodes
     return _Run(inputs, drafter_obj, verifier, config, stop_checker, generator, attn, fast, cost)
 
 

@@ -102,6 +102,47 @@ def test_drafting_stops_early_only_where_extra_nodes_cost_something():
     assert depths == {"none": 3, "flat": 3, "growing": 1}
 
 
+def test_deepening_pays_only_while_the_newest_depth_makes_the_trim():
+    """Worked example: v(n) = 1 up to 3 nodes, then 1.5. Drafts [.6, .3] at depth 1: the trim keeps both
+    (1.9 / 1), so a depth below them may pay; when the newest depth's best node (.05) ranks below the kept
+    ones, its children cannot make the cut and drafting stops."""
+    from specdec.drafters.clover import deepening_pays
+
+    cost = lambda n: 1.0 if n <= 3 else 1.5
+    assert deepening_pays([1.0, 0.6, 0.3], [1, 2], cost, 64)
+    assert not deepening_pays([1.0, 0.6, 0.3, 0.05, 0.04], [3, 4], cost, 64)
+    assert deepening_pays([1.0, 0.6, 0.3, 0.4], [3], cost, 64)  # .4 is kept before .3
+    assert not deepening_pays([1.0, 0.6, 0.3, 0.4], [3], cost, 2)  # one draft fits: only .6 is kept
+    assert not deepening_pays([1.0, 0.01], [1], lambda n: float(n), 64)  # no draft pays: a plain step
+
+
+def test_a_steep_cost_stops_drafting_where_the_trim_would_cut_and_keeps_the_same_trimmed_tree():
+    from specdec.drafters.clover import CloverDrafterConfig
+    from specdec.sizing import trim
+
+    model = tiny_model("llama")
+    heads = random_heads(model, depth=5)
+    drafter = CloverDrafter.from_heads(heads, CloverDrafterConfig(min_score=0.0, beam=4, topk=4))
+    specdec.generate(model, None, torch.tensor([1, 2, 3]), drafter=drafter, max_new_tokens=1)  # binds
+    torch.manual_seed(0)
+    steep = lambda n: 1.0 if n <= 2 else 1.0 + 2.0 * (n - 2)
+    stopped = 0
+    for _ in range(8):
+        z = torch.randn(model.config.hidden_size, dtype=model.dtype)
+        drafter.target.cost = None
+        drafter.reset(torch.tensor([1, 2, 3]))
+        full = drafter._tree(3, z)
+        drafter.target.cost = steep
+        drafter.reset(torch.tensor([1, 2, 3]))
+        short = drafter._tree(3, z)
+        assert int(full.depths.max()) == 5
+        stopped += int(short.depths.max()) < 5
+        # with no history the scores are the same priors in both trees, so the engine keeps the same nodes
+        a, b = trim(full, steep), trim(short, steep)
+        assert set(a.token_paths) == set(b.token_paths)
+    assert stopped == 8
+
+
 def test_checkpoint_round_trip_gives_the_same_drafts(tmp_path):
     model = tiny_model("qwen2")
     heads = random_heads(model, draft=32)
