@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
                                    read_drafter_config, read_drafter_weights, register_drafter, write_drafter)
 from specdec.drafters.trie import depth_bucket, freq_bucket
-from specdec.sizing import AcceptanceRates, best_size, learn, nodes_cost
+from specdec.sizing import AcceptanceRates, best_of_sorted, descending, learn, nodes_cost
 from specdec.tree import TokenTree
 
 __all__ = ["CloverConfig", "CloverHeads", "CloverDrafter", "AttentionDecoder", "decoder_parts"]
@@ -415,12 +415,9 @@ def deepening_pays(score: list[float], frontier: list[int], cost: Callable[[int]
     trim keeps the k best-scoring drafts (:func:`specdec.sizing.best_size`); a child never scores above its
     parent, so when no frontier node makes the cut, the next depth's nodes rank below nodes already left out.
     """
-    drafts = torch.tensor(score[1:], dtype=torch.float64)
-    k, _ = best_size(drafts, cost, max_nodes)
-    if k == 0:
-        return False
-    threshold = float(torch.sort(drafts, descending=True).values[k - 1])
-    return max(score[n] for n in frontier) >= threshold
+    top = descending(score[1:], max_nodes - 1)
+    k, _ = best_of_sorted(top, cost)
+    return k > 0 and max(score[n] for n in frontier) >= top[k - 1]
 
 
 def grow_tree(root: int, first_logp: Tensor, expand: Callable, vocab: Tensor, depth: int, opts, rates: AcceptanceRates,

@@ -74,7 +74,19 @@ class CostProfile:
         self.step_ms = round(float(self.step_ms), 3)
 
     def cost(self, n: int) -> float:
-        """v(n) for any n >= 1: linear between measured points, linear extrapolation past the last two."""
+        """v(n) for any n >= 1: linear between measured points, linear extrapolation past the last two.
+
+        Drafters and the trim ask for the same few dozen n on every step, so each answer is kept (the memo
+        is rebuilt when ``v`` is replaced)."""
+        memo = self.__dict__.get("_memo")
+        if memo is None or memo[0] is not self.v:
+            memo = self.__dict__["_memo"] = (self.v, {})
+        value = memo[1].get(n)
+        if value is None:
+            value = memo[1][n] = self._interpolate(n)
+        return value
+
+    def _interpolate(self, n: int) -> float:
         pts = sorted(self.v.items())
         if n <= pts[0][0]:
             return pts[0][1]

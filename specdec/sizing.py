@@ -35,7 +35,7 @@ from torch import Tensor
 
 from specdec.tree import TokenTree
 
-__all__ = ["best_size", "trim", "trim_batch", "AcceptanceRates", "judged_nodes", "monotone_scores", "learn", "nodes_cost"]
+__all__ = ["best_size", "best_of_sorted", "descending", "trim", "trim_batch", "AcceptanceRates", "judged_nodes", "monotone_scores", "learn", "nodes_cost"]
 
 
 def nodes_cost(cost: Callable[[int], float] | None, max_nodes: int = 64) -> bool:
@@ -57,7 +57,7 @@ def monotone_scores(tree: TokenTree) -> Tensor:
     return s
 
 
-def best_size(scores: Tensor, cost: Callable[[int], float], max_nodes: int) -> tuple[int, float]:
+def best_size(scores: Tensor | list[float], cost: Callable[[int], float], max_nodes: int) -> tuple[int, float]:
     """How many of the best drafts to keep: the k maximising (1 + sum of the k best scores) / cost(k + 1).
 
     Args:
@@ -68,12 +68,27 @@ def best_size(scores: Tensor, cost: Callable[[int], float], max_nodes: int) -> t
     Returns:
         (k, expected tokens per unit of cost at that k).
     """
-    top = torch.sort(scores.to(torch.float64), descending=True).values[: max(0, max_nodes - 1)]
-    gains = 1.0 + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(top, 0)])
-    costs = torch.tensor([cost(k + 1) for k in range(top.numel() + 1)], dtype=torch.float64)
-    ratio = gains / costs
-    k = int(torch.argmax(ratio))
-    return k, float(ratio[k])
+    return best_of_sorted(descending(scores, max_nodes - 1), cost)
+
+
+def descending(scores: Tensor | list[float], limit: int) -> list[float]:
+    """The ``limit`` highest of ``scores`` (a tensor or a list), highest first, as float64 Python numbers."""
+    values = scores.tolist() if isinstance(scores, Tensor) else list(scores)
+    return sorted(values, reverse=True)[: max(0, limit)]
+
+
+def best_of_sorted(top: list[float], cost: Callable[[int], float]) -> tuple[int, float]:
+    """:func:`best_size` over scores already sorted highest first (the first k of them are the kept drafts).
+
+    A drafter asks this once per depth on every step, over at most a few dozen scores, so it runs in plain
+    Python floats (float64, like the sum it stands for): tensor calls would cost more than the arithmetic."""
+    best_k, best, total = 0, 1.0 / cost(1), 0.0
+    for k, score in enumerate(top, 1):
+        total += score
+        ratio = (1.0 + total) / cost(k + 1)
+        if ratio > best:
+            best_k, best = k, ratio
+    return best_k, best
 
 
 def trim(tree: TokenTree, cost: Callable[[int], float], max_nodes: int = 64) -> TokenTree:

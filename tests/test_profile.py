@@ -31,6 +31,13 @@ def test_cost_interpolates_between_measured_points(n, expected, why):
     assert p.cost(n) == pytest.approx(expected), why
 
 
+def test_cost_answers_for_a_replaced_curve_not_the_remembered_one():
+    p = CostProfile(step_ms=10.0, v={1: 1.0, 2: 1.2, 4: 1.4})
+    assert p.cost(3) == pytest.approx(1.3) and p.cost(3) == pytest.approx(1.3)  # the second answer is the kept one
+    p.v = {1: 1.0, 2: 2.0, 4: 4.0}
+    assert p.cost(3) == pytest.approx(3.0)
+
+
 def test_measure_save_load_round_trip(cache_dir):
     model = tiny_model("llama", dtype=torch.float32)
     p = measure_profile(model, fast=True, repeats=2)

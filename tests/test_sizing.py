@@ -23,6 +23,21 @@ def test_worked_example_from_the_module_doc():
     assert trim(tree, cost).tokens.tolist() == [9, 1, 2]
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), max_size=12), st.lists(st.floats(0.0, 0.5), min_size=12, max_size=12),
+       st.integers(1, 14))
+def test_best_size_is_the_best_prefix_of_the_sorted_scores(scores, steps, max_nodes):
+    curve = {1: 1.0}
+    for n, step in enumerate(steps, 2):
+        curve[n] = curve[n - 1] + step
+    cost = cost_table(curve)
+    top = sorted(scores, reverse=True)[: max_nodes - 1]
+    ratios = [(1.0 + sum(top[:k])) / cost(k + 1) for k in range(len(top) + 1)]
+    k, ratio = best_size(torch.tensor(scores, dtype=torch.float64), cost, max_nodes)
+    assert ratio == pytest.approx(max(ratios)) and ratios[k] == pytest.approx(max(ratios))
+    assert best_size(scores, cost, max_nodes) == (k, ratio)  # a list gives what the tensor gives
+
+
 def test_no_tree_pays_when_every_node_is_unlikely():
     tree = TokenTree.from_sequences(5, [[1, 2], [3]], scores=[[0.05, 0.04], [0.03]])
     trimmed = trim(tree, cost_table({1: 1.0, 2: 1.2, 3: 1.25, 4: 1.3}))
