@@ -69,7 +69,7 @@ from specdec.tree import TokenTree
 
 __all__ = ["Target", "DraftState", "StepResult", "Drafter", "NoDrafter", "register_drafter", "build_drafter",
            "registered_drafters", "parse_spec", "read_drafter_config", "read_drafter_config_versioned", "read_drafter_weights",
-           "drafter_path", "write_drafter"]
+           "drafter_path", "write_drafter", "most_frequent_rows", "add_draft_counts"]
 
 
 @dataclass
@@ -322,6 +322,36 @@ def drafter_path(args: list[str], shipped: str, spec: str, kwargs: dict | None =
         raise FileNotFoundError(f"no {spec} drafter ships with this installation; give one: {spec}:PATH "
                                 f"(train one with `specdec train`, see docs/)")
     return path
+
+
+def add_draft_counts(module: nn.Module, counts: Tensor) -> None:
+    """Add ``counts`` ([V'] label counts over ``module.draft_vocab``) to the module's saved ``draft_counts``
+    buffer, creating it when the module has none (a drafter trained on in a later run keeps counting)."""
+    counts = counts.to(torch.long).cpu()
+    if counts.shape != module.draft_vocab.shape:
+        raise ValueError(f"draft counts of shape {tuple(counts.shape)} for a draft vocabulary of {module.draft_vocab.numel()}")
+    if "draft_counts" in module._buffers:
+        module.draft_counts += counts.to(module.draft_counts.device)
+        return
+    if hasattr(module, "draft_counts"):
+        delattr(module, "draft_counts")
+    module.register_buffer("draft_counts", counts.to(module.draft_vocab.device).clone())
+
+
+def most_frequent_rows(counts: Tensor | None, size: int, spec: str, source: str = "") -> Tensor:
+    """Row indices (ascending) of the ``size`` most frequent tokens of a draft vocabulary, by ``counts`` (how
+    often each row's token was a training label, saved with the drafter as ``draft_counts``).
+
+    A drafter's output head costs it a read of every draft-vocabulary row at every depth; keeping the most
+    frequent rows (FR-Spec) makes each depth cheaper, at the price of never proposing the tokens left out
+    (each dropped token is a miss where the target wants it; outputs never change)."""
+    if counts is None:
+        raise ValueError(f"{spec}: vocab=N needs the token counts of the drafter's training data, and {source or 'this drafter'} "
+                         f"holds none (it was saved before they were kept); drop vocab= or retrain it with specdec train")
+    if not 1 <= size <= counts.numel():
+        raise ValueError(f"{spec}: vocab must be between 1 and the draft vocabulary's {counts.numel()} tokens, got {size}")
+    order = torch.argsort(counts, descending=True, stable=True)  # ties: the lower row first
+    return torch.sort(order[:size]).values
 
 
 def read_drafter_config(path) -> dict:

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
-                                   read_drafter_config, read_drafter_weights, register_drafter, write_drafter)
+                                   most_frequent_rows, read_drafter_config, read_drafter_weights, register_drafter, write_drafter)
 from specdec.drafters.trie import depth_bucket, freq_bucket
 from specdec.sizing import AcceptanceRates, best_of_sorted, descending, learn, nodes_cost
 from specdec.tree import TokenTree
@@ -142,7 +142,8 @@ class CloverHeads(nn.Module):
     """
 
     def __init__(self, config: CloverConfig, layer: nn.Module | None = None, rotary: nn.Module | None = None,
-                 embed: nn.Module | None = None, lm_head_weight: Tensor | None = None, draft_vocab: Tensor | None = None) -> None:
+                 embed: nn.Module | None = None, lm_head_weight: Tensor | None = None, draft_vocab: Tensor | None = None,
+                 draft_counts: Tensor | None = None) -> None:
         super().__init__()
         self.config = config
         h, eps = config.hidden_size, config.rms_norm_eps
@@ -169,6 +170,12 @@ class CloverHeads(nn.Module):
         v_out = config.draft_vocab_size or config.vocab_size
         dv = draft_vocab if draft_vocab is not None else torch.arange(v_out)
         self.register_buffer("draft_vocab", dv.to(torch.long).clone())
+        # how often each draft token was a training label (saved; what ``vocab=N`` ranks by), when known
+        self.draft_counts: Tensor | None
+        if draft_counts is not None:
+            self.register_buffer("draft_counts", draft_counts.to(torch.long).clone())
+        else:
+            self.draft_counts = None
         self._head: Tensor | None = None
         if lm_head_weight is not None:
             self.attach(embed, lm_head_weight, rotary)
@@ -180,6 +187,14 @@ class CloverHeads(nn.Module):
                              f"got {tuple(lm_head_weight.shape)}")
         self._frozen = (embed, rotary)
         self._head = lm_head_weight.detach()[self.draft_vocab.to(lm_head_weight.device)].to(self.first.weight.dtype)
+
+    def keep_rows(self, rows: Tensor) -> "CloverHeads":
+        """Keep only these rows of the draft vocabulary (indices into it); call before :meth:`attach`."""
+        self.draft_vocab = self.draft_vocab[rows].clone()
+        if self.draft_counts is not None:
+            self.draft_counts = self.draft_counts[rows].clone()
+        self._head = None
+        return self
 
     def embed(self, ids: Tensor) -> Tensor:
         """ê = RMSNorm(e(ids)): the target's frozen embedding, on the scale of the states."""
@@ -257,10 +272,15 @@ class CloverDrafterConfig:
     min_score: float = 0.05  # when nodes cost something (a measured cost, no node budget): stop deepening once every new node's acceptance estimate is below it
     sample: bool = False  # draw drafts from the heads' distribution and carry it (draft_probs) for speculative sampling
     dtype: str = "auto"  # the heads' compute dtype: "auto" (measured: bfloat16 where it is faster), or a dtype name
+    # > 0: draft only over the N most frequent tokens of the draft vocabulary (a cheaper head at every depth;
+    # see specdec.drafters.base.most_frequent_rows); 0: the whole draft vocabulary
+    vocab: int = 0
 
     def __post_init__(self) -> None:
         if self.depth < 0 or self.beam < 1 or self.topk < 1:
             raise ValueError("clover options need depth >= 0, beam >= 1 and topk >= 1")
+        if self.vocab < 0:
+            raise ValueError(f"vocab must be 0 (the whole draft vocabulary) or a positive count, got {self.vocab}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
@@ -352,10 +372,13 @@ class CloverDrafter(Drafter):
                              f"{target.hidden_size}; use heads trained for this model")
         layer, rotary = decoder_parts(target.model) if self.clover_config.augment else (None, None)
         if self.heads is None:
-            heads = CloverHeads(self.clover_config, layer, rotary, draft_vocab=self._state["draft_vocab"])
+            heads = CloverHeads(self.clover_config, layer, rotary, draft_vocab=self._state["draft_vocab"],
+                                draft_counts=self._state.get("draft_counts"))
             heads.load_state(self._state, self.source)
+            if self.options.vocab:
+                heads.keep_rows(most_frequent_rows(heads.draft_counts, self.options.vocab, self.name, self.source))
             self.heads = heads.eval()
-        rows = self.clover_config.draft_vocab_size or self.clover_config.vocab_size
+        rows = self.heads.draft_vocab.numel()
         self.heads.to(device=target.device, dtype=heads_dtype(target, rows, self.options.dtype))
         self.heads.attach(target.input_embeddings, target.output_weight, rotary)
 

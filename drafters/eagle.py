@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
+from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path, most_frequent_rows,
                                    read_drafter_config_versioned, read_drafter_weights, register_drafter, write_drafter)
 from specdec.drafters.clover import drafting_cost, grow_tree, heads_dtype, prob_prior
 from specdec.sizing import AcceptanceRates, learn
@@ -153,7 +153,8 @@ class EagleModel(nn.Module):
     draft vocabulary and is trained with the rest.
     """
 
-    def __init__(self, config: EagleConfig, draft_vocab: Tensor, head_rows: Tensor | None = None) -> None:
+    def __init__(self, config: EagleConfig, draft_vocab: Tensor, head_rows: Tensor | None = None,
+                 draft_counts: Tensor | None = None) -> None:
         super().__init__()
         c = self.config = config
         h, d = c.hidden_size, c.head_dim
@@ -172,7 +173,23 @@ class EagleModel(nn.Module):
         if head_rows is not None:
             self.head.weight.data.copy_(head_rows)
         self.register_buffer("draft_vocab", draft_vocab.clone())
+        # how often each draft token was a training label (saved; what ``vocab=N`` ranks by), when known
+        self.draft_counts: Tensor | None
+        if draft_counts is not None:
+            self.register_buffer("draft_counts", draft_counts.to(torch.long).clone())
+        else:
+            self.draft_counts = None
         self._embed: tuple = ()
+
+    def keep_rows(self, rows: Tensor) -> "EagleModel":
+        """Keep only these rows of the draft vocabulary (indices into it): a smaller, cheaper head."""
+        self.head.weight = nn.Parameter(self.head.weight.data[rows].clone(), requires_grad=self.head.weight.requires_grad)
+        self.head.out_features = rows.numel()
+        self.draft_vocab = self.draft_vocab[rows].clone()
+        if self.draft_counts is not None:
+            self.draft_counts = self.draft_counts[rows].clone()
+        self.config.draft_vocab_size = rows.numel()
+        return self
 
     def attach(self, embeddings: nn.Module) -> "EagleModel":
         """The target's token embedding (kept outside the module: frozen, shared, not saved)."""
@@ -221,7 +238,7 @@ class EagleModel(nn.Module):
         state = read_drafter_weights(path / "model.safetensors")
         if "draft_vocab" not in state:
             raise ValueError(f"{path / 'model.safetensors'} holds no draft_vocab: not an EAGLE drafter")
-        model = cls(config, state["draft_vocab"])
+        model = cls(config, state["draft_vocab"], draft_counts=state.get("draft_counts"))
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
@@ -241,10 +258,15 @@ class EagleDrafterConfig:
     # (and once no node of the newest depth would survive the engine's trim: see clover.grow_tree)
     sample: bool = False
     dtype: str = "auto"  # the drafter's compute dtype: "auto" (bfloat16 where measured faster), or a dtype name
+    # > 0: draft only over the N most frequent tokens of the draft vocabulary (a cheaper head at every depth;
+    # see specdec.drafters.base.most_frequent_rows); 0: the whole draft vocabulary
+    vocab: int = 0
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.beam < 1 or self.topk < 1:
             raise ValueError("eagle options need depth >= 1, beam >= 1 and topk >= 1")
+        if self.vocab < 0:
+            raise ValueError(f"vocab must be 0 (the whole draft vocabulary) or a positive count, got {self.vocab}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
@@ -258,8 +280,10 @@ class EagleDrafter(Drafter):
     name = "eagle"
     needs_hidden_states = True
 
-    def __init__(self, model: EagleModel, options: EagleDrafterConfig | None = None) -> None:
+    def __init__(self, model: EagleModel, options: EagleDrafterConfig | None = None, source: str = "") -> None:
         self.model, self.options = model, options or EagleDrafterConfig()
+        if self.options.vocab:
+            self.model.keep_rows(most_frequent_rows(model.draft_counts, self.options.vocab, self.name, source))
         self.vocab_size = model.config.vocab_size
         self.hidden_layers = tuple(model.config.feature_layers)
         self.rates = AcceptanceRates(prob_prior, self.options.decay)
@@ -268,7 +292,7 @@ class EagleDrafter(Drafter):
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "EagleDrafter":
         path = drafter_path(args, "eagle-smollm2-135m", cls.name, kwargs)
-        return cls(EagleModel.from_pretrained(path), config_from_options(EagleDrafterConfig, kwargs, cls.name))
+        return cls(EagleModel.from_pretrained(path), config_from_options(EagleDrafterConfig, kwargs, cls.name), str(path))
 
     def bind(self, target: Target) -> None:
         super().bind(target)

@@ -161,6 +161,28 @@ def test_checkpoint_round_trip_gives_the_same_drafts(tmp_path):
     assert not any(k.startswith("_frozen") for k in heads.state_dict())  # the target's embedding is not saved
 
 
+def test_vocab_option_drafts_over_the_most_frequent_tokens_and_stays_lossless(tmp_path):
+    from specdec.drafters.base import add_draft_counts
+
+    model = tiny_model("qwen2")
+    heads = random_heads(model, draft=32)
+    add_draft_counts(heads, torch.arange(32) % 7)  # rows 6, 13, 20, 27 the most frequent (ties: the lower row first)
+    heads.save_pretrained(tmp_path / "c")
+    drafter = specdec.drafters.build_drafter(f"clover:{tmp_path / 'c'},vocab=6")
+    proposed, propose = [], drafter.propose
+    drafter.propose = lambda state: proposed.append(propose(state)) or proposed[-1]
+    ids = torch.tensor([4, 5, 6, 4, 5])
+    out = specdec.generate(model, None, ids, drafter=drafter, max_new_tokens=12, size_trees=False)
+    assert out.token_ids == specdec.generate(model, None, ids, drafter="none", max_new_tokens=12).token_ids
+    kept = heads.draft_vocab[[5, 6, 12, 13, 20, 27]].tolist()
+    assert drafter.heads.draft_vocab.tolist() == kept and drafter.heads._head.shape[0] == 6
+    drafted = {t for tree in proposed for t in tree.tokens[1:].tolist()}
+    assert drafted and drafted <= set(kept)
+    random_heads(model, draft=32).save_pretrained(tmp_path / "old")  # saved without counts
+    with pytest.raises(ValueError, match="holds none"):
+        specdec.generate(model, None, ids, drafter=f"clover:{tmp_path / 'old'},vocab=6", max_new_tokens=2)
+
+
 def test_heads_for_another_model_are_a_clear_error(tmp_path):
     model = tiny_model("llama")
     heads = random_heads(tiny_model("llama", vocab_size=100))
@@ -187,6 +209,8 @@ def test_training_fits_clover_and_ships_a_drafter(method, tmp_path, default_toke
     final = train(cfg)
     saved = json.loads((final / "config.json").read_text())
     assert saved["version"] == (2 if method == "clover2" else 1) and len(saved["extra"]["heldout_accuracy"]) == 3
+    counts = specdec.drafters.base.read_drafter_weights(final / "model.safetensors")["draft_counts"]
+    assert counts.shape == (128,) and counts.sum() > 0  # label counts kept for vocab=N
     model, tok = specdec.load_model(target)
     msgs = [{"role": "user", "content": "Say something about topic 3."}]
     ids = specdec.engine.prepare_input_ids(tok, msgs)

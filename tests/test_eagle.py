@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import specdec
+from specdec.drafters import build_drafter
 from conftest import assert_greedy_equals_hf_on_random_prompts, hf_greedy, save_tiny_target, tiny_model, write_conversations
 from specdec.drafters.eagle import EagleConfig, EagleDrafter, EagleDrafterConfig, EagleModel, default_feature_layers
 
@@ -106,6 +107,31 @@ def test_unrolled_steps_at_sampled_positions_compute_what_the_full_unroll_does()
     assert eagle.q_proj.weight.grad is not None and torch.isfinite(out["loss"])
 
 
+def test_vocab_option_drafts_over_the_most_frequent_tokens_and_stays_lossless(tmp_path):
+    from specdec.drafters.base import add_draft_counts
+
+    model = tiny_model("llama")
+    eagle = random_eagle(model, draft=32)
+    counts = torch.arange(32).flip(0) * 3 + (torch.arange(32) == 20) * 1000  # row 20 the most frequent, then 0, 1, ...
+    add_draft_counts(eagle, counts)
+    eagle.save_pretrained(tmp_path / "e")
+    drafter = build_drafter(f"eagle:{tmp_path / 'e'},vocab=5")
+    assert drafter.model.draft_vocab.tolist() == eagle.draft_vocab[[0, 1, 2, 3, 20]].tolist()
+    assert torch.equal(drafter.model.head.weight, eagle.head.weight[[0, 1, 2, 3, 20]])
+    proposed, propose = [], drafter.propose
+    drafter.propose = lambda state: proposed.append(propose(state)) or proposed[-1]
+    ids = torch.tensor([4, 5, 6, 7])
+    out = specdec.generate(model, None, ids, drafter=drafter, max_new_tokens=10, size_trees=False)
+    assert out.token_ids == hf_greedy(model, ids, 10, min_new_tokens=10)
+    drafted = {t for tree in proposed for t in tree.tokens[1:].tolist()}
+    assert drafted and drafted <= set(drafter.model.draft_vocab.tolist())
+    with pytest.raises(ValueError, match="between 1 and the draft vocabulary's 32"):
+        build_drafter(f"eagle:{tmp_path / 'e'},vocab=33")
+    random_eagle(model, draft=32).save_pretrained(tmp_path / "old")  # saved without counts
+    with pytest.raises(ValueError, match="holds none"):
+        build_drafter(f"eagle:{tmp_path / 'old'},vocab=8")
+
+
 def test_files_round_trip_and_fit_checks(tmp_path):
     model = tiny_model("llama")
     eagle = random_eagle(model, draft=32)
@@ -142,6 +168,8 @@ def test_training_fits_eagle_and_ships_a_drafter(tmp_path, default_tokenizer):
     out = specdec.generate(model, tok, msgs, drafter=f"eagle:{final}", max_new_tokens=12, size_trees=False)  # (untrimmed: it drafts)
     assert out.token_ids == specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=12).token_ids
     assert out.stats.drafted_tokens > 0
+    counts = EagleModel.from_pretrained(final).draft_counts
+    assert counts is not None and counts.shape == (128,) and counts.sum() > 0  # label counts kept for vocab=N
     # a run continued from that drafter (a later session: new optimizer, same layers and draft vocabulary)
     cfg.output_dir = str(tmp_path / "run2")
     cfg.eagle.init = str(final)
@@ -150,6 +178,7 @@ def test_training_fits_eagle_and_ships_a_drafter(tmp_path, default_tokenizer):
     again = train(cfg)
     first, second = EagleModel.from_pretrained(final), EagleModel.from_pretrained(again)
     assert torch.equal(first.draft_vocab, second.draft_vocab)
+    assert torch.equal(second.draft_counts, 2 * first.draft_counts)  # the same conversations counted once more
     assert not torch.equal(first.fc.weight, second.fc.weight)  # it trained on
     extra = json.loads((again / "config.json").read_text())["extra"]
     assert [r["train_steps"] for r in extra["runs"]] == [4, 2] and extra["total_train_steps"] == 6

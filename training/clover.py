@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.clover import CloverConfig, CloverHeads, decoder_parts
-from specdec.training.common import collate_features, draft_vocabulary, fit, run_record, start_run, target_features
+from specdec.training.common import collate_features, draft_vocabulary, fit, label_counts, run_record, start_run, target_features
 from specdec.training.config import TrainConfig
 from specdec.training.losses import DepthAccuracy, DraftVocab, Teacher, depth_loss
 
@@ -124,7 +124,8 @@ def train_clover(cfg: TrainConfig) -> Path:
         version=2 if cfg.method == "clover2" else 1, rms_norm_eps=getattr(model.config, "rms_norm_eps", 1e-5),
         target_model=str(cfg.model),
     )
-    heads = CloverHeads(ccfg, layer if cfg.clover.augment else None, rotary, model.get_input_embeddings(), lm_head, draft_vocab)
+    heads = CloverHeads(ccfg, layer if cfg.clover.augment else None, rotary, model.get_input_embeddings(), lm_head, draft_vocab,
+                        draft_counts=label_counts(train_feats.label_sets(), vocab)[draft_vocab])
     distill = cfg.method == "clover2" or cfg.loss_type == "kl"
     module = CloverModule(heads, vocab, cfg.loss_decay, distill, cfg.clover.regression_weight if cfg.method == "clover2" else 0.0)
     trainer = fit(module, train_feats, lambda batch: collate_features(batch, with_ids=True), cfg, out,

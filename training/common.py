@@ -43,15 +43,20 @@ def collate_features(batch: list[dict], with_ids: bool = False) -> dict:
     return {"hidden": hidden, "labels": labels, "ids": ids} if with_ids else {"hidden": hidden, "labels": labels}
 
 
-def draft_vocabulary(label_sets: list[Tensor], vocab_size: int, size: int | None) -> Tensor:
-    """The ``size`` most frequent labels (sorted ids); the full vocabulary when size is None."""
-    if size is None or size >= vocab_size:
-        return torch.arange(vocab_size)
+def label_counts(label_sets: list[Tensor], vocab_size: int) -> Tensor:
+    """[V] how often each token is a label (ignored positions, -100, not counted)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for labels in label_sets:
         lab = labels[labels >= 0]
         counts += torch.bincount(lab, minlength=vocab_size)
-    return torch.sort(torch.topk(counts, size).indices).values
+    return counts
+
+
+def draft_vocabulary(label_sets: list[Tensor], vocab_size: int, size: int | None) -> Tensor:
+    """The ``size`` most frequent labels (sorted ids); the full vocabulary when size is None."""
+    if size is None or size >= vocab_size:
+        return torch.arange(vocab_size)
+    return torch.sort(torch.topk(label_counts(label_sets, vocab_size), size).indices).values
 
 
 def training_args(cfg: TrainConfig, out: Path):

@@ -178,7 +178,8 @@ def eagle_heldout_accuracy(module: EagleModule, items, num_features: int) -> lis
 
 def train_eagle(cfg: TrainConfig) -> Path:
     """Train the EAGLE drafter as ``cfg`` says; returns the directory of the final drafter."""
-    from specdec.training.common import draft_vocabulary, fit, run_record, start_run, target_features
+    from specdec.drafters.base import add_draft_counts
+    from specdec.training.common import draft_vocabulary, fit, label_counts, run_record, start_run, target_features
 
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
     start = _initial(cfg, model)
@@ -194,6 +195,7 @@ def train_eagle(cfg: TrainConfig) -> Path:
         draft_vocab = draft_vocabulary(train.label_sets(), head.shape[0], cfg.draft_vocab_size)
         ecfg.draft_vocab_size = None if cfg.draft_vocab_size is None else draft_vocab.numel()
         eagle = EagleModel(ecfg, draft_vocab, head[draft_vocab].float().clone())
+    add_draft_counts(eagle, label_counts(train.label_sets(), head.shape[0])[draft_vocab])
     rows = head[draft_vocab].float().clone()
     eagle.train().attach(model.get_input_embeddings())
     module = EagleModule(eagle, rows, head.shape[0], cfg.depth, cfg.loss_decay, cfg.loss_type == "kl", cfg.eagle.ttt_positions)
