@@ -69,7 +69,7 @@ from specdec.tree import TokenTree
 
 __all__ = ["Target", "DraftState", "StepResult", "Drafter", "NoDrafter", "register_drafter", "build_drafter",
            "registered_drafters", "parse_spec", "read_drafter_config", "read_drafter_config_versioned", "read_drafter_weights",
-           "drafter_path", "write_drafter", "most_frequent_rows", "add_draft_counts"]
+           "drafter_path", "write_drafter", "most_frequent_rows", "set_draft_counts", "add_draft_counts", "keep_draft_rows"]
 
 
 @dataclass
@@ -324,18 +324,33 @@ def drafter_path(args: list[str], shipped: str, spec: str, kwargs: dict | None =
     return path
 
 
+def set_draft_counts(module: nn.Module, counts: Tensor | None) -> None:
+    """Give ``module`` (a drafter with a ``draft_vocab`` buffer) its ``draft_counts``: how often each draft token was
+    a training label (a saved buffer; what ``vocab=N`` ranks by), or None when unknown (nothing saved)."""
+    if "draft_counts" in module._buffers or hasattr(module, "draft_counts"):
+        delattr(module, "draft_counts")
+    if counts is None:
+        module.draft_counts = None
+    else:
+        module.register_buffer("draft_counts", counts.to(device=module.draft_vocab.device, dtype=torch.long).clone())
+
+
 def add_draft_counts(module: nn.Module, counts: Tensor) -> None:
-    """Add ``counts`` ([V'] label counts over ``module.draft_vocab``) to the module's saved ``draft_counts``
-    buffer, creating it when the module has none (a drafter trained on in a later run keeps counting)."""
-    counts = counts.to(torch.long).cpu()
+    """Add ``counts`` ([V'] label counts over ``module.draft_vocab``) to the module's ``draft_counts``, starting
+    them when the module has none (a drafter trained on in a later run keeps counting)."""
     if counts.shape != module.draft_vocab.shape:
         raise ValueError(f"draft counts of shape {tuple(counts.shape)} for a draft vocabulary of {module.draft_vocab.numel()}")
-    if "draft_counts" in module._buffers:
-        module.draft_counts += counts.to(module.draft_counts.device)
-        return
-    if hasattr(module, "draft_counts"):
-        delattr(module, "draft_counts")
-    module.register_buffer("draft_counts", counts.to(module.draft_vocab.device).clone())
+    if module.draft_counts is None:
+        set_draft_counts(module, counts)
+    else:
+        module.draft_counts += counts.to(device=module.draft_counts.device, dtype=torch.long)
+
+
+def keep_draft_rows(module: nn.Module, rows: Tensor) -> None:
+    """Keep only these rows (indices into it) of ``module``'s draft vocabulary and of its counts."""
+    module.draft_vocab = module.draft_vocab[rows].clone()
+    if module.draft_counts is not None:
+        module.draft_counts = module.draft_counts[rows].clone()
 
 
 def most_frequent_rows(counts: Tensor | None, size: int, spec: str, source: str = "") -> Tensor:

@@ -65,7 +65,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path,
-                                   most_frequent_rows, read_drafter_config, read_drafter_weights, register_drafter, write_drafter)
+                                   keep_draft_rows, most_frequent_rows, read_drafter_config, read_drafter_weights,
+                                   register_drafter, set_draft_counts, write_drafter)
 from specdec.drafters.trie import depth_bucket, freq_bucket
 from specdec.sizing import AcceptanceRates, best_of_sorted, descending, learn, nodes_cost
 from specdec.tree import TokenTree
@@ -170,12 +171,7 @@ class CloverHeads(nn.Module):
         v_out = config.draft_vocab_size or config.vocab_size
         dv = draft_vocab if draft_vocab is not None else torch.arange(v_out)
         self.register_buffer("draft_vocab", dv.to(torch.long).clone())
-        # how often each draft token was a training label (saved; what ``vocab=N`` ranks by), when known
-        self.draft_counts: Tensor | None
-        if draft_counts is not None:
-            self.register_buffer("draft_counts", draft_counts.to(torch.long).clone())
-        else:
-            self.draft_counts = None
+        set_draft_counts(self, draft_counts)
         self._head: Tensor | None = None
         if lm_head_weight is not None:
             self.attach(embed, lm_head_weight, rotary)
@@ -190,9 +186,7 @@ class CloverHeads(nn.Module):
 
     def keep_rows(self, rows: Tensor) -> "CloverHeads":
         """Keep only these rows of the draft vocabulary (indices into it); call before :meth:`attach`."""
-        self.draft_vocab = self.draft_vocab[rows].clone()
-        if self.draft_counts is not None:
-            self.draft_counts = self.draft_counts[rows].clone()
+        keep_draft_rows(self, rows)
         self._head = None
         return self
 

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path, most_frequent_rows,
-                                   read_drafter_config_versioned, read_drafter_weights, register_drafter, write_drafter)
+from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path, keep_draft_rows,
+                                   most_frequent_rows, read_drafter_config_versioned, read_drafter_weights, register_drafter,
+                                   set_draft_counts, write_drafter)
 from specdec.drafters.clover import drafting_cost, grow_tree, heads_dtype, prob_prior
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree
@@ -173,21 +174,14 @@ class EagleModel(nn.Module):
         if head_rows is not None:
             self.head.weight.data.copy_(head_rows)
         self.register_buffer("draft_vocab", draft_vocab.clone())
-        # how often each draft token was a training label (saved; what ``vocab=N`` ranks by), when known
-        self.draft_counts: Tensor | None
-        if draft_counts is not None:
-            self.register_buffer("draft_counts", draft_counts.to(torch.long).clone())
-        else:
-            self.draft_counts = None
+        set_draft_counts(self, draft_counts)
         self._embed: tuple = ()
 
     def keep_rows(self, rows: Tensor) -> "EagleModel":
         """Keep only these rows of the draft vocabulary (indices into it): a smaller, cheaper head."""
         self.head.weight = nn.Parameter(self.head.weight.data[rows].clone(), requires_grad=self.head.weight.requires_grad)
         self.head.out_features = rows.numel()
-        self.draft_vocab = self.draft_vocab[rows].clone()
-        if self.draft_counts is not None:
-            self.draft_counts = self.draft_counts[rows].clone()
+        keep_draft_rows(self, rows)
         self.config.draft_vocab_size = rows.numel()
         return self
 

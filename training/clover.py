@@ -115,7 +115,8 @@ def train_clover(cfg: TrainConfig) -> Path:
     held, train_feats = target_features(model, tokenizer, heldout_convs + train_convs, cfg, min_len=3)
     lm_head = model.get_output_embeddings().weight.detach()
     vocab = lm_head.shape[0]
-    draft_vocab = draft_vocabulary(train_feats.label_sets(), vocab, cfg.draft_vocab_size)
+    counts = label_counts(train_feats.label_sets(), vocab)
+    draft_vocab = draft_vocabulary(counts, cfg.draft_vocab_size)
     layer, rotary = decoder_parts(model)
     ccfg = CloverConfig(
         hidden_size=lm_head.shape[1], vocab_size=vocab, num_heads=cfg.depth,
@@ -125,7 +126,7 @@ def train_clover(cfg: TrainConfig) -> Path:
         target_model=str(cfg.model),
     )
     heads = CloverHeads(ccfg, layer if cfg.clover.augment else None, rotary, model.get_input_embeddings(), lm_head, draft_vocab,
-                        draft_counts=label_counts(train_feats.label_sets(), vocab)[draft_vocab])
+                        draft_counts=counts[draft_vocab])
     distill = cfg.method == "clover2" or cfg.loss_type == "kl"
     module = CloverModule(heads, vocab, cfg.loss_decay, distill, cfg.clover.regression_weight if cfg.method == "clover2" else 0.0)
     trainer = fit(module, train_feats, lambda batch: collate_features(batch, with_ids=True), cfg, out,

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from specdec.training.config import TrainConfig
 
-__all__ = ["collate_features", "draft_vocabulary", "training_args", "target_features", "FeatureItems", "last_complete_checkpoint",
+__all__ = ["collate_features", "label_counts", "draft_vocabulary", "training_args", "target_features", "FeatureItems", "last_complete_checkpoint",
            "run_record", "TimeBudget", "MemoryWatch"]
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,12 @@ def label_counts(label_sets: list[Tensor], vocab_size: int) -> Tensor:
     return counts
 
 
-def draft_vocabulary(label_sets: list[Tensor], vocab_size: int, size: int | None) -> Tensor:
-    """The ``size`` most frequent labels (sorted ids); the full vocabulary when size is None."""
-    if size is None or size >= vocab_size:
-        return torch.arange(vocab_size)
-    return torch.sort(torch.topk(label_counts(label_sets, vocab_size), size).indices).values
+def draft_vocabulary(counts: Tensor, size: int | None) -> Tensor:
+    """The ``size`` most frequent labels by ``counts`` (:func:`label_counts`; sorted ids); the full vocabulary
+    when size is None."""
+    if size is None or size >= counts.numel():
+        return torch.arange(counts.numel())
+    return torch.sort(torch.topk(counts, size).indices).values
 
 
 def training_args(cfg: TrainConfig, out: Path):

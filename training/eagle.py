@@ -189,13 +189,14 @@ def train_eagle(cfg: TrainConfig) -> Path:
     layers = list(ecfg.feature_layers) + [-1]
     held, train = target_features(model, tokenizer, heldout_convs + train_convs, cfg, layers, min_len=3)
     head = model.get_output_embeddings().weight.detach()
+    counts = label_counts(train.label_sets(), head.shape[0])
     if start is not None:
         draft_vocab, eagle = start.draft_vocab.clone(), start
     else:
-        draft_vocab = draft_vocabulary(train.label_sets(), head.shape[0], cfg.draft_vocab_size)
+        draft_vocab = draft_vocabulary(counts, cfg.draft_vocab_size)
         ecfg.draft_vocab_size = None if cfg.draft_vocab_size is None else draft_vocab.numel()
         eagle = EagleModel(ecfg, draft_vocab, head[draft_vocab].float().clone())
-    add_draft_counts(eagle, label_counts(train.label_sets(), head.shape[0])[draft_vocab])
+    add_draft_counts(eagle, counts[draft_vocab])
     rows = head[draft_vocab].float().clone()
     eagle.train().attach(model.get_input_embeddings())
     module = EagleModule(eagle, rows, head.shape[0], cfg.depth, cfg.loss_decay, cfg.loss_type == "kl", cfg.eagle.ttt_positions)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from specdec.drafters.gad import GADBlock, GADConfig, decoder_layers
-from specdec.training.common import draft_vocabulary, fit, run_record, start_run, target_features
+from specdec.training.common import draft_vocabulary, fit, label_counts, run_record, start_run, target_features
 from specdec.training.config import TrainConfig
 from specdec.training.losses import DepthAccuracy, DraftVocab, Teacher, depth_loss
 
@@ -120,7 +120,7 @@ def train_gad(cfg: TrainConfig) -> Path:
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
     held, feats = target_features(model, tokenizer, heldout_convs + train_convs, cfg, min_len=cfg.depth + 2)
     head = model.get_output_embeddings().weight.detach()
-    draft_vocab = draft_vocabulary(feats.label_sets(), head.shape[0], cfg.draft_vocab_size)
+    draft_vocab = draft_vocabulary(label_counts(feats.label_sets(), head.shape[0]), cfg.draft_vocab_size)
     layers, rotary = decoder_layers(model, cfg.gad.layers)
     gcfg = GADConfig(hidden_size=head.shape[1], vocab_size=head.shape[0], block=cfg.depth, window=cfg.gad.window,
                      num_layers=cfg.gad.layers, draft_vocab_size=None if cfg.draft_vocab_size is None else draft_vocab.numel(),

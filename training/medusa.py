@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.drafters.medusa import MedusaConfig, MedusaHeads, tree_from_accuracies
-from specdec.training.common import collate_features, draft_vocabulary, fit, run_record, start_run, target_features
+from specdec.training.common import collate_features, draft_vocabulary, fit, label_counts, run_record, start_run, target_features
 from specdec.training.config import TrainConfig
 from specdec.training.data import tokenize_conversation
 from specdec.training.losses import DepthAccuracy, DraftVocab, Teacher, depth_loss
@@ -174,7 +174,7 @@ def train_medusa(cfg: TrainConfig) -> Path:
     else:  # the target changes while training: count the data's own tokens for the draft vocabulary
         seqs = [tokenize_conversation(tokenizer, c, cfg.max_len) for c in train_convs]
         label_sets = seqs
-    draft_vocab = draft_vocabulary(label_sets, vocab, cfg.draft_vocab_size)
+    draft_vocab = draft_vocabulary(label_counts(label_sets, vocab), cfg.draft_vocab_size)
     mcfg = MedusaConfig(hidden_size=lm_head.shape[1], vocab_size=vocab, num_heads=cfg.depth, num_layers=cfg.medusa.layers,
                         own_projection=cfg.medusa.own_projection, draft_vocab_size=None if cfg.draft_vocab_size is None else draft_vocab.numel(),
                         target_model=str(cfg.model), medusa_version=1 if cfg.method == "medusa1" else 2)
