@@ -24,6 +24,7 @@ one given); a drafter class that can work on all rows at once implements
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -41,7 +42,7 @@ from specdec.tree import TokenTree
 from specdec.tree_attention.hf import TreeAttention
 from specdec.tree_attention.reference import ragged_tree_mask
 
-__all__ = ["BatchKVCache", "BatchRunner", "decode_batch", "pad_trees"]
+__all__ = ["BatchEngine", "BatchKVCache", "BatchRunner", "Request", "decode_batch", "pad_trees"]
 
 
 class _BatchLayer(_TreeLayer):
@@ -256,29 +257,191 @@ class BatchRunner:
 
 
 @dataclass
+class Request:
+    """One sequence for :class:`BatchEngine`: its prompt and its own settings.
+
+    ``key`` comes back with each of its events. ``cancelled`` may be set from any thread (a client that went
+    away): the row leaves the batch at the next step with finish reason ``"cancelled"``.
+    """
+
+    ids: Tensor  # [T] prompt ids
+    drafter: Drafter  # this sequence's own drafter (bound; reset at join)
+    verifier: object
+    max_new_tokens: int
+    generator: torch.Generator | None = None
+    stop: object = None  # engine._StopStrings or None
+    stats: object = None  # a GenerationStats to fill, or None
+    key: object = None
+    cancelled: bool = False
+
+
+@dataclass
 class _Row:
     """One sequence of the batch."""
 
-    index: int  # its place in the caller's list
+    req: Request
     ids: Tensor  # committed tokens
-    prompt_len: int
-    drafter: Drafter
-    stop: object
     new: list[int]
     pending: list[int]
     hidden: Tensor | None
     hidden_start: int
-    stats: object
+    layers: tuple[int, ...] | None  # the target layers its drafter reads
+
+    @property
+    def drafter(self) -> Drafter:
+        return self.req.drafter
 
 
-@torch.inference_mode()
+class BatchEngine:
+    """The open batch: requests join at any step (:meth:`add`, from any thread), each row drafts, is verified and
+    commits on its own, and one target forward per step serves every running row.
+
+    :meth:`step` runs one iteration (waiting requests join while there is room, every row emits what it
+    accepted and finished rows leave, then one draft-verify-commit step) and returns the ``(key, StepEvent)``
+    pairs it produced; a row's first event carries the token of its prefill. Rows may use different drafters
+    (the forward taps the union of the target layers they read), verifiers, generators, limits and stop
+    strings. Greedy output of every row equals that prompt alone.
+
+    Args:
+        eos_ids: token ids that end a sequence.
+        max_rows: > 0: at most that many rows in flight; the others wait, in order.
+        cost: v(n), the measured cost of a forward over n rows (None: trees as proposed).
+        max_nodes: the most nodes one row's tree may hold.
+    """
+
+    def __init__(self, model, *, eos_ids: set[int], max_rows: int = 0, attn: str = "torch", fast: FastLinears | None = None,
+                 route: bool | None = None, cost: Callable[[int], float] | None = None, max_nodes: int = 64) -> None:
+        self.runner = BatchRunner(model, attn=attn, fast=fast, route=route)
+        self.eos_ids, self.max_rows, self.cost, self.max_nodes = eos_ids, max_rows, cost, max_nodes
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.rows: list[_Row] = []
+
+    def add(self, request: Request) -> None:
+        """Queue a request; it joins at the next step with room (thread-safe)."""
+        self.waiting.append(request)
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows and not self.waiting
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> "BatchEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[object, object]]:
+        from specdec.engine import StepEvent
+
+        events: list[tuple[object, object]] = []
+        # 1. Join: waiting requests fill the free rows (their first token comes from their prefill).
+        while self.waiting and (self.max_rows <= 0 or len(self.rows) < self.max_rows):
+            req = self.waiting.popleft()
+            if req.cancelled:
+                events.append((req.key, StepEvent([], "cancelled")))
+                continue
+            self.rows.append(self._join(req))
+        # 2. Emit; finished and cancelled rows leave the batch (the last rows move into their places).
+        live = []
+        for pos, r in enumerate(self.rows):
+            if r.req.cancelled:
+                events.append((r.req.key, StepEvent([], "cancelled")))
+                continue
+            event = self._emit(r)
+            events.append((r.req.key, event))
+            if not event.finish_reason:
+                live.append(pos)
+        if len(live) < len(self.rows):
+            order = _fill_holes(live, len(self.rows))
+            if order:
+                self.runner.keep(order)
+            else:
+                self.runner.cache = None  # the batch is empty: the next request starts a fresh cache
+            self.rows = [self.rows[p] for p in order]
+        if self.rows:
+            self._decode()
+        return events
+
+    def _join(self, req: Request) -> _Row:
+        """Prefill one request into a new row of the batch; its first token is pending."""
+        t0 = time.perf_counter()
+        hidden = req.drafter.hidden_request()
+        if self.runner.cache is None:
+            out = self.runner.prefill([req.ids], hidden=hidden, rows=self.max_rows)[0]
+        else:
+            out = self.runner.join([req.ids], hidden=hidden)[0]
+        req.drafter.reset(req.ids)
+        first = req.verifier.accept(TokenTree.root_only(int(req.ids[-1])), out.logits[-1:], req.generator, req.ids[:-1]).bonus
+        if req.stats is not None:
+            req.stats.prefill_time_s += time.perf_counter() - t0
+        return _Row(req, req.ids.clone(), [], [first], out.hidden_states, 0, hidden_layers(hidden))
+
+    def _emit(self, r: _Row):
+        """Emit a row's pending tokens, cut at EOS / stop / its length limit."""
+        from specdec.engine import StepEvent, _emit
+
+        emitted, reason = _emit(r.pending, r.new, self.eos_ids, r.req.stop, r.req.max_new_tokens)
+        r.pending = []
+        r.ids = torch.cat([r.ids, torch.tensor(emitted, dtype=torch.long)])
+        if r.req.stats is not None:
+            r.req.stats.new_tokens = len(r.new)
+        return StepEvent(emitted, reason)
+
+    def _decode(self) -> None:
+        """Draft per row (or all rows at once), size the trees together, one forward, accept and commit per row."""
+        from specdec.engine import _step_result
+
+        rows = self.rows
+        states = [DraftState(r.ids, r.req.ids.numel(), r.hidden, r.hidden_start) for r in rows]
+        trees = _propose(rows, states)
+        if self.cost is not None:
+            trees = trim_batch(trees, self.cost, self.max_nodes)
+        union = _layer_union([r.layers for r in rows])
+        lengths = self.runner.lengths
+        out = self.runner.forward(trees, hidden=union or False)
+        accepted = [r.req.verifier.accept(t, out.logits[b, : len(t)], r.req.generator, r.ids[:-1])
+                    for b, (t, r) in enumerate(zip(trees, rows))]
+        self.runner.commit([a.path for a in accepted])
+        for b, (r, t, a) in enumerate(zip(rows, trees, accepted)):
+            r.pending = a.new_tokens(t)
+            h = _row_layers(out.hidden_states[b, : len(t)], union, r.layers) if r.layers else None
+            r.hidden = h[a.path.to(h.device)] if h is not None else None
+            r.hidden_start = lengths[b]
+            r.drafter.observe(_step_result(t, a, r.pending, ForwardOutput(out.logits[b, : len(t)], h)))
+            if r.req.stats is not None:
+                r.req.stats.target_forwards += 1
+                r.req.stats.drafted_tokens += t.num_drafts
+                r.req.stats.tokens_per_step.append(len(r.pending))
+
+
+def _layer_union(wanted: list[tuple[int, ...] | None]) -> tuple[int, ...]:
+    """Every layer some row reads, in first-seen order."""
+    union: list[int] = []
+    for layers in wanted:
+        union += [i for i in (layers or ()) if i not in union]
+    return tuple(union)
+
+
+def _row_layers(h: Tensor, union: tuple[int, ...], layers: tuple[int, ...]) -> Tensor:
+    """The columns of ``h`` ([N, len(union)·H]) that hold ``layers``, in their order."""
+    if layers == union:
+        return h
+    size = h.shape[-1] // len(union)
+    return torch.cat([h[:, union.index(i) * size : (union.index(i) + 1) * size] for i in layers], dim=-1)
+
+
 def decode_batch(
     model, prompts: list[Tensor], drafters: list[Drafter], verifier, *, max_new_tokens: int, eos_ids: set[int],
     stops: list | None = None, generator: torch.Generator | None = None, stats: list | None = None, attn: str = "torch",
     fast: FastLinears | None = None, route: bool | None = None, cost: Callable[[int], float] | None = None, max_nodes: int = 64,
     max_rows: int = 0,
 ) -> Iterator[tuple[int, object]]:
-    """The batched core loop: yields ``(row index, StepEvent)`` as each sequence emits tokens, until all have finished.
+    """The batched core loop over a list known in advance: yields ``(row index, StepEvent)`` as each sequence
+    emits tokens, until all have finished (a :class:`BatchEngine` fed every prompt at once).
 
     Each row drafts, is verified and commits on its own; one target forward per step serves all rows that are
     still running. Greedy output of every row equals that prompt's output alone (the model computes the same
@@ -289,82 +452,13 @@ def decode_batch(
     order, and each joins (prefilled on its own, between two steps) as soon as a row leaves, so the batch stays
     full until the queue is empty. 0 runs every prompt at once.
     """
-    from specdec.engine import _step_result
-
     stops = stops or [None] * len(prompts)
-    width = max_rows if max_rows > 0 else len(prompts)
-    queue = list(range(len(prompts)))[::-1]  # popped from the end: prompt order
-    rows: list[_Row] = []
-    with BatchRunner(model, attn=attn, fast=fast, route=route) as runner:
-        hidden_needed = drafters[0].hidden_request() if drafters else False
-        while True:
-            # 1. Join: queued prompts fill the free rows (their first token comes from their prefill).
-            if queue and len(rows) < width:
-                take = [queue.pop() for _ in range(min(width - len(rows), len(queue)))]
-                rows += _join(runner, take, prompts, drafters, stops, stats, verifier, generator, hidden_needed, width)
-            # 2. Emit; finished rows leave the batch (the last rows move into their places).
-            live = []
-            for pos, r in enumerate(rows):
-                if (yield from _emit_row(r, eos_ids, max_new_tokens)):
-                    live.append(pos)
-            if len(live) < len(rows):
-                order = _fill_holes(live, len(rows))
-                runner.keep(order)
-                rows = [rows[p] for p in order]
-            if not rows:
-                if queue:
-                    continue
-                return
-            # 3. Draft per row (or all rows at once), size the trees together (one padded forward).
-            states = [DraftState(r.ids, r.prompt_len, r.hidden, r.hidden_start) for r in rows]
-            trees = _propose(rows, states)
-            if cost is not None:
-                trees = trim_batch(trees, cost, max_nodes)
-            # 4. One forward for every row; accept and commit per row.
-            lengths = runner.lengths
-            out = runner.forward(trees, hidden=hidden_needed)
-            accepted = [verifier.accept(t, out.logits[b, : len(t)], generator, r.ids[:-1]) for b, (t, r) in enumerate(zip(trees, rows))]
-            runner.commit([a.path for a in accepted])
-            for b, (r, t, a) in enumerate(zip(rows, trees, accepted)):
-                r.pending = a.new_tokens(t)
-                row_out = ForwardOutput(out.logits[b, : len(t)], out.hidden_states[b, : len(t)] if hidden_needed else None)
-                r.hidden = row_out.hidden_states[a.path.to(row_out.hidden_states.device)] if hidden_needed else None
-                r.hidden_start = lengths[b]
-                r.drafter.observe(_step_result(t, a, r.pending, row_out))
-                if r.stats is not None:
-                    r.stats.target_forwards += 1
-                    r.stats.drafted_tokens += t.num_drafts
-                    r.stats.tokens_per_step.append(len(r.pending))
-
-
-def _join(runner: BatchRunner, take: list[int], prompts, drafters, stops, stats, verifier, generator, hidden: bool,
-          width: int) -> list[_Row]:
-    """Prefill the prompts ``take`` (caller indices) into new rows of the batch; each row's first token is pending."""
-    t0 = time.perf_counter()
-    ids_list = [prompts[i] for i in take]
-    outs = runner.join(ids_list, hidden=hidden) if runner.cache is not None else runner.prefill(ids_list, hidden=hidden, rows=width)
-    new = []
-    for i, ids, out in zip(take, ids_list, outs):
-        drafters[i].reset(ids)
-        first = verifier.accept(TokenTree.root_only(int(ids[-1])), out.logits[-1:], generator, ids[:-1]).bonus
-        new.append(_Row(i, ids.clone(), ids.numel(), drafters[i], stops[i], [], [first], out.hidden_states, 0, stats[i] if stats else None))
-    prefill_s = time.perf_counter() - t0
-    for r in new:
-        if r.stats is not None:
-            r.stats.prefill_time_s += prefill_s / len(new)
-    return new
-
-
-def _emit_row(r: _Row, eos_ids: set[int], max_new_tokens: int):
-    """Emit a row's pending tokens (yields ``(index, StepEvent)``); returns whether the row goes on."""
-    from specdec.engine import StepEvent, _emit
-
-    emitted, reason = _emit(r.pending, r.new, eos_ids, r.stop, max_new_tokens)
-    r.ids = torch.cat([r.ids, torch.tensor(emitted, dtype=torch.long)])
-    if r.stats is not None:
-        r.stats.new_tokens = len(r.new)
-    yield r.index, StepEvent(emitted, reason)
-    return not reason
+    with BatchEngine(model, eos_ids=eos_ids, max_rows=max_rows, attn=attn, fast=fast, route=route, cost=cost,
+                     max_nodes=max_nodes) as engine:
+        for i, ids in enumerate(prompts):
+            engine.add(Request(ids, drafters[i], verifier, max_new_tokens, generator, stops[i], stats[i] if stats else None, key=i))
+        while not engine.idle:
+            yield from engine.step()
 
 
 def _fill_holes(live: list[int], n: int) -> list[int]:

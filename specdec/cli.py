@@ -4,6 +4,7 @@
     specdec bench --model default --drafter prompt-lookup --prompts spec-bench --out DIR
     specdec profile --model default       the measured cost of a forward over n tree nodes
     specdec train --recipe NAME           fit a drafter
+    specdec serve --model default --drafter prompt-lookup   an OpenAI-compatible server
     specdec drafters                      list the registered drafters
 """
 
@@ -428,9 +429,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_profile(sub)
     _add_datastore(sub)
+    _add_serve(sub)
     p = sub.add_parser("drafters", help="list the registered drafter names")
     p.set_defaults(func=_cmd_drafters)
     return parser
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server with continuous batching",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. Requests join the "
+        "running batch at the next step; each picks one of the loaded drafters with its 'drafter' field (default: the "
+        "first --drafter). Greedy answers equal the model's own greedy output. See docs/serve.md.",
+    )
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a local HF model directory or a .gguf file (default: %(default)s)")
+    p.add_argument("--drafter", action="append", default=None, help="a drafter spec to load (repeatable; default: prompt-lookup)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients see and send (default: the --model argument)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64, help="most requests waiting to join; past it a request gets 429 (default: %(default)s)")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of a request that gives none (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds the requests in flight get to finish after SIGTERM (default: %(default)s)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="load the model in this dtype (default float32)")
+    p.add_argument("--no-fast", dest="fast", action="store_false", help="run the model's own kernels (the reference path)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level (default: %(default)s)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from specdec.server import ServerConfig, serve
+
+    config = ServerConfig(model_name=args.served_model_name, drafters=tuple(args.drafter or ("prompt-lookup",)), max_batch=args.max_batch,
+                          max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, grace_s=args.grace, dtype=args.dtype,
+                          fast=args.fast)
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must lie in 1..65535, got {args.port}")
+    return serve(args.model, config, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:

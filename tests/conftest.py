@@ -7,6 +7,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "SPECDEC_TEST_CACHE" not in os.environ:  # measured profiles and converted models go to a temporary cache, never the user's
+    import tempfile
+
+    import atexit
+    import shutil
+
+    os.environ["SPECDEC_TEST_CACHE"] = os.environ["SPECDEC_CACHE"] = tempfile.mkdtemp(prefix="specdec-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SPECDEC_CACHE"], ignore_errors=True)
 
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -44,8 +52,11 @@ def default_model():
 
 
 @pytest.fixture(scope="session")
-def default_tokenizer(default_model):
-    return default_model[1]
+def default_tokenizer():
+    """The default model's tokenizer alone (the model's weights are not loaded)."""
+    from specdec.models import load_tokenizer
+
+    return load_tokenizer("default")
 
 
 def save_tiny_target(path, tokenizer, seed: int = 7):

@@ -259,3 +259,64 @@ def test_cache_memory_never_written_stays_harmless():
         with torch.inference_mode():  # the prompt, its last token committed twice more, then 8
             ref = model(torch.cat([p, p[-1:].repeat(2), torch.tensor([8])])[None]).logits[0, -1]
         torch.testing.assert_close(nxt[b], ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kinds", [("none", "prompt-lookup", "medusa", "ppd"), ("clover", "suffix", "gad", "rest")])
+def test_requests_join_the_open_batch_at_any_step_with_their_own_drafter_and_limit(tiny, kinds, tmp_path):
+    """BatchEngine: rows join while others run (not only when one leaves), each with its own drafter, length limit
+    and verifier; every row's greedy output equals its prompt alone, and the engine empties."""
+    from specdec.batch import BatchEngine, Request
+    from specdec.drafters.base import Target, build_drafter
+    from specdec.verifiers import GreedyVerifier
+
+    specs = drafter_specs(tiny, tmp_path)
+    prompts = prompts_of_many_lengths(tiny.config.vocab_size) * 2
+    limits = [24, 9, 17, 30, 5, 21, 12, 26]
+    alone = [specdec.generate(tiny, None, p, drafter=specs[kinds[i % len(kinds)]](), max_new_tokens=n, size_trees=False).token_ids
+             for i, (p, n) in enumerate(zip(prompts, limits))]
+    got = {i: [] for i in range(len(prompts))}
+    reasons = {}
+    joins = {0: [0, 1], 1: [2], 4: [3, 4], 5: [5], 9: [6, 7]}  # step -> requests that arrive before it
+    with BatchEngine(tiny, eos_ids=set(), max_rows=5) as engine:
+        step = 0
+        while step <= max(joins) or not engine.idle:
+            for i in joins.get(step, []):
+                d = build_drafter(specs[kinds[i % len(kinds)]]())
+                d.bind(Target.of(tiny))
+                engine.add(Request(prompts[i], d, GreedyVerifier(), limits[i], key=i))
+            for key, event in engine.step():
+                got[key] += event.new_tokens
+                if event.finish_reason:
+                    reasons[key] = event.finish_reason
+            step += 1
+            assert len(engine.rows) <= 5
+    assert [got[i] for i in range(len(prompts))] == alone
+    assert reasons == {i: "length" for i in range(len(prompts))}
+
+
+def test_a_cancelled_request_leaves_and_the_others_go_on(tiny):
+    from specdec.batch import BatchEngine, Request
+    from specdec.drafters.base import Target, build_drafter
+    from specdec.verifiers import GreedyVerifier
+
+    prompts = prompts_of_many_lengths(tiny.config.vocab_size)
+    alone = [specdec.generate(tiny, None, p, drafter="prompt-lookup", max_new_tokens=20).token_ids for p in prompts]
+    reqs = []
+    for i, p in enumerate(prompts):
+        d = build_drafter("prompt-lookup")
+        d.bind(Target.of(tiny))
+        reqs.append(Request(p, d, GreedyVerifier(), 20, key=i))
+    got, reasons = {i: [] for i in range(len(prompts))}, {}
+    with BatchEngine(tiny, eos_ids=set()) as engine:
+        for r in reqs:
+            engine.add(r)
+        steps = 0
+        while not engine.idle:
+            for key, event in engine.step():
+                got[key] += event.new_tokens
+                reasons[key] = event.finish_reason or reasons.get(key)
+            steps += 1
+            if steps == 3:
+                reqs[1].cancelled = True
+    assert reasons[1] == "cancelled" and len(got[1]) < 20
+    assert [got[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
