@@ -37,7 +37,7 @@ from specdec.cache import _MIN_CAPACITY, TreeKVCache, _TreeLayer
 from specdec.drafters.base import DraftState, Drafter
 from specdec.kernels import FastLinears
 from specdec.runner import ForwardOutput, TreeRunner, _upcast, hidden_layers, tapped_forward
-from specdec.sizing import trim_batch
+from specdec.sizing import cap, trim_batch
 from specdec.tree import TokenTree
 from specdec.tree_attention.hf import TreeAttention
 from specdec.tree_attention.reference import ragged_tree_mask
@@ -244,9 +244,19 @@ class BatchRunner:
             visible = ragged_tree_mask(lengths, anc, total).to(self.device)
             mask = torch.zeros(visible.shape, dtype=getattr(self.model, "dtype", torch.float32), device=self.device)
             kwargs["attention_mask"] = mask.masked_fill_(~visible, torch.finfo(mask.dtype).min)[:, None]
+        ids = tokens.to(self.device)
+        if any(t.input_embeds is not None for t in trees):  # auxiliary nodes (PPD) take the drafter's embeddings
+            embeds = self.model.get_input_embeddings()(ids)
+            for b, t in enumerate(trees):
+                if t.input_embeds is not None:
+                    aux = torch.nonzero(t.auxiliary).flatten().to(self.device)
+                    embeds[b, aux] = t.input_embeds[aux.cpu()].to(self.device, embeds.dtype)
+            kwargs["inputs_embeds"] = embeds
+        else:
+            kwargs["input_ids"] = ids
         with self._single._kernels():
-            out, h = tapped_forward(self.model, hidden_layers(hidden), input_ids=tokens.to(self.device),
-                                    position_ids=(lengths[:, None] + depths).to(self.device), cache=self.cache, use_cache=True, **kwargs)
+            out, h = tapped_forward(self.model, hidden_layers(hidden), position_ids=(lengths[:, None] + depths).to(self.device),
+                                    cache=self.cache, use_cache=True, **kwargs)
         return ForwardOutput(_upcast(out.logits), h)
 
     def commit(self, paths: list[Tensor]) -> None:
@@ -400,6 +410,7 @@ class BatchEngine:
         trees = _propose(rows, states)
         if self.cost is not None:
             trees = trim_batch(trees, self.cost, self.max_nodes)
+        trees = [cap(t, self.max_nodes) for t in trees]  # a hard cap, also for trees that carry no scores
         union = _layer_union([r.layers for r in rows])
         lengths = self.runner.lengths
         out = self.runner.forward(trees, hidden=union or False)

@@ -28,7 +28,7 @@ from specdec.config import GenerationConfig, options_into
 from specdec.drafters.base import DraftState, Drafter, StepResult, Target, build_drafter
 from specdec.kernels import FastLinears
 from specdec.runner import TreeRunner
-from specdec.sizing import trim
+from specdec.sizing import cap, trim
 from specdec.tree import TokenTree
 from specdec.verifiers import make_verifier
 from specdec.verifiers.base import Verifier
@@ -247,8 +247,8 @@ def decode_steps(
             tree = drafter.propose(DraftState(ids, input_ids.numel(), hidden, hidden_start))
             if int(tree.tokens[0]) != int(ids[-1]):
                 raise RuntimeError(f"drafter {drafter.name!r} proposed a tree whose root is not the last committed token")
-            if cost is not None:
-                tree = trim(tree, cost, max_nodes)
+            tree = trim(tree, cost, max_nodes) if cost is not None else tree
+            tree = cap(tree, max_nodes)  # a hard cap, also for trees that carry no scores
             clock.lap("draft")
 
             # 4. Verify: one target forward over the tree, then accept.

@@ -43,6 +43,7 @@ while specdec generates with it.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 import weakref
 from contextlib import contextmanager
@@ -256,6 +257,7 @@ class FastLinears:
         self.plan = plan
         table = [plan.for_rows(r) for r in range(max(ROW_BUCKETS) + 1)]
         self._routes: list[tuple[nn.Linear, Callable]] = []
+        self._open, self._lock = 0, threading.Lock()  # scopes open at once (threads sharing one model)
         if plan.is_trivial:
             return
         for mod in _linears(model):
@@ -267,14 +269,21 @@ class FastLinears:
 
     @contextmanager
     def scope(self) -> Iterator[None]:
-        """Route the model's linear layers through the fast kernels for the duration of the block."""
-        for mod, fn in self._routes:
-            mod.__dict__["forward"] = fn
+        """Route the model's linear layers through the fast kernels for the duration of the block (counted: with
+        blocks open on several threads, the routes stay until the last one closes)."""
+        with self._lock:
+            if self._open == 0:
+                for mod, fn in self._routes:
+                    mod.__dict__["forward"] = fn
+            self._open += 1
         try:
             yield
         finally:
-            for mod, _ in self._routes:
-                mod.__dict__.pop("forward", None)
+            with self._lock:
+                self._open -= 1
+                if self._open == 0:
+                    for mod, _ in self._routes:
+                        mod.__dict__.pop("forward", None)
 
 
 _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (plan, weights' fingerprint, FastLinears)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from specdec.tree import TokenTree
 
-__all__ = ["best_size", "best_of_sorted", "descending", "trim", "trim_batch", "AcceptanceRates", "judged_nodes", "monotone_scores", "learn", "nodes_cost"]
+__all__ = ["best_size", "best_of_sorted", "cap", "descending", "trim", "trim_batch", "AcceptanceRates", "judged_nodes", "monotone_scores", "learn", "nodes_cost"]
 
 
 def nodes_cost(cost: Callable[[int], float] | None, max_nodes: int = 64) -> bool:
@@ -103,6 +103,17 @@ def trim(tree: TokenTree, cost: Callable[[int], float], max_nodes: int = 64) -> 
     plan = _Candidates(tree, max_nodes)
     k, _ = best_size(plan.scores, lambda n: cost(plan.sizes[n - 1]), len(plan.sizes))
     return plan.keep(k)
+
+
+def cap(tree: TokenTree, max_nodes: int) -> TokenTree:
+    """At most ``max_nodes`` nodes, whatever the tree: a scored tree keeps its best drafts that fit (and their
+    auxiliary nodes), an unscored one its first nodes (parents come before children, so any prefix is a tree)."""
+    if len(tree) <= max_nodes:
+        return tree
+    if tree.scores is not None:
+        plan = _Candidates(tree, max_nodes)
+        return plan.keep(plan.fits(max_nodes))
+    return tree.subtree(torch.arange(max(1, max_nodes)))
 
 
 def trim_batch(trees: list[TokenTree], cost: Callable[[int], float], max_nodes: int = 64) -> list[TokenTree]:

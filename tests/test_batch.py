@@ -320,3 +320,59 @@ def test_a_cancelled_request_leaves_and_the_others_go_on(tiny):
                 reqs[1].cancelled = True
     assert reasons[1] == "cancelled" and len(got[1]) < 20
     assert [got[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
+
+
+def test_ppd_prompt_tokens_work_in_a_batch(tiny, tmp_path):
+    """PPD's auxiliary nodes take their trained embeddings in a batched forward too: each row drafts and accepts
+    step by step exactly as it does alone (with the embeddings ignored, the drafts, and so the steps, differ)."""
+    from test_ppd import random_tokens
+
+    from specdec.drafters.ppd import PPDDrafter
+
+    tokens = random_tokens(tiny)
+    prompts = prompts_of_many_lengths(tiny.config.vocab_size)
+    alone = [specdec.generate(tiny, None, p, drafter=PPDDrafter(tokens), max_new_tokens=24, size_trees=False) for p in prompts]
+    together = specdec.generate(tiny, None, prompts, drafter=PPDDrafter(tokens), max_new_tokens=24, size_trees=False)
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.stats.tokens_per_step for r in together] == [r.stats.tokens_per_step for r in alone]
+    assert sum(r.stats.drafted_tokens for r in alone) > 0
+
+
+@pytest.mark.parametrize("scored", [True, False])
+def test_max_tree_nodes_caps_every_tree(scored):
+    """A cap, not a hint: scored trees keep their best drafts, unscored ones their first nodes; both stay trees."""
+    from specdec.sizing import cap
+
+    parents = [-1, 0, 0, 1, 1, 2, 3, 6, 6, 0]
+    scores = torch.tensor([1.0, 0.9, 0.2, 0.8, 0.1, 0.15, 0.7, 0.6, 0.05, 0.3]) if scored else None
+    tree = TokenTree(torch.arange(10), torch.tensor(parents), scores=scores)
+    capped = cap(tree, 5)
+    assert len(capped) == 5 and int(capped.parents[0]) == -1
+    kept = capped.tokens.tolist()
+    assert kept == ([0, 1, 3, 6, 7] if scored else [0, 1, 2, 3, 4])
+    assert cap(tree, 64) is tree
+
+
+def test_generation_never_verifies_more_than_max_tree_nodes(tiny):
+    """An unscored drafter's oversized tree is cut to max_tree_nodes in the single and the batched loop."""
+    from specdec.drafters.base import Drafter
+
+    sizes = []
+
+    class Wide(Drafter):
+        name = "wide"
+
+        def propose(self, state):
+            root = state.root
+            return TokenTree(torch.tensor([root] + list(range(20))), torch.tensor([-1] + [0] * 20))
+
+        def observe(self, result):
+            sizes.append(len(result.tree))
+
+    ids = torch.tensor([3, 4, 5])
+    one = specdec.generate(tiny, None, ids, drafter=Wide(), max_new_tokens=6, max_tree_nodes=7, size_trees=False)
+    assert sizes and max(sizes) == 7
+    sizes.clear()
+    two = specdec.generate(tiny, None, [ids, ids[:2]], drafter=Wide(), max_new_tokens=6, max_tree_nodes=7, size_trees=False)
+    assert sizes and max(sizes) == 7
+    assert two[0].token_ids == one.token_ids == specdec.generate(tiny, None, ids, drafter="none", max_new_tokens=6).token_ids

@@ -34,3 +34,40 @@ def test_triton_attention_generation_equals_greedy(make):
 def test_bad_attn_option():
     with pytest.raises(ValueError, match="attn"):
         specdec.generate(tiny_model("llama"), None, torch.tensor([1, 2]), attn="flash")
+
+
+def test_routing_is_counted_so_overlapping_generations_cannot_undo_each_other():
+    from specdec.tree_attention.hf import IMPLEMENTATION, Routing
+
+    model = tiny_model("llama")
+    own = model.config._attn_implementation
+    first, second = Routing(model), Routing(model)
+    assert second.previous == own
+    first.restore()
+    assert model.config._attn_implementation == IMPLEMENTATION  # the second generation still runs routed
+    first.restore()  # idempotent: does not count twice
+    assert model.config._attn_implementation == IMPLEMENTATION
+    second.restore()
+    assert model.config._attn_implementation == own
+
+
+def test_generations_on_threads_sharing_one_model_equal_each_alone():
+    import threading
+
+    model = tiny_model("qwen2")
+    prompts = [torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 9, 14, 20)]
+    alone = [specdec.generate(model, None, p, drafter="prompt-lookup", max_new_tokens=40).token_ids for p in prompts]
+    got = [None] * len(prompts)
+    start = threading.Barrier(len(prompts))
+
+    def run(i):
+        start.wait()
+        got[i] = specdec.generate(model, None, prompts[i], drafter="prompt-lookup", max_new_tokens=40).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone
+    assert model.config._attn_implementation != "specdec_tree"

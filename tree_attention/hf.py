@@ -18,6 +18,8 @@ visibility travels only in ``specdec_tree``.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -128,22 +130,42 @@ def can_route(model) -> bool:
     return callable(can) and bool(can()) and hasattr(model, "set_attn_implementation")
 
 
+_ROUTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [open routings, its own implementation]
+_ROUTED_LOCK = threading.Lock()
+
+
 class Routing:
     """Switches a model's attention to ``specdec_tree``; :meth:`restore` puts its own back (idempotent).
 
-    Usable as a context manager. A plain object rather than a generator, so
-    nothing runs at interpreter shutdown if a caller never restores.
+    Counted per model: while several generations run on one model (threads, a server, an abandoned stream
+    beside a new one), the model stays switched until the last of them restores, and then gets back the
+    implementation it had before the first. Usable as a context manager. A plain object rather than a
+    generator, so nothing runs at interpreter shutdown if a caller never restores.
     """
 
     def __init__(self, model) -> None:
-        self.model, self.previous = model, model.config._attn_implementation
-        model.set_attn_implementation(IMPLEMENTATION)
+        self.model = model
+        with _ROUTED_LOCK:
+            entry = _ROUTED.get(model)
+            if entry is None:
+                entry = _ROUTED[model] = [0, model.config._attn_implementation]
+                model.set_attn_implementation(IMPLEMENTATION)
+            entry[0] += 1
+        self.previous = entry[1]
         self.active = True
 
     def restore(self) -> None:
-        if self.active:
+        with _ROUTED_LOCK:
+            if not self.active:
+                return
             self.active = False
-            self.model.set_attn_implementation(self.previous)
+            entry = _ROUTED.get(self.model)
+            if entry is None:
+                return
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _ROUTED[self.model]
+                self.model.set_attn_implementation(entry[1])
 
     def __enter__(self) -> "Routing":
         return self
