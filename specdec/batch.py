@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -231,6 +231,21 @@ class BatchRunner:
         self._single.cache = TreeKVCache()
         return outs, caches
 
+    def extend(self, cache: TreeKVCache, ids: Tensor, *, hidden=False) -> ForwardOutput:
+        """Append a chunk of a prompt to ``cache`` (a single-row cache outside the batch; see TreeRunner.extend)."""
+        self._single.cache = cache
+        try:
+            return self._single.extend(ids, hidden=hidden)
+        finally:
+            self._single.cache = TreeKVCache()
+
+    def attach(self, cache: TreeKVCache, rows: int = 0) -> None:
+        """A prefilled single-row cache joins the batch as its last row (room for ``rows`` rows when it is the first)."""
+        if self.cache is None:
+            self.cache = BatchKVCache.stack([cache], rows)
+        else:
+            self.cache.add_rows([cache])
+
     def forward(self, trees: list[TokenTree], *, hidden: bool = False) -> ForwardOutput:
         """One forward over every row's tree: logits [B, N, V] (rows past a tree's own size are padding)."""
         tokens, depths, anc = pad_trees(trees)
@@ -286,6 +301,17 @@ class Request:
 
 
 @dataclass
+class _Prefill:
+    """A request whose prompt is being prefilled (in chunks while other rows decode) into its own cache."""
+
+    req: Request
+    cache: TreeKVCache
+    done: int = 0  # prompt tokens in the cache
+    hidden: list = field(default_factory=list)  # hidden states of each chunk
+    last: ForwardOutput | None = None
+
+
+@dataclass
 class _Row:
     """One sequence of the batch."""
 
@@ -312,19 +338,32 @@ class BatchEngine:
     (the forward taps the union of the target layers they read), verifiers, generators, limits and stop
     strings. Greedy output of every row equals that prompt alone.
 
+    **Chunked prefill** (SARATHI's idea): while rows are decoding, a joining prompt is prefilled a chunk per step
+    (into its own cache, which joins the batch when the prompt is done), so the running rows are never stalled
+    for a whole long prompt; with no row decoding, prompts are prefilled whole (the fastest first token).
+
     Args:
         eos_ids: token ids that end a sequence.
-        max_rows: > 0: at most that many rows in flight; the others wait, in order.
+        max_rows: > 0: at most that many rows in flight (prefilling ones included); the others wait, in order.
         cost: v(n), the measured cost of a forward over n rows (None: trees as proposed).
         max_nodes: the most nodes one row's tree may hold.
+        prefill_chunk: prompt tokens prefilled per step while rows decode: 0 whole prompts at once (a join
+            stalls the batch for its prefill), N > 0 that many, None sized from ``cost`` (a chunk costs about
+            as much as the batch's decode forward, so the running rows' step time at most doubles).
     """
 
     def __init__(self, model, *, eos_ids: set[int], max_rows: int = 0, attn: str = "torch", fast: FastLinears | None = None,
-                 route: bool | None = None, cost: Callable[[int], float] | None = None, max_nodes: int = 64) -> None:
+                 route: bool | None = None, cost: Callable[[int], float] | None = None, max_nodes: int = 64,
+                 prefill_chunk: int | None = 0) -> None:
+        if prefill_chunk is not None and prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: whole prompts) or None (sized from the cost), got {prefill_chunk}")
         self.runner = BatchRunner(model, attn=attn, fast=fast, route=route)
         self.eos_ids, self.max_rows, self.cost, self.max_nodes = eos_ids, max_rows, cost, max_nodes
+        self.prefill_chunk = prefill_chunk
         self.waiting: collections.deque[Request] = collections.deque()
+        self.prefilling: list[_Prefill] = []
         self.rows: list[_Row] = []
+        self._last_forward_rows = 1  # B·N of the last decode forward (what a chunk is sized against)
 
     def add(self, request: Request) -> None:
         """Queue a request; it joins at the next step with room (thread-safe)."""
@@ -332,7 +371,7 @@ class BatchEngine:
 
     @property
     def idle(self) -> bool:
-        return not self.rows and not self.waiting
+        return not self.rows and not self.waiting and not self.prefilling
 
     def close(self) -> None:
         self.runner.close()
@@ -348,13 +387,30 @@ class BatchEngine:
         from specdec.engine import StepEvent
 
         events: list[tuple[object, object]] = []
-        # 1. Join: waiting requests fill the free rows (their first token comes from their prefill).
-        while self.waiting and (self.max_rows <= 0 or len(self.rows) < self.max_rows):
+        # 1. Join: waiting requests take the free rows and are prefilled (in chunks while other rows decode); a
+        #    finished prefill joins the batch, its first token pending.
+        while self.waiting and (self.max_rows <= 0 or len(self.rows) + len(self.prefilling) < self.max_rows):
             req = self.waiting.popleft()
             if req.cancelled:
                 events.append((req.key, StepEvent([], "cancelled")))
                 continue
-            self.rows.append(self._join(req))
+            self.prefilling.append(_Prefill(req, TreeKVCache()))
+        budget = self.chunk_tokens() if self.rows else None
+        still = []
+        for pf in self.prefilling:
+            if pf.req.cancelled:
+                events.append((pf.req.key, StepEvent([], "cancelled")))
+                continue
+            left = pf.req.ids.numel() - pf.done
+            if budget is None or budget > 0:
+                n = left if budget is None else min(left, budget)
+                self._prefill(pf, n)
+                budget = None if budget is None else budget - n
+            if pf.done == pf.req.ids.numel():
+                self.rows.append(self._join(pf))
+            else:
+                still.append(pf)
+        self.prefilling = still
         # 2. Emit; finished and cancelled rows leave the batch (the last rows move into their places).
         live = []
         for pos, r in enumerate(self.rows):
@@ -376,19 +432,34 @@ class BatchEngine:
             self._decode()
         return events
 
-    def _join(self, req: Request) -> _Row:
-        """Prefill one request into a new row of the batch; its first token is pending."""
+    def chunk_tokens(self) -> int | None:
+        """Prompt tokens to prefill in this step while rows decode (None: no limit)."""
+        if self.prefill_chunk is None:  # sized from the cost: a chunk costs about one decode forward of the batch
+            if self.cost is None:
+                return 256
+            step, n = self.cost(self._last_forward_rows), 32
+            while n < 4096 and self.cost(2 * n) <= step:
+                n *= 2
+            return n
+        return self.prefill_chunk or None
+
+    def _prefill(self, pf: _Prefill, n: int) -> None:
         t0 = time.perf_counter()
-        hidden = req.drafter.hidden_request()
-        if self.runner.cache is None:
-            out = self.runner.prefill([req.ids], hidden=hidden, rows=self.max_rows)[0]
-        else:
-            out = self.runner.join([req.ids], hidden=hidden)[0]
+        pf.last = self.runner.extend(pf.cache, pf.req.ids[pf.done : pf.done + n], hidden=pf.req.drafter.hidden_request())
+        if pf.last.hidden_states is not None:
+            pf.hidden.append(pf.last.hidden_states)
+        pf.done += n
+        if pf.req.stats is not None:
+            pf.req.stats.prefill_time_s += time.perf_counter() - t0
+
+    def _join(self, pf: _Prefill) -> _Row:
+        """A prefilled request becomes a row of the batch; its first token (from the prompt's last logits) is pending."""
+        req = pf.req
+        self.runner.attach(pf.cache, self.max_rows)
         req.drafter.reset(req.ids)
-        first = req.verifier.accept(TokenTree.root_only(int(req.ids[-1])), out.logits[-1:], req.generator, req.ids[:-1]).bonus
-        if req.stats is not None:
-            req.stats.prefill_time_s += time.perf_counter() - t0
-        return _Row(req, req.ids.clone(), [], [first], out.hidden_states, 0, hidden_layers(hidden))
+        first = req.verifier.accept(TokenTree.root_only(int(req.ids[-1])), pf.last.logits[-1:], req.generator, req.ids[:-1]).bonus
+        hidden = torch.cat(pf.hidden) if len(pf.hidden) > 1 else (pf.hidden[0] if pf.hidden else None)
+        return _Row(req, req.ids.clone(), [], [first], hidden, 0, hidden_layers(req.drafter.hidden_request()))
 
     def _emit(self, r: _Row):
         """Emit a row's pending tokens, cut at EOS / stop / its length limit."""
@@ -413,6 +484,7 @@ class BatchEngine:
         trees = [cap(t, self.max_nodes) for t in trees]  # a hard cap, also for trees that carry no scores
         union = _layer_union([r.layers for r in rows])
         lengths = self.runner.lengths
+        self._last_forward_rows = len(trees) * max(len(t) for t in trees)
         out = self.runner.forward(trees, hidden=union or False)
         accepted = [r.req.verifier.accept(t, out.logits[b, : len(t)], r.req.generator, r.ids[:-1])
                     for b, (t, r) in enumerate(zip(trees, rows))]

@@ -451,6 +451,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting to join; past it a request gets 429 (default: %(default)s)")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of a request that gives none (default: %(default)s)")
+    p.add_argument("--prefill-chunk", default="auto", help="prompt tokens prefilled per step while other requests decode: "
+                   "'auto' (sized from the measured cost), 0 (whole prompts: a join stalls the others) or N (default: %(default)s)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds the requests in flight get to finish after SIGTERM (default: %(default)s)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="load the model in this dtype (default float32)")
     p.add_argument("--no-fast", dest="fast", action="store_false", help="run the model's own kernels (the reference path)")
@@ -464,6 +466,11 @@ def _cmd_serve(args) -> int:
     config = ServerConfig(model_name=args.served_model_name, drafters=tuple(args.drafter or ("prompt-lookup",)), max_batch=args.max_batch,
                           max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, grace_s=args.grace, dtype=args.dtype,
                           fast=args.fast)
+    chunk = None if args.prefill_chunk == "auto" else args.prefill_chunk
+    if chunk is not None:
+        if not chunk.isdigit():
+            raise ValueError(f"--prefill-chunk must be 'auto' or a number of tokens >= 0, got {args.prefill_chunk!r}")
+        config.prefill_chunk = int(chunk)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must lie in 1..65535, got {args.port}")
     return serve(args.model, config, host=args.host, port=args.port, log_level=args.log_level)

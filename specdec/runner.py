@@ -179,7 +179,7 @@ class TreeRunner:
                                     use_cache=True, logits_to_keep=0 if all_logits else 1)
         return ForwardOutput(_upcast(out.logits[0]), h[0] if h is not None else None)
 
-    def forward(self, tree: TokenTree, *, hidden: Hidden = False) -> ForwardOutput:
+    def forward(self, tree: TokenTree, *, hidden: Hidden = False, last_logits_only: bool = False) -> ForwardOutput:
         """One forward over the tree's N nodes after the committed prefix; their KV is appended to the cache.
 
         Nodes sit at positions ``prefix_len + depth`` and see the prefix and their
@@ -204,8 +204,20 @@ class TreeRunner:
             kwargs["input_ids"] = ids
         with self._kernels():
             out, h = tapped_forward(self.model, hidden_layers(hidden), position_ids=tree.position_ids(prefix_len)[None].to(self.device),
-                                    cache=self.cache, use_cache=True, **kwargs)
+                                    cache=self.cache, use_cache=True, **kwargs, **({"logits_to_keep": 1} if last_logits_only else {}))
         return ForwardOutput(_upcast(out.logits[0]), h[0] if h is not None else None)
+
+    def extend(self, ids: Tensor, *, hidden: Hidden = False) -> ForwardOutput:
+        """Append ``ids`` ([C] long) to the committed prefix causally (a chunk of a prompt): the first chunk is a
+        prefill, later ones a chain tree that is committed whole. Returns the last position's logits ([1, V])
+        and, with ``hidden``, the hidden states of the C positions."""
+        if self.prefix_len == 0:
+            return self.prefill(ids, hidden=hidden)
+        prefix_len = self.prefix_len
+        chain = TokenTree(ids, torch.arange(-1, ids.numel() - 1))
+        out = self.forward(chain, hidden=hidden, last_logits_only=True)
+        self.commit(prefix_len, torch.arange(ids.numel()))
+        return out
 
     def commit(self, prefix_len: int, path: Tensor) -> None:
         """Keep the KV of tree nodes ``path`` ([A] long, root first, relative to ``prefix_len``) right after the prefix."""

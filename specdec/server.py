@@ -52,6 +52,8 @@ class ServerConfig:
         default_max_tokens: ``max_tokens`` when a request gives none.
         grace_s: on SIGTERM, how long the requests in flight may take to finish.
         dtype: load the model in this dtype (None: float32).
+        prefill_chunk: prompt tokens prefilled per step while other requests decode (None: sized from the measured
+            cost; 0: whole prompts, which stalls the running requests for each join).
     """
 
     model_name: str | None = None
@@ -64,6 +66,7 @@ class ServerConfig:
     fast: bool = True
     size_trees: bool = True
     max_tree_nodes: int = 64
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if not self.drafters:
@@ -117,7 +120,7 @@ class Metrics:
         metric("row_forwards_total", "counter", "Target forwards summed over rows (a step over B rows counts B).", [("", self.row_forwards)])
         metric("mean_accepted_length", "gauge", "Tokens generated per row forward since start (tau).", [("", round(tau, 4))])
         metric("queue_depth", "gauge", "Requests waiting to join the batch.", [("", queue_depth)])
-        metric("batch_size", "gauge", "Rows in the running batch.", [("", batch_size)])
+        metric("batch_size", "gauge", "Requests in the running batch (decoding or being prefilled).", [("", batch_size)])
         metric("step_seconds", "summary", "Wall time of engine steps.", [("_sum", round(self.step_seconds, 6)), ("_count", self.steps)])
         return "\n".join(lines) + "\n"
 
@@ -163,7 +166,7 @@ class EngineLoop:
             drafter.bind(target)
             self.drafters[spec] = drafter
         self._engine_args = dict(eos_ids=_eos_ids(model, tokenizer), max_rows=config.max_batch, attn=attn, fast=fast, route=gen.fast,
-                                 cost=cost, max_nodes=gen.max_tree_nodes)
+                                 cost=cost, max_nodes=gen.max_tree_nodes, prefill_chunk=config.prefill_chunk)
         self.engine = BatchEngine(model, **self._engine_args)
         self.metrics = Metrics()
         self.context = getattr(model.config, "max_position_embeddings", None)
@@ -188,7 +191,8 @@ class EngineLoop:
 
     @property
     def batch_size(self) -> int:
-        return len(self.engine.rows)
+        """Requests in the batch: decoding, or being prefilled."""
+        return len(self.engine.rows) + len(self.engine.prefilling)
 
     def submit(self, loop: asyncio.AbstractEventLoop, request) -> _Handle:
         """Queue ``request`` (a :class:`~specdec.batch.Request` whose key is unset); 429 when the queue is full."""

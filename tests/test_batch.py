@@ -376,3 +376,51 @@ def test_generation_never_verifies_more_than_max_tree_nodes(tiny):
     two = specdec.generate(tiny, None, [ids, ids[:2]], drafter=Wide(), max_new_tokens=6, max_tree_nodes=7, size_trees=False)
     assert sizes and max(sizes) == 7
     assert two[0].token_ids == one.token_ids == specdec.generate(tiny, None, ids, drafter="none", max_new_tokens=6).token_ids
+
+
+@pytest.mark.parametrize("kind", ["prompt-lookup", "medusa", "clover", "ppd"])
+def test_chunked_prefill_never_stalls_running_rows_and_changes_no_output(tiny, kind, tmp_path):
+    """A long prompt joins while rows decode: it is prefilled 7 tokens a step, the running rows emit tokens at
+    every one of those steps, and every output (the long one's too, and its drafter's hidden states) equals
+    its prompt alone."""
+    from specdec.batch import BatchEngine, Request
+    from specdec.drafters.base import Target, build_drafter
+    from specdec.verifiers import GreedyVerifier
+
+    specs = drafter_specs(tiny, tmp_path)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, tiny.config.vocab_size, (n,), generator=g) for n in (4, 6, 60)]
+    alone = [specdec.generate(tiny, None, p, drafter=specs[kind](), max_new_tokens=30, size_trees=False).token_ids for p in prompts]
+    got = {i: [] for i in range(3)}
+    log = []
+    with BatchEngine(tiny, eos_ids=set(), prefill_chunk=7) as engine:
+        for step in range(200):
+            if step in (0, 2):
+                for i in ((0, 1) if step == 0 else (2,)):
+                    d = build_drafter(specs[kind]())
+                    d.bind(Target.of(tiny))
+                    engine.add(Request(prompts[i], d, GreedyVerifier(), 30, key=i))
+            events = engine.step()
+            log.append(({k for k, e in events if e.new_tokens}, [pf.done for pf in engine.prefilling]))
+            for key, event in events:
+                got[key] += event.new_tokens
+            if engine.idle and step > 2:
+                break
+    assert [got[i] for i in range(3)] == alone
+    chunked = [emitters for emitters, pending in log if pending]
+    assert len(chunked) >= 60 // 7 - 1  # the long prompt took several steps
+    assert all({0, 1} & emitters for emitters in chunked)  # and the running rows emitted in each of them
+
+
+def test_chunk_size_follows_the_cost():
+    from specdec.batch import BatchEngine
+
+    model = tiny_model("llama")
+    flat = BatchEngine(model, eos_ids=set(), cost=lambda n: max(1.0, n / 256), prefill_chunk=None)  # a step's cost up to 256 rows
+    steep = BatchEngine(model, eos_ids=set(), cost=lambda n: max(1.0, n / 16), prefill_chunk=None)
+    for e in (flat, steep):
+        e._last_forward_rows = 64
+    assert flat.chunk_tokens() == 256 and steep.chunk_tokens() == 64
+    assert BatchEngine(model, eos_ids=set(), prefill_chunk=0).chunk_tokens() is None
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        BatchEngine(model, eos_ids=set(), prefill_chunk=-1)
