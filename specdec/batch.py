@@ -350,20 +350,24 @@ class BatchEngine:
         prefill_chunk: prompt tokens prefilled per step while rows decode: 0 whole prompts at once (a join
             stalls the batch for its prefill), N > 0 that many, None sized from ``cost`` (a chunk costs about
             as much as the batch's decode forward, so the running rows' step time at most doubles).
+        batch_cost: v(B, n), the measured cost of a forward over B rows of n nodes
+            (:class:`~specdec.profile.BatchCostProfile`): every step sizes all rows' trees jointly with it, so
+            trees grow while few rows run and shrink to nothing where verifying costs more than it returns
+            (None: ``cost(B·n)``).
     """
 
     def __init__(self, model, *, eos_ids: set[int], max_rows: int = 0, attn: str = "torch", fast: FastLinears | None = None,
                  route: bool | None = None, cost: Callable[[int], float] | None = None, max_nodes: int = 64,
-                 prefill_chunk: int | None = 0) -> None:
+                 prefill_chunk: int | None = 0, batch_cost: Callable[[int, int], float] | None = None) -> None:
         if prefill_chunk is not None and prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0 (0: whole prompts) or None (sized from the cost), got {prefill_chunk}")
         self.runner = BatchRunner(model, attn=attn, fast=fast, route=route)
         self.eos_ids, self.max_rows, self.cost, self.max_nodes = eos_ids, max_rows, cost, max_nodes
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.batch_cost = prefill_chunk, batch_cost
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: list[_Prefill] = []
         self.rows: list[_Row] = []
-        self._last_forward_rows = 1  # B·N of the last decode forward (what a chunk is sized against)
+        self._last_forward = (1, 1)  # rows and nodes of the last decode forward (what a chunk is sized against)
 
     def add(self, request: Request) -> None:
         """Queue a request; it joins at the next step with room (thread-safe)."""
@@ -437,7 +441,8 @@ class BatchEngine:
         if self.prefill_chunk is None:  # sized from the cost: a chunk costs about one decode forward of the batch
             if self.cost is None:
                 return 256
-            step, n = self.cost(self._last_forward_rows), 32
+            rows, nodes = self._last_forward
+            step, n = (self.batch_cost(rows, nodes) if self.batch_cost is not None else self.cost(rows * nodes)), 32
             while n < 4096 and self.cost(2 * n) <= step:
                 n *= 2
             return n
@@ -480,11 +485,11 @@ class BatchEngine:
         states = [DraftState(r.ids, r.req.ids.numel(), r.hidden, r.hidden_start) for r in rows]
         trees = _propose(rows, states)
         if self.cost is not None:
-            trees = trim_batch(trees, self.cost, self.max_nodes)
+            trees = trim_batch(trees, self.cost, self.max_nodes, self.batch_cost)
         trees = [cap(t, self.max_nodes) for t in trees]  # a hard cap, also for trees that carry no scores
         union = _layer_union([r.layers for r in rows])
         lengths = self.runner.lengths
-        self._last_forward_rows = len(trees) * max(len(t) for t in trees)
+        self._last_forward = (len(trees), max(len(t) for t in trees))
         out = self.runner.forward(trees, hidden=union or False)
         accepted = [r.req.verifier.accept(t, out.logits[b, : len(t)], r.req.generator, r.ids[:-1])
                     for b, (t, r) in enumerate(zip(trees, rows))]
@@ -521,7 +526,7 @@ def decode_batch(
     model, prompts: list[Tensor], drafters: list[Drafter], verifier, *, max_new_tokens: int, eos_ids: set[int],
     stops: list | None = None, generator: torch.Generator | None = None, stats: list | None = None, attn: str = "torch",
     fast: FastLinears | None = None, route: bool | None = None, cost: Callable[[int], float] | None = None, max_nodes: int = 64,
-    max_rows: int = 0,
+    max_rows: int = 0, batch_cost: Callable[[int, int], float] | None = None,
 ) -> Iterator[tuple[int, object]]:
     """The batched core loop over a list known in advance: yields ``(row index, StepEvent)`` as each sequence
     emits tokens, until all have finished (a :class:`BatchEngine` fed every prompt at once).
@@ -537,7 +542,7 @@ def decode_batch(
     """
     stops = stops or [None] * len(prompts)
     with BatchEngine(model, eos_ids=eos_ids, max_rows=max_rows, attn=attn, fast=fast, route=route, cost=cost,
-                     max_nodes=max_nodes) as engine:
+                     max_nodes=max_nodes, batch_cost=batch_cost) as engine:
         for i, ids in enumerate(prompts):
             engine.add(Request(ids, drafters[i], verifier, max_new_tokens, generator, stops[i], stats[i] if stats else None, key=i))
         while not engine.idle:

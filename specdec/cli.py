@@ -456,6 +456,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--grace", type=float, default=30.0, help="seconds the requests in flight get to finish after SIGTERM (default: %(default)s)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="load the model in this dtype (default float32)")
     p.add_argument("--no-fast", dest="fast", action="store_false", help="run the model's own kernels (the reference path)")
+    p.add_argument("--no-size-trees", dest="size_trees", action="store_false", help="verify every drafted tree whole (speculation "
+                   "always on) instead of sizing all rows' trees jointly from the measured batch cost")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level (default: %(default)s)")
     p.set_defaults(func=_cmd_serve)
 
@@ -465,7 +467,7 @@ def _cmd_serve(args) -> int:
 
     config = ServerConfig(model_name=args.served_model_name, drafters=tuple(args.drafter or ("prompt-lookup",)), max_batch=args.max_batch,
                           max_queue=args.max_queue, default_max_tokens=args.default_max_tokens, grace_s=args.grace, dtype=args.dtype,
-                          fast=args.fast)
+                          fast=args.fast, size_trees=args.size_trees)
     chunk = None if args.prefill_chunk == "auto" else args.prefill_chunk
     if chunk is not None:
         if not chunk.isdigit():

@@ -395,7 +395,16 @@ def _events(model, tokenizer, run: _Run, stats: list[GenerationStats]) -> Iterat
 
     drafters = [run.drafter] + [run.drafter.spawn() for _ in run.inputs[1:]]
     return decode_batch(model, run.inputs, drafters, run.verifier, stops=[run.stop] * len(run.inputs), stats=stats,
-                        max_rows=c.max_batch, **common)
+                        max_rows=c.max_batch, batch_cost=batch_cost_for(model, run), **common)
+
+
+def batch_cost_for(model, run: "_Run"):
+    """v(B, n) measured over rows × nodes for this model and setting (cached), where trees are sized by cost."""
+    if run.cost is None or run.cost is _free or not isinstance(model, torch.nn.Module):
+        return None
+    from specdec.profile import get_batch_profile
+
+    return get_batch_profile(model, fast=run.config.fast, attn=run.attn, linears=run.fast).cost
 
 
 def _generate_events(model, tokenizer, prompts: list, drafter, config, options, holder: dict) -> Iterator[tuple[int, StepEvent]]:

@@ -38,7 +38,8 @@ import torch
 from specdec.kernels import FastLinears, LinearPlan, fast_linears, measure_plan
 from specdec.tree import TokenTree
 
-__all__ = ["CostProfile", "NODE_COUNTS", "measure_profile", "load_profile", "profile_key", "fast_linears_for"]
+__all__ = ["BatchCostProfile", "CostProfile", "NODE_COUNTS", "get_batch_profile", "measure_batch_profile", "measure_profile", "load_profile",
+           "profile_key", "fast_linears_for"]
 
 # Dense where CPU trees live: measured on the 2-core Xeon, v(2) = 1.02 but v(3) = 1.15 (the products leave the
 # memory-bound regime at 3-4 rows), which an interpolation between 2 and 4 misses by a third of the step.
@@ -87,14 +88,7 @@ class CostProfile:
         return value
 
     def _interpolate(self, n: int) -> float:
-        pts = sorted(self.v.items())
-        if n <= pts[0][0]:
-            return pts[0][1]
-        for (n0, v0), (n1, v1) in zip(pts, pts[1:]):
-            if n <= n1:
-                return v0 + (v1 - v0) * (n - n0) / (n1 - n0)
-        (n0, v0), (n1, v1) = pts[-2], pts[-1]
-        return v1 + (v1 - v0) * (n - n1) / (n1 - n0)
+        return _piecewise(sorted(self.v.items()), n)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -108,6 +102,135 @@ class CostProfile:
         ms = "| ms | " + " | ".join(f"{self.v[n] * self.step_ms:.1f}" for n in sorted(self.v)) + " |"
         vs = "| v(n) | " + " | ".join(f"{self.v[n]:.2f}" for n in sorted(self.v)) + " |"
         return "\n".join([head, sep, ms, vs])
+
+
+def _piecewise(pts: list[tuple[int, float]], x: float) -> float:
+    """Linear between measured points, flat before the first, linear extrapolation past the last two."""
+    if x <= pts[0][0] or len(pts) == 1:
+        return pts[0][1] if x <= pts[0][0] else pts[-1][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    (x0, y0), (x1, y1) = pts[-2], pts[-1]
+    return y1 + (y1 - y0) * (x - x1) / (x1 - x0)
+
+
+# --------------------------------------------------------------------------- batches: v(B, n)
+BATCH_ROWS = (1, 2, 4, 8, 16)
+BATCH_NODES = (1, 2, 4, 8, 16)
+BATCH_FORMAT = 1
+
+
+@dataclass
+class BatchCostProfile:
+    """The cost of one batched forward over B rows of n tree nodes each, in plain single-row steps.
+
+    Measured over rows × nodes (not extrapolated from one row: a forward over 16 rows of 4 nodes is not a
+    forward over 64 nodes of one row; the rows' attention and padding differ). ``v[B][n]``, ``v[1][1] == 1``.
+    Cached beside the single-row profile (``$SPECDEC_CACHE/profiles``), keyed the same way.
+    """
+
+    step_ms: float
+    v: dict[int, dict[int, float]]
+    key: dict = field(default_factory=dict)
+    measured_s: float = 0.0
+    format: int = BATCH_FORMAT
+
+    def __post_init__(self) -> None:
+        self.v = {int(b): {int(n): round(float(x), 4) for n, x in row.items()} for b, row in self.v.items()}
+        self.step_ms = round(float(self.step_ms), 3)
+
+    def cost(self, rows: int, nodes: int) -> float:
+        """v(B, n) for any B, n >= 1: piecewise linear in n for each measured B, then in B (extrapolated past
+        the last two measured points in either direction)."""
+        memo = self.__dict__.setdefault("_memo", {})
+        value = memo.get((rows, nodes))
+        if value is None:
+            per_rows = [(b, _piecewise(sorted(self.v[b].items()), nodes)) for b in sorted(self.v)]
+            value = memo[(rows, nodes)] = _piecewise(per_rows, rows)
+        return value
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["v"] = {str(b): {str(n): x for n, x in sorted(row.items())} for b, row in sorted(self.v.items())}
+        return d
+
+    def table(self) -> str:
+        nodes = sorted(next(iter(self.v.values())))
+        lines = ["| rows \\ nodes | " + " | ".join(str(n) for n in nodes) + " |", "|---|" + "---|" * len(nodes)]
+        lines += [f"| {b} | " + " | ".join(f"{self.v[b][n]:.2f}" for n in nodes) + " |" for b in sorted(self.v)]
+        return "\n".join(lines)
+
+
+@torch.inference_mode()
+def measure_batch_profile(model, *, fast: bool = True, attn: str = "torch", linears: FastLinears | None = None, repeats: int = 3,
+                          rows=BATCH_ROWS, nodes=BATCH_NODES, progress: Callable[[str], None] | None = None) -> BatchCostProfile:
+    """Measure v(B, n) through the batched forward (every row after a ``PREFIX``-token prefix, trees shaped
+    like drafters' trees), rows × nodes interleaved within each repeat; medians count."""
+    from specdec.batch import BatchKVCache, BatchRunner
+    from specdec.cache import TreeKVCache
+
+    t_start = time.perf_counter()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, vocab, (PREFIX,), generator=g)
+    trees = {n: TokenTree(torch.randint(0, vocab, (n,), generator=g), _bushy_parents(n)) for n in nodes}
+    grid = [(b, n) for b in rows for n in nodes]
+    times: dict[tuple[int, int], list[float]] = {c: [] for c in grid}
+    with BatchRunner(model, attn=attn, fast=linears, route=fast) as runner:
+        single = TreeKVCache()
+        runner._single.cache = single
+        runner._single.prefill(prefix)
+        caches = {b: BatchKVCache.stack([single] * b) for b in rows}
+        for r in range(repeats + 1):
+            if progress:
+                progress(f"batched forward cost, round {r + 1}/{repeats + 1}")
+            for b, n in grid[r % len(grid):] + grid[: r % len(grid)]:
+                runner.cache = caches[b]
+                t0 = time.perf_counter()
+                runner.forward([trees[n]] * b)
+                _sync(runner.device)
+                if r:  # round 0 warms up
+                    times[(b, n)].append(time.perf_counter() - t0)
+                runner.commit([torch.arange(0)] * b)  # roll every row back to its prefix
+    med = {c: statistics.median(ts) for c, ts in times.items()}
+    step = med[(rows[0], nodes[0])]
+    v: dict[int, dict[int, float]] = {}
+    prev: dict[int, float] | None = None
+    for b in sorted(rows):  # more nodes or more rows never cost less: a dip is measurement noise
+        floor, v[b] = 1.0, {}
+        for n in sorted(nodes):
+            floor = max(floor, prev[n] if prev else 1.0, med[(b, n)] / step)
+            v[b][n] = floor
+        prev = v[b]
+    return BatchCostProfile(step_ms=step * 1e3, v=v, key=batch_profile_key(model, fast=fast, attn=attn),
+                            measured_s=round(time.perf_counter() - t_start, 2))
+
+
+def batch_profile_key(model, *, fast: bool, attn: str = "torch") -> dict:
+    return {**profile_key(model, fast=fast, attn=attn), "batch": [list(BATCH_ROWS), list(BATCH_NODES)]}
+
+
+def get_batch_profile(model, *, fast: bool, attn: str = "torch", linears: FastLinears | None = None,
+                      progress: bool = True) -> BatchCostProfile:
+    """The cached batched-forward profile for this model and setting, or a fresh measurement (saved)."""
+    key = batch_profile_key(model, fast=fast, attn=attn)
+    path = _key_file(key)
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") == BATCH_FORMAT and raw.get("key") == key:
+            return BatchCostProfile(**raw)
+    except (OSError, ValueError, TypeError):
+        pass
+    report = _progress_line() if progress else None
+    profile = measure_batch_profile(model, fast=fast, attn=attn, linears=linears, progress=report)
+    if report is not None:
+        report(f"done in {profile.measured_s:.1f} s (cached for next time)", end=True)
+    try:
+        _write_atomic(path, profile.as_dict())
+    except OSError:
+        pass
+    return profile
 
 
 def _cpu_name() -> str:
@@ -170,12 +293,15 @@ def load_profile(key: dict) -> CostProfile | None:
 
 def save_profile(profile: CostProfile) -> Path:
     """Write atomically (a killed process leaves no half-written profile)."""
-    path = _key_file(profile.key)
+    return _write_atomic(_key_file(profile.key), profile.as_dict())
+
+
+def _write_atomic(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(profile.as_dict(), f, indent=2)
+            json.dump(data, f, indent=2)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -158,6 +158,11 @@ class EngineLoop:
         attn = resolve_backend(gen.attn, torch.device(getattr(model, "device", "cpu")))
         fast, profile = _hardware(model, gen, attn)
         cost = profile.cost if profile is not None and gen.size_trees else None
+        batch_cost = None
+        if cost is not None and isinstance(model, torch.nn.Module):
+            from specdec.profile import get_batch_profile
+
+            batch_cost = get_batch_profile(model, fast=gen.fast, attn=attn, linears=fast).cost
         for spec in config.drafters:
             drafter = build_drafter(spec)
             target = Target.of(model, tokenizer, seed=0)
@@ -166,7 +171,7 @@ class EngineLoop:
             drafter.bind(target)
             self.drafters[spec] = drafter
         self._engine_args = dict(eos_ids=_eos_ids(model, tokenizer), max_rows=config.max_batch, attn=attn, fast=fast, route=gen.fast,
-                                 cost=cost, max_nodes=gen.max_tree_nodes, prefill_chunk=config.prefill_chunk)
+                                 cost=cost, max_nodes=gen.max_tree_nodes, prefill_chunk=config.prefill_chunk, batch_cost=batch_cost)
         self.engine = BatchEngine(model, **self._engine_args)
         self.metrics = Metrics()
         self.context = getattr(model.config, "max_position_embeddings", None)

@@ -116,24 +116,28 @@ def cap(tree: TokenTree, max_nodes: int) -> TokenTree:
     return tree.subtree(torch.arange(max(1, max_nodes)))
 
 
-def trim_batch(trees: list[TokenTree], cost: Callable[[int], float], max_nodes: int = 64) -> list[TokenTree]:
+def trim_batch(trees: list[TokenTree], cost: Callable[[int], float], max_nodes: int = 64,
+               batch_cost: Callable[[int, int], float] | None = None) -> list[TokenTree]:
     """Size the trees of a batch together: one forward holds every row's tree padded to the largest.
 
-    A batched step over B rows with trees padded to n nodes runs B·n rows through the target, so it costs
-    ``cost(B·n)`` (the profile, extrapolated past its last point), and emits Σ_b (1 + the kept scores of
+    A batched step over B rows with trees padded to n nodes costs ``batch_cost(B, n)`` (the profile measured
+    over rows × nodes, :class:`~specdec.profile.BatchCostProfile`; without one, ``cost(B·n)``: B·n rows of
+    one sequence, extrapolated past the profile's last point), and emits Σ_b (1 + the kept scores of
     row b). For every common size n each row keeps its best drafts that fit in n; the n with the most
     expected tokens per unit of cost wins (n = 1: a plain batched step). With one row this is :func:`trim`.
     Rows whose trees carry no scores keep them whole, and n is at least their size.
     """
-    if len(trees) == 1:
+    if len(trees) == 1 and batch_cost is None:
         return [trim(trees[0], cost, max_nodes)]
+    rows = len(trees)
+    step_cost = (lambda n: batch_cost(rows, n)) if batch_cost is not None else (lambda n: cost(rows * n))
     plans = [_Candidates(t, max_nodes) if t.scores is not None and len(t) > 1 else None for t in trees]
     floor = max(len(t) if p is None else p.sizes[0] for t, p in zip(trees, plans))  # every row keeps at least its root
     top = max([floor] + [p.sizes[-1] for p in plans if p is not None])
     best_n, best_ratio = floor, -1.0
     for n in range(floor, top + 1):
         gain = sum(p.gain_within(n) if p is not None else 1.0 for p in plans)
-        ratio = gain / cost(len(trees) * n)
+        ratio = gain / step_cost(n)
         if ratio > best_ratio + 1e-12:
             best_n, best_ratio = n, ratio
     return [t if p is None else p.keep(p.fits(best_n)) for t, p in zip(trees, plans)]

@@ -419,7 +419,7 @@ def test_chunk_size_follows_the_cost():
     flat = BatchEngine(model, eos_ids=set(), cost=lambda n: max(1.0, n / 256), prefill_chunk=None)  # a step's cost up to 256 rows
     steep = BatchEngine(model, eos_ids=set(), cost=lambda n: max(1.0, n / 16), prefill_chunk=None)
     for e in (flat, steep):
-        e._last_forward_rows = 64
+        e._last_forward = (16, 4)
     assert flat.chunk_tokens() == 256 and steep.chunk_tokens() == 64
     assert BatchEngine(model, eos_ids=set(), prefill_chunk=0).chunk_tokens() is None
     with pytest.raises(ValueError, match="prefill_chunk"):

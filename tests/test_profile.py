@@ -95,3 +95,34 @@ def _tokenizer_for(path):
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")))
     tok.save_pretrained(path)
+
+
+def test_batch_profile_is_measured_over_rows_and_nodes_then_cached(cache_dir, monkeypatch):
+    from specdec.profile import BatchCostProfile, get_batch_profile
+
+    model = tiny_model("llama", dtype=torch.float32)
+    first = get_batch_profile(model, fast=False, progress=False)
+    assert sorted(first.v) == list(prof.BATCH_ROWS) and all(sorted(r) == list(prof.BATCH_NODES) for r in first.v.values())
+    assert first.v[1][1] == 1.0
+    for b in first.v:  # never cheaper with more nodes or more rows
+        assert all(first.v[b][n] <= first.v[b][m] for n, m in zip(prof.BATCH_NODES, prof.BATCH_NODES[1:]))
+    for n in prof.BATCH_NODES:
+        assert all(first.v[b][n] <= first.v[c][n] for b, c in zip(prof.BATCH_ROWS, prof.BATCH_ROWS[1:]))
+    assert first.cost(4, 8) == pytest.approx(first.v[4][8])
+
+    def fail(*a, **k):
+        raise AssertionError("measured again although a cached profile fits")
+
+    monkeypatch.setattr(prof, "measure_batch_profile", fail)
+    assert get_batch_profile(model, fast=False, progress=False).v == first.v
+    assert isinstance(first, BatchCostProfile)
+
+
+def test_batch_cost_interpolates_in_nodes_then_rows():
+    from specdec.profile import BatchCostProfile
+
+    p = BatchCostProfile(step_ms=10.0, v={1: {1: 1.0, 4: 1.3}, 4: {1: 1.2, 4: 2.4}})
+    assert p.cost(1, 4) == pytest.approx(1.3)
+    assert p.cost(4, 2) == pytest.approx(1.6)  # a third of the way from 1.2 to 2.4
+    assert p.cost(2, 1) == pytest.approx(1.0 + 0.2 / 3)  # between rows 1 and 4 at one node
+    assert p.cost(8, 4) == pytest.approx(2.4 + (2.4 - 1.3) * 4 / 3)  # past the last row count: the last slope goes on

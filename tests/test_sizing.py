@@ -185,3 +185,16 @@ def test_node_budget_cuts_every_tree_to_its_best_nodes_and_stays_lossless():
     assert max(cut.sizes) <= 3 and max(cut.sizes) > 1
     with pytest.raises(ValueError, match="node_budget"):
         specdec.generate(model, None, ids, drafter="none", max_new_tokens=2, node_budget=-1)
+
+
+def test_joint_sizing_with_a_measured_batch_cost_turns_speculation_off_under_load():
+    """v(B, n) measured over rows x nodes: trees grow while one row runs and shrink to the root when sixteen
+    rows make extra nodes expensive, even where cost(B*n) on one row's curve would still draft."""
+    from specdec.profile import BatchCostProfile
+
+    batch = BatchCostProfile(step_ms=30.0, v={1: {1: 1.0, 2: 1.0, 4: 1.1}, 16: {1: 4.0, 2: 6.5, 4: 11.0}}).cost
+    one_row = lambda n: 1.0 + n / 256  # noqa: E731  (nearly free extra rows)
+    tree = TokenTree.from_sequences(5, [[1, 2, 3]], scores=[[0.5, 0.3, 0.2]])
+    assert len(trim_batch([tree], one_row, batch_cost=batch)[0]) == 4
+    assert [len(t) for t in trim_batch([tree] * 16, one_row, batch_cost=batch)] == [1] * 16
+    assert [len(t) for t in trim_batch([tree] * 16, one_row)] == [4] * 16  # extrapolated from one row, it drafts
