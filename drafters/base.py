@@ -38,10 +38,18 @@ What each kind of drafter uses:
 * **fusion** (``a+b``): trees merge node by node; every per-node field
   (scores, auxiliary flags and embeddings, draft distributions, sources)
   survives; each drafter hears the whole verified tree.
-* **batch > 1**: the engine keeps one drafter per sequence (:meth:`spawn`: a
-  fresh instance sharing read-only weights) and calls ``propose`` per
-  sequence; a drafter class whose work batches well (a neural drafter) may
-  implement ``propose_batch(drafters, states)`` to run once for all rows.
+* **lifecycle**: a drafter object is the shared part (weights, datastore, and
+  what it learns across requests: ``shared_state``); each sequence gets its
+  own session, :meth:`spawn` (per-sequence state fresh or copied, the shared
+  part shared), which hears ``reset(prompt)``, then ``propose`` / ``observe``
+  per step, and ``close(output)`` when the sequence ends (finished, stopped
+  or cancelled): where a drafter learns across requests (the suffix drafter's
+  store of earlier outputs), ``close`` puts what this sequence taught into the
+  shared part, so every later session, on any row, sees it.
+* **batch > 1**: one session per row; the engine drafts all rows of one
+  drafter class with ``propose_batch(drafters, states)`` (the base class
+  proposes row by row; a class whose work batches well, like Medusa's heads,
+  runs once for all rows).
 
 Spec strings name a registered drafter and its options::
 
@@ -210,6 +218,15 @@ class Drafter:
 
     def observe(self, result: StepResult) -> None:
         """Feedback after verification (acceptance statistics, the next step's drafts)."""
+
+    def close(self, output_ids: list[int]) -> None:
+        """The sequence ended with these new tokens (finished, stopped or cancelled); keep what it taught in the
+        shared part (the default keeps nothing). Called once per sequence, by every engine loop."""
+
+    @classmethod
+    def propose_batch(cls, drafters: "list[Drafter]", states: list[DraftState]) -> list[TokenTree]:
+        """Every row's tree, for rows whose sessions are all of this class (default: one ``propose`` per row)."""
+        return [d.propose(s) for d, s in zip(drafters, states)]
 
     def spawn(self) -> "Drafter":
         """A fresh drafter of the same kind for another sequence (batch > 1): per-sequence state is

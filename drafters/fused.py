@@ -65,5 +65,9 @@ class FusedDrafter(Drafter):
         for d in self.drafters:
             d.observe(result)
 
+    def close(self, output_ids: list[int]) -> None:
+        for d in self.drafters:
+            d.close(output_ids)
+
     def spawn(self) -> "FusedDrafter":
         return FusedDrafter([d.spawn() for d in self.drafters])

@@ -21,7 +21,10 @@ SuffixDecoding's adaptive speculation length does.
 
 To learn across prompts, keep one drafter: pass the same instance to every
 ``specdec.generate`` call (``build_drafter("suffix")``), or use the bench's
-``--reuse-drafter``. ``store=PATH`` keeps the outputs in a file across
+``--reuse-drafter``. Its store (outputs, index, acceptance rates) is the shared
+part: every session of it (each row of a batch, each request of
+``specdec serve``) drafts from it, and each finished sequence joins it
+(``close``), so what one row learns serves all the others. ``store=PATH`` keeps the outputs in a file across
 processes (at most ``max_tokens``; the oldest outputs are evicted first).
 """
 
@@ -79,25 +82,59 @@ class SuffixConfig:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
 
 
+class _Store:
+    """What a suffix drafter learns across requests: earlier outputs, their index and the acceptance rates.
+    One per drafter; every session (:meth:`SuffixDrafter.spawn`, one per row or request) shares it."""
+
+    def __init__(self, config: SuffixConfig) -> None:
+        self.config = config
+        self.outputs: list[list[int]] = []  # earlier generations' outputs, oldest first
+        self.rates = AcceptanceRates(frequency_prior, config.decay)  # kept across generations: it learns the workload
+        self.index = None
+        self.dirty = False
+        self.vocab = 0
+        if config.store and Path(config.store).is_file():
+            self.outputs = _read_store(Path(config.store))
+            self.dirty = bool(self.outputs)
+
+    def add(self, tokens: list[int]) -> None:
+        self.outputs.append(list(tokens))
+        total = sum(map(len, self.outputs))
+        while total > self.config.max_tokens and len(self.outputs) > 1:
+            total -= len(self.outputs.pop(0))
+        self.dirty = True
+        if self.config.store:
+            _write_store(Path(self.config.store), self.outputs)
+
+    def current_index(self):
+        if self.dirty:
+            from specdec.datastore import Datastore
+
+            vocab = max(self.vocab, 1 + max((max(o) for o in self.outputs if o), default=0))
+            self.index = Datastore.from_documents(self.outputs, vocab) if self.outputs else None
+            self.dirty = False
+        return self.index
+
+
 @register_drafter("suffix")
 class SuffixDrafter(Drafter):
-    """Drafts from the live context and from an index over this drafter's earlier outputs."""
+    """Drafts from the live context and from an index over earlier outputs (of every session of this drafter)."""
 
     name = "suffix"
+    shared_state = ("store",)
 
     def __init__(self, config: SuffixConfig | None = None) -> None:
         self.config = config or SuffixConfig()
-        self.outputs: list[list[int]] = []  # earlier generations' outputs, oldest first
-        self.rates = AcceptanceRates(frequency_prior, self.config.decay)  # kept across generations: it learns the workload
-        self._index = None
-        self._dirty = False
-        self._vocab = 0
-        self._output: list[int] = []
-        self._pending: list[int] = []
+        self.store = _Store(self.config)
         self._keys: dict = {}
-        if self.config.store and Path(self.config.store).is_file():
-            self.outputs = _read_store(Path(self.config.store))
-            self._dirty = bool(self.outputs)
+
+    @property
+    def outputs(self) -> list[list[int]]:
+        return self.store.outputs
+
+    @property
+    def rates(self) -> AcceptanceRates:
+        return self.store.rates
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "SuffixDrafter":
@@ -107,34 +144,20 @@ class SuffixDrafter(Drafter):
 
     def bind(self, target: Target) -> None:
         super().bind(target)
-        self._vocab = target.vocab_size
+        self.store.vocab = target.vocab_size
 
     # ------------------------------------------------------------------ the store of earlier outputs
     def reset(self, prompt_ids: Tensor) -> None:
-        """A new generation: the previous one's output joins the store."""
-        finished = self._output + self._pending
-        if finished:
-            self.add_output(finished)
-        self._output, self._pending, self._keys = [], [], {}
+        self._keys = {}
+
+    def close(self, output_ids: list[int]) -> None:
+        """The sequence's output joins the shared store (every later session drafts from it)."""
+        if output_ids:
+            self.store.add(output_ids)
 
     def add_output(self, tokens: list[int]) -> None:
         """Index an output (earlier outputs beyond ``max_tokens`` are evicted, oldest first)."""
-        self.outputs.append(list(tokens))
-        total = sum(map(len, self.outputs))
-        while total > self.config.max_tokens and len(self.outputs) > 1:
-            total -= len(self.outputs.pop(0))
-        self._dirty = True
-        if self.config.store:
-            _write_store(Path(self.config.store), self.outputs)
-
-    def _index_now(self):
-        if self._dirty:
-            from specdec.datastore import Datastore
-
-            vocab = max(self._vocab, 1 + max((max(o) for o in self.outputs if o), default=0))
-            self._index = Datastore.from_documents(self.outputs, vocab) if self.outputs else None
-            self._dirty = False
-        return self._index
+        self.store.add(tokens)
 
     # ------------------------------------------------------------------ drafting
     def _length(self, span: int) -> int:
@@ -143,14 +166,13 @@ class SuffixDrafter(Drafter):
     def propose(self, state: DraftState) -> TokenTree:
         c = self.config
         ids = state.token_ids
-        self._output = ids[state.prompt_len :].tolist()
         trees, self._keys = [], {}
         n = _longest_repeat(ids, c.max_span, c.min_span)  # the live context
         if n:
             conts = find_candidates(ids, n, self._length(n), c.matches)
             if conts:
                 trees.append(self._tree(state.root, conts, ("live", span_bucket(n))))
-        index = self._index_now()
+        index = self.store.current_index()
         if index is not None:  # earlier outputs
             span, lo, hi = index.longest_match(ids[-c.max_span :].numpy(), c.max_span, c.min_span)
             conts = index.continuations(span, lo, hi, c.matches, self._length(span)) if span else []
@@ -170,7 +192,6 @@ class SuffixDrafter(Drafter):
         return tree
 
     def observe(self, result: StepResult) -> None:
-        self._pending = list(result.new_tokens)  # the rest of the output so far comes with the next proposal's token_ids
         if self._keys:
             learn(self.rates, self._keys, result.tree, result.path)
 

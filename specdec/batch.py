@@ -420,10 +420,13 @@ class BatchEngine:
         for pos, r in enumerate(self.rows):
             if r.req.cancelled:
                 events.append((r.req.key, StepEvent([], "cancelled")))
+                r.drafter.close(list(r.new))
                 continue
             event = self._emit(r)
             events.append((r.req.key, event))
-            if not event.finish_reason:
+            if event.finish_reason:
+                r.drafter.close(list(r.new))
+            else:
                 live.append(pos)
         if len(live) < len(self.rows):
             order = _fill_holes(live, len(self.rows))
@@ -567,12 +570,13 @@ def _fill_holes(live: list[int], n: int) -> list[int]:
 
 def _propose(rows: list[_Row], states: list[DraftState]) -> list[TokenTree]:
     """Every row's tree: one call for all rows where the drafter class batches its own work."""
-    kind = type(rows[0].drafter)
-    batch = getattr(kind, "propose_batch", None)
-    if batch is not None and all(type(r.drafter) is kind for r in rows):
-        trees = batch([r.drafter for r in rows], states)
-    else:
-        trees = [r.drafter.propose(s) for r, s in zip(rows, states)]
+    groups: dict[type, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(type(r.drafter), []).append(i)
+    trees: list[TokenTree | None] = [None] * len(rows)
+    for kind, idx in groups.items():  # one call per drafter class (Medusa's heads run once for all its rows)
+        for i, t in zip(idx, kind.propose_batch([rows[i].drafter for i in idx], [states[i] for i in idx])):
+            trees[i] = t
     for t, s, r in zip(trees, states, rows):
         if int(t.tokens[0]) != s.root:
             raise RuntimeError(f"drafter {r.drafter.name!r} proposed a tree whose root is not the last committed token")

@@ -224,50 +224,53 @@ def decode_steps(
     ids = input_ids.clone()
     new: list[int] = []
     drafter.reset(ids)
-    with TreeRunner(model, attn=attn, fast=fast, route=route) as runner:
-        # 1. Prefill: the whole prompt; its last logits give the first token, its hidden states go to the drafter.
-        t0 = time.perf_counter()
-        out = runner.prefill(ids, hidden=hidden_needed)
-        first = verifier.accept(TokenTree.root_only(int(ids[-1])), out.logits[-1:], generator, ids[:-1]).bonus
-        stats.prefill_time_s += time.perf_counter() - t0
-        hidden, hidden_start = out.hidden_states, 0
-        pending = [first]
+    try:
+        with TreeRunner(model, attn=attn, fast=fast, route=route) as runner:
+            # 1. Prefill: the whole prompt; its last logits give the first token, its hidden states go to the drafter.
+            t0 = time.perf_counter()
+            out = runner.prefill(ids, hidden=hidden_needed)
+            first = verifier.accept(TokenTree.root_only(int(ids[-1])), out.logits[-1:], generator, ids[:-1]).bonus
+            stats.prefill_time_s += time.perf_counter() - t0
+            hidden, hidden_start = out.hidden_states, 0
+            pending = [first]
 
-        while True:
-            # 2. Emit what the last step accepted, cut at EOS / stop / length exactly where plain decoding stops.
-            emitted, reason = _emit(pending, new, eos_ids, stop, max_new_tokens)
-            stats.new_tokens = len(new)
-            ids = torch.cat([ids, torch.tensor(emitted, dtype=torch.long)])
-            yield StepEvent(emitted, reason)
-            if reason:
-                return
+            while True:
+                # 2. Emit what the last step accepted, cut at EOS / stop / length exactly where plain decoding stops.
+                emitted, reason = _emit(pending, new, eos_ids, stop, max_new_tokens)
+                stats.new_tokens = len(new)
+                ids = torch.cat([ids, torch.tensor(emitted, dtype=torch.long)])
+                yield StepEvent(emitted, reason)
+                if reason:
+                    return
 
-            # 3. Draft, and size the tree for this machine.
-            clock = _Clock(stats.profile)
-            tree = drafter.propose(DraftState(ids, input_ids.numel(), hidden, hidden_start))
-            if int(tree.tokens[0]) != int(ids[-1]):
-                raise RuntimeError(f"drafter {drafter.name!r} proposed a tree whose root is not the last committed token")
-            tree = trim(tree, cost, max_nodes) if cost is not None else tree
-            tree = cap(tree, max_nodes)  # a hard cap, also for trees that carry no scores
-            clock.lap("draft")
+                # 3. Draft, and size the tree for this machine.
+                clock = _Clock(stats.profile)
+                tree = drafter.propose(DraftState(ids, input_ids.numel(), hidden, hidden_start))
+                if int(tree.tokens[0]) != int(ids[-1]):
+                    raise RuntimeError(f"drafter {drafter.name!r} proposed a tree whose root is not the last committed token")
+                tree = trim(tree, cost, max_nodes) if cost is not None else tree
+                tree = cap(tree, max_nodes)  # a hard cap, also for trees that carry no scores
+                clock.lap("draft")
 
-            # 4. Verify: one target forward over the tree, then accept.
-            prefix_len = runner.prefix_len
-            out = runner.forward(tree, hidden=hidden_needed)
-            clock.lap("forward")
-            acceptance = verifier.accept(tree, out.logits, generator, ids[:-1])
-            clock.lap("accept")
+                # 4. Verify: one target forward over the tree, then accept.
+                prefix_len = runner.prefix_len
+                out = runner.forward(tree, hidden=hidden_needed)
+                clock.lap("forward")
+                acceptance = verifier.accept(tree, out.logits, generator, ids[:-1])
+                clock.lap("accept")
 
-            # 5. Commit the accepted path's KV; tell the drafter what happened.
-            runner.commit(prefix_len, acceptance.path)
-            hidden, hidden_start = (out.hidden_states[acceptance.path.to(out.hidden_states.device)] if hidden_needed else None), prefix_len
-            clock.lap("commit")
-            pending = acceptance.new_tokens(tree)
-            drafter.observe(_step_result(tree, acceptance, pending, out))
-            stats.target_forwards += 1
-            stats.drafted_tokens += tree.num_drafts
-            stats.tokens_per_step.append(len(pending))
-            clock.lap("other")
+                # 5. Commit the accepted path's KV; tell the drafter what happened.
+                runner.commit(prefix_len, acceptance.path)
+                hidden, hidden_start = (out.hidden_states[acceptance.path.to(out.hidden_states.device)] if hidden_needed else None), prefix_len
+                clock.lap("commit")
+                pending = acceptance.new_tokens(tree)
+                drafter.observe(_step_result(tree, acceptance, pending, out))
+                stats.target_forwards += 1
+                stats.drafted_tokens += tree.num_drafts
+                stats.tokens_per_step.append(len(pending))
+                clock.lap("other")
+    finally:
+        drafter.close(list(new))  # the sequence ended (or its consumer stopped listening)
 
 
 def _step_result(tree: TokenTree, acceptance, pending: list[int], out) -> StepResult:
