@@ -57,7 +57,8 @@ def start(mode: str, port: int, max_batch: int, log: Path, threads: int) -> tupl
 
         gguf = str(_resolve("default"))
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-               "--n_threads", str(threads), "--n_ctx", "4096", "--model_alias", "default"]
+               "--n_threads", str(threads), "--n_ctx", "4096", "--model_alias", "default",
+               "--interrupt_requests", "False"]  # queue concurrent requests (the default interrupts the running one)
     else:
         cmd = [sys.executable, "-m", "specdec.cli", "serve", "--model", "default", "--port", str(port), "--max-batch", str(max_batch),
                "--log-level", "warning", *MODES[mode]]

@@ -66,7 +66,7 @@ def test_training_ships_a_gad_drafter(tmp_path, default_tokenizer):
 
     target = save_tiny_target(tmp_path / "target", default_tokenizer)
     data = write_conversations(tmp_path / "convs.jsonl", [(f"Count to {i}.", " ".join(str(j) for j in range(i + 8))) for i in range(12)])
-    cfg = load_recipe("gad-smollm2-cpu", dict(model=str(target), data=str(data), output_dir=str(tmp_path / "run"), features_dir="", num_conversations=9,
+    cfg = load_recipe("gad-smollm2-cpu", dict(model=str(target), data=str(data), output_dir=str(tmp_path / "run"), features_dir="", num_conversations=9, skip=0, store_layers="-1", bf16=False,
                                               heldout=3, max_len=48, depth=4, gad={"window": 6, "windows": 4}, draft_vocab_size=128,
                                               batch_size=8, max_steps=3, epochs=1, save_steps=100, logging_steps=1, progress=False))
     final = train(cfg)

@@ -159,7 +159,7 @@ def test_training_fits_prompt_tokens_and_ships_a_drafter(tmp_path, default_token
 
     target = save_tiny_target(tmp_path / "target", default_tokenizer)
     data = write_conversations(tmp_path / "convs.jsonl", [(f"Tell me about {i}.", f"Number {i} is a number. " * 4) for i in range(14)])
-    cfg = load_recipe("ppd-smollm2-cpu", dict(model=str(target), data=str(data), output_dir=str(tmp_path / "run"), num_conversations=10,
+    cfg = load_recipe("ppd-smollm2-cpu", dict(model=str(target), data=str(data), output_dir=str(tmp_path / "run"), num_conversations=10, skip=0,
                                               heldout=4, max_len=48, depth=2, ppd={"groups": 3}, batch_size=2, max_steps=4, epochs=1,
                                               save_steps=100, logging_steps=2, progress=False))
     final = train(cfg)

@@ -42,7 +42,7 @@ def convs(tmp_path_factory):
 def settings(target, data, out, **extra):
     base = dict(model=str(target), data=str(data), output_dir=str(out), features_dir="", num_conversations=20, heldout=4, max_len=48,
                 depth=3, draft_vocab_size=256, batch_size=4, max_steps=6, epochs=1, lr=3e-3, save_steps=100,
-                logging_steps=2, progress=False)
+                logging_steps=2, progress=False, skip=0, store_layers="-1", bf16=False)  # the recipes' data keys, undone
     base.update(extra)
     return base
 
