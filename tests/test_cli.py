@@ -42,3 +42,25 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for opt in ("--model", "--drafter", "--prompt", "--max-new-tokens", "--temperature", "--json"):
         assert opt in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prefill-chunk", "lots"], "--prefill-chunk must be 'auto'"),
+    (["--port", "0"], "--port must lie in"),
+    (["--drafter", "no-such-drafter"], "unknown drafter"),
+    (["--max-batch", "0"], "max_batch"),
+])
+def test_serve_rejects_bad_options_before_loading_a_model(tiny_dir, capsys, args, message):
+    assert main(["serve", "--model", str(tiny_dir), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_says_when_its_port_is_taken(tiny_dir, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--model", str(tiny_dir), "--drafter", "none", "--port", str(port), "--log-level", "critical"]) == 2
+    assert "--port" in capsys.readouterr().err
