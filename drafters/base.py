@@ -189,10 +189,13 @@ class Drafter:
         vocab_size: the vocabulary the drafter was built for (None: any).
         shared_state: names of attributes that every :meth:`spawn` shares as they are (read-only
             resources such as a datastore); tensors, modules and the Target are always shared.
+        stateless: proposing reads only the step's :class:`DraftState` (and statistics it may skip
+            updating): a batch under load may then skip drafting for steps where no tree has paid lately.
     """
 
     name: str = "drafter"
     shared_state: tuple[str, ...] = ()
+    stateless: bool = False  # a step without propose/observe loses this drafter nothing (the batch may skip drafting)
     needs_hidden_states: bool = False
     hidden_layers: tuple[int, ...] = (-1,)
     vocab_size: int | None = None
@@ -251,6 +254,7 @@ class NoDrafter(Drafter):
     """Drafts nothing: every step is one plain decoding step (a baseline)."""
 
     name = "none"
+    stateless = True
 
     def propose(self, state: DraftState) -> TokenTree:
         return TokenTree.root_only(state.root)

@@ -98,6 +98,7 @@ class PromptLookupDrafter(Drafter):
     """n-gram copy drafter over prompt + generated text; nodes scored by learnt acceptance rates."""
 
     name = "prompt-lookup"
+    stateless = True  # matches in the context each step; its acceptance statistics may skip a step
 
     def __init__(self, config: PromptLookupConfig | None = None) -> None:
         self.config = config or PromptLookupConfig()

@@ -353,7 +353,9 @@ class BatchEngine:
         batch_cost: v(B, n), the measured cost of a forward over B rows of n nodes
             (:class:`~specdec.profile.BatchCostProfile`): every step sizes all rows' trees jointly with it, so
             trees grow while few rows run and shrink to nothing where verifying costs more than it returns
-            (None: ``cost(B·n)``).
+            (None: ``cost(B·n)``). Where every row's drafter is ``stateless`` (prompt lookup) and 4 drafted
+            steps in a row at this batch size kept no draft, the batch stops drafting too (its cost is not
+            in the forward's profile) and drafts again every 16th step to see whether trees pay again.
     """
 
     def __init__(self, model, *, eos_ids: set[int], max_rows: int = 0, attn: str = "torch", fast: FastLinears | None = None,
@@ -368,6 +370,8 @@ class BatchEngine:
         self.prefilling: list[_Prefill] = []
         self.rows: list[_Row] = []
         self._last_forward = (1, 1)  # rows and nodes of the last decode forward (what a chunk is sized against)
+        self._steps = 0
+        self._plain_streak: dict[int, int] = {}  # batch size -> consecutive drafted steps whose trees were all cut to the root
 
     def add(self, request: Request) -> None:
         """Queue a request; it joins at the next step with room (thread-safe)."""
@@ -486,9 +490,19 @@ class BatchEngine:
 
         rows = self.rows
         states = [DraftState(r.ids, r.req.ids.numel(), r.hidden, r.hidden_start) for r in rows]
-        trees = _propose(rows, states)
-        if self.cost is not None:
-            trees = trim_batch(trees, self.cost, self.max_nodes, self.batch_cost)
+        self._steps += 1
+        b = len(rows)
+        gate = self.cost is not None and all(type(r.drafter).stateless for r in rows)
+        if gate and self._plain_streak.get(b, 0) >= _GATE_AFTER and self._steps % _GATE_PROBE:
+            # Under this load no tree has paid for a while: skip drafting too (stateless drafters lose nothing),
+            # and look again every _GATE_PROBE steps.
+            trees = [TokenTree.root_only(s.root) for s in states]
+        else:
+            trees = _propose(rows, states)
+            if self.cost is not None:
+                trees = trim_batch(trees, self.cost, self.max_nodes, self.batch_cost)
+            if gate:
+                self._plain_streak[b] = self._plain_streak.get(b, 0) + 1 if all(len(t) == 1 for t in trees) else 0
         trees = [cap(t, self.max_nodes) for t in trees]  # a hard cap, also for trees that carry no scores
         union = _layer_union([r.layers for r in rows])
         lengths = self.runner.lengths
@@ -507,6 +521,10 @@ class BatchEngine:
                 r.req.stats.target_forwards += 1
                 r.req.stats.drafted_tokens += t.num_drafts
                 r.req.stats.tokens_per_step.append(len(r.pending))
+
+
+_GATE_AFTER = 4  # drafted steps in a row with every tree cut to the root before a batch stops drafting
+_GATE_PROBE = 16  # while stopped, it drafts again every this many steps to see whether trees pay again
 
 
 def _layer_union(wanted: list[tuple[int, ...] | None]) -> tuple[int, ...]:

@@ -226,7 +226,11 @@ class EngineLoop:
         self._run(until)
 
     def _run(self, until=None) -> None:
-        torch.set_grad_enabled(False)
+        with torch.no_grad():  # scoped: serve() runs this on the caller's (main) thread
+            self._loop(until)
+        self._fail_all(APIError(503, "the server stopped before this request finished", kind="server_error"))
+
+    def _loop(self, until) -> None:
         while not self._stop and not (until is not None and until()):
             if self.engine.idle:
                 self._wake.wait(0.5)
@@ -250,7 +254,6 @@ class EngineLoop:
                     self._handles.pop(key, None)
                 if handle is not None:
                     handle.push(event)
-        self._fail_all(APIError(503, "the server stopped before this request finished", kind="server_error"))
 
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:

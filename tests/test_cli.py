@@ -64,3 +64,4 @@ def test_serve_says_when_its_port_is_taken(tiny_dir, capsys):
         port = s.getsockname()[1]
         assert main(["serve", "--model", str(tiny_dir), "--drafter", "none", "--port", str(port), "--log-level", "critical"]) == 2
     assert "--port" in capsys.readouterr().err
+    assert __import__("torch").is_grad_enabled()  # the engine ran on this thread and left its grad mode as it was
