@@ -208,28 +208,19 @@ class BatchRunner:
         return self.cache.lengths
 
     def prefill(self, prompts: list[Tensor], *, hidden: bool = False, rows: int = 0) -> list[ForwardOutput]:
-        """Each prompt on its own (a causal forward into a single-row cache), then the caches stacked, with room
-        for ``rows`` rows in all."""
-        outs, caches = self._prefill_each(prompts, hidden)
-        self.cache = BatchKVCache.stack(caches, rows)
-        return outs
+        """A new batch: each prompt prefilled on its own (a causal forward into a single-row cache) and added as a
+        row, with room for ``rows`` rows in all."""
+        self.cache = None
+        return self.join(prompts, hidden=hidden, rows=rows)
 
-    def join(self, prompts: list[Tensor], *, hidden: bool = False) -> list[ForwardOutput]:
+    def join(self, prompts: list[Tensor], *, hidden: bool = False, rows: int = 0) -> list[ForwardOutput]:
         """New rows: each prompt prefilled on its own, then appended after the live rows."""
-        if self.cache is None:
-            return self.prefill(prompts, hidden=hidden)
-        outs, caches = self._prefill_each(prompts, hidden)
-        self.cache.add_rows(caches)
-        return outs
-
-    def _prefill_each(self, prompts: list[Tensor], hidden: bool) -> tuple[list[ForwardOutput], list[TreeKVCache]]:
-        outs, caches = [], []
+        outs = []
         for ids in prompts:
-            self._single.cache = TreeKVCache()
-            outs.append(self._single.prefill(ids, hidden=hidden))
-            caches.append(self._single.cache)
-        self._single.cache = TreeKVCache()
-        return outs, caches
+            cache = TreeKVCache()
+            outs.append(self.extend(cache, ids, hidden=hidden))
+            self.attach(cache, rows)
+        return outs
 
     def extend(self, cache: TreeKVCache, ids: Tensor, *, hidden=False) -> ForwardOutput:
         """Append a chunk of a prompt to ``cache`` (a single-row cache outside the batch; see TreeRunner.extend)."""

@@ -179,8 +179,7 @@ def measure_batch_profile(model, *, fast: bool = True, attn: str = "torch", line
     times: dict[tuple[int, int], list[float]] = {c: [] for c in grid}
     with BatchRunner(model, attn=attn, fast=linears, route=fast) as runner:
         single = TreeKVCache()
-        runner._single.cache = single
-        runner._single.prefill(prefix)
+        runner.extend(single, prefix)
         caches = {b: BatchKVCache.stack([single] * b) for b in rows}
         for r in range(repeats + 1):
             if progress:
