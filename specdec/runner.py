@@ -23,6 +23,7 @@ model) run their forwards the same way::
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -102,8 +103,31 @@ def hidden_layers(hidden) -> tuple[int, ...] | None:
     return tuple(hidden) if hidden else None
 
 
+_CACHE_ARG: dict[type, str] = {}
+
+
+def cache_argument(model) -> str:
+    """The name under which ``model``'s forward takes its KV cache: ``cache`` in recent transformers 5.x,
+    ``past_key_values`` before the rename (5.17 still had only the old name). Older forwards take any keyword
+    through ``**kwargs`` and silently drop one they do not know, so passing the wrong name would run every step
+    without its past: ask the signature (once per class) instead of trusting one version's spelling."""
+    cls = type(model)
+    name = _CACHE_ARG.get(cls)
+    if name is None:
+        try:
+            params = inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):  # a forward without a signature: the current spelling
+            params = {}
+        name = "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
+        _CACHE_ARG[cls] = name
+    return name
+
+
 def tapped_forward(model, layers: tuple[int, ...] | None, **kwargs):
-    """``model(**kwargs)``, and the hidden states of ``layers`` ([B, T, L·H]) or None."""
+    """``model(**kwargs)``, and the hidden states of ``layers`` ([B, T, L·H]) or None. A ``cache`` keyword
+    reaches the model under the name its forward takes (:func:`cache_argument`)."""
+    if "cache" in kwargs:
+        kwargs[cache_argument(model)] = kwargs.pop("cache")
     if layers is None:
         return model(**kwargs), None
     tap = LayerTap(model, layers)

@@ -159,3 +159,27 @@ def test_cache_crop_follows_transformers():
     assert hf.get_seq_length() == 7
     with pytest.raises(ValueError):
         hf.crop(5)
+
+
+def test_cache_reaches_a_forward_that_spells_it_past_key_values():
+    """transformers before its ``cache`` rename (5.17 on the GPU image) takes the KV cache as ``past_key_values`` and
+    swallows unknown keywords: a ``cache=`` keyword was dropped and every step ran without its past (caught on the
+    first GPU run). The engine asks the forward's signature which name it takes."""
+    from transformers import LlamaForCausalLM
+
+    class OldSpelling(LlamaForCausalLM):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            kwargs.pop("cache", None)  # as the old forwards did with a keyword they did not know
+            return super().forward(input_ids=input_ids, cache=past_key_values, **kwargs)
+
+    ref_model = tiny_model("llama")
+    old = OldSpelling(ref_model.config).to(torch.float64).eval()
+    old.load_state_dict(ref_model.state_dict())
+    old.generation_config.eos_token_id = None
+    ids = torch.tensor([5, 9, 2, 5, 9, 7, 1, 5, 9])
+    ref = hf_greedy(ref_model, ids, 16, min_new_tokens=16)
+    for drafter in ("none", "prompt-lookup:adaptive=false"):
+        assert specdec.generate(old, None, ids, drafter=drafter, max_new_tokens=16).token_ids == ref, drafter
+    short = ids[:5]
+    batch = specdec.generate(old, None, [ids, short], drafter="prompt-lookup:adaptive=false", max_new_tokens=16, max_batch=2)
+    assert [r.token_ids for r in batch] == [ref, hf_greedy(ref_model, short, 16, min_new_tokens=16)]

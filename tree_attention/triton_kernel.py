@@ -44,15 +44,15 @@ def pack_ancestor_mask(ancestor_mask: Tensor) -> Tensor:
 
 
 @triton.jit
-def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale):
+def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
     """Fold one key block into the running max m_i, sum l_i and output acc (flash-attention update)."""
-    s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -64,7 +64,8 @@ def _tree_attn_fwd(
     svb, svh, svn, svd,
     sob, soh, son, sod,
     sbb, N, W, Hq, GROUP, scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -74,15 +75,17 @@ def _tree_attn_fwd(
     P = tl.load(Prefix + b)  # this row's committed prefix; its tree keys follow it
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # tree node index of each query
-    dims = tl.arange(0, D)
+    dims = tl.arange(0, DP)  # DP = D padded to tl.dot's minimum of 16; the padding loads as zeros
+    dim_ok = dims < D
     row_ok = rows < N
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd, mask=row_ok[:, None] & dim_ok[None, :],
+                other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
 
@@ -90,28 +93,29 @@ def _tree_attn_fwd(
     for start in range(0, P, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < P
-        k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        m_i, l_i, acc = _online_softmax_step(q, k, v, col_ok[None, :], m_i, l_i, acc, scale)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, col_ok[None, :], m_i, l_i, acc, scale, PRECISION)
 
     # 2. The tree: node i sees node j iff bit j of its packed ancestor row is set.
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)  # tree node index of each key
         col_ok = cols < N
-        k = tl.load(k_base + (P + cols)[:, None] * skn + dims[None, :] * skd, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + (P + cols)[:, None] * svn + dims[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        k = tl.load(k_base + (P + cols)[:, None] * skn + dims[None, :] * skd, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(v_base + (P + cols)[:, None] * svn + dims[None, :] * svd, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         word = tl.load(Bits + b * sbb + rows[:, None] * W + (cols // 32)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
         visible = ((word >> (cols % 32)[None, :]) & 1) != 0
-        m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale, PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i = 0 only on rows past N, never stored
-    tl.store(Out + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Out + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
 
 
 def tree_attention_triton(
@@ -158,6 +162,9 @@ def tree_attention_triton(
         q, k, v, bits, prefix_lens, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         bits.stride(0) if packed_mask.dim() == 3 else 0, n, bits.shape[2], hq, hq // hkv, scale,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_INTERPRET,
+        D=d, DP=max(d, 16), BLOCK_M=block_m, BLOCK_N=max(block_n, 16), UPCAST=_INTERPRET,
+        # fp32 products in full precision: tl.dot's default for fp32 on a GPU is TF32 (~1e-3 relative error),
+        # which would break equality with plain decoding. Half-precision inputs keep the default.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out
