@@ -191,10 +191,14 @@ class Drafter:
             resources such as a datastore); tensors, modules and the Target are always shared.
         stateless: proposing reads only the step's :class:`DraftState` (and statistics it may skip
             updating): a batch under load may then skip drafting for steps where no tree has paid lately.
+        session_options: fields of the drafter's ``config`` dataclass that one request may set for its own
+            session (:meth:`open`; the server's ``drafter_options``): settings read while proposing, never
+            the shared part's (weights, a store's file or size).
     """
 
     name: str = "drafter"
     shared_state: tuple[str, ...] = ()
+    session_options: tuple[str, ...] = ()
     stateless: bool = False  # a step without propose/observe loses this drafter nothing (the batch may skip drafting)
     needs_hidden_states: bool = False
     hidden_layers: tuple[int, ...] = (-1,)
@@ -230,6 +234,25 @@ class Drafter:
     def propose_batch(cls, drafters: "list[Drafter]", states: list[DraftState]) -> list[TokenTree]:
         """Every row's tree, for rows whose sessions are all of this class (default: one ``propose`` per row)."""
         return [d.propose(s) for d, s in zip(drafters, states)]
+
+    def open(self, options: dict[str, Any] | None = None) -> "Drafter":
+        """A session of this drafter for one request (the engine calls its ``reset(prompt)`` when the request
+        joins, and ``close(output)`` when it ends): what :meth:`spawn` gives, with the request's ``options``
+        (names from ``session_options``; strings are parsed as in a spec) over the drafter's own config.
+        An option outside ``session_options`` is an error that lists the ones it takes."""
+        session = self.spawn()
+        if options:
+            allowed = set(self.session_options)
+            unknown = sorted(set(options) - allowed)
+            if unknown:
+                valid = ", ".join(self.session_options) if self.session_options else "none"
+                raise ValueError(f"drafter {self.name!r} takes no per-request option {', '.join(map(repr, unknown))}; "
+                                 f"per-request options: {valid}")
+            from specdec.config import options_into
+
+            session.config = options_into(type(self.config), dict(options), base=self.config,
+                                          what=f"per-request option for drafter {self.name!r}:")
+        return session
 
     def spawn(self) -> "Drafter":
         """A fresh drafter of the same kind for another sequence (batch > 1): per-sequence state is

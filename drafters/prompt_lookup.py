@@ -99,6 +99,7 @@ class PromptLookupDrafter(Drafter):
 
     name = "prompt-lookup"
     stateless = True  # matches in the context each step; its acceptance statistics may skip a step
+    session_options = ("max_ngram", "min_ngram", "num_tokens", "max_candidates", "adaptive", "prior_first", "prior_next", "decay")
 
     def __init__(self, config: PromptLookupConfig | None = None) -> None:
         self.config = config or PromptLookupConfig()

@@ -122,6 +122,7 @@ class SuffixDrafter(Drafter):
 
     name = "suffix"
     shared_state = ("store",)
+    session_options = ("max_span", "min_span", "matches", "length_per_span", "max_length", "max_nodes")
 
     def __init__(self, config: SuffixConfig | None = None) -> None:
         self.config = config or SuffixConfig()

@@ -243,7 +243,9 @@ class BatchRunner:
         lengths = torch.tensor(self.cache.lengths)
         total = int(lengths.max()) + tokens.shape[1]
         kwargs = {}
-        if self.route:
+        if len(trees) == 1 and len(trees[0]) == 1:
+            pass  # one row, one node: a plain causal step that sees the whole cache (no mask, as HF's own step)
+        elif self.route:
             dtype = getattr(self.model, "dtype", torch.float32)
             kwargs["specdec_tree"] = TreeAttention.build_batch(self.backend, lengths.to(self.device), anc.to(self.device), total, dtype)
         else:
@@ -382,12 +384,12 @@ class BatchEngine:
         self.close()
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[object, object]]:
+    def admit(self) -> list[tuple[object, object]]:
+        """Let waiting requests join (prefilling them, in chunks while other rows decode) and emit what every row
+        has pending (a joined row's first token); finished and cancelled rows leave. Returns the events."""
         from specdec.engine import StepEvent
 
         events: list[tuple[object, object]] = []
-        # 1. Join: waiting requests take the free rows and are prefilled (in chunks while other rows decode); a
-        #    finished prefill joins the batch, its first token pending.
         while self.waiting and (self.max_rows <= 0 or len(self.rows) + len(self.prefilling) < self.max_rows):
             req = self.waiting.popleft()
             if req.cancelled:
@@ -410,12 +412,32 @@ class BatchEngine:
             else:
                 still.append(pf)
         self.prefilling = still
-        # 2. Emit; finished and cancelled rows leave the batch (the last rows move into their places).
+        self._emit_all(events)
+        return events
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[object, object]]:
+        """One iteration: :meth:`admit`, then one draft-verify-commit step over every running row, whose accepted
+        tokens are emitted at once. Returns the ``(key, StepEvent)`` pairs of both."""
+        events = self.admit()
+        if self.rows:
+            self._decode()
+            self._emit_all(events)
+        return events
+
+    def _emit_all(self, events: list) -> None:
+        """Emit every row's pending tokens; finished and cancelled rows leave the batch (the last rows move into
+        their places)."""
+        from specdec.engine import StepEvent
+
         live = []
         for pos, r in enumerate(self.rows):
             if r.req.cancelled:
                 events.append((r.req.key, StepEvent([], "cancelled")))
                 r.drafter.close(list(r.new))
+                continue
+            if not r.pending:
+                live.append(pos)
                 continue
             event = self._emit(r)
             events.append((r.req.key, event))
@@ -430,9 +452,6 @@ class BatchEngine:
             else:
                 self.runner.cache = None  # the batch is empty: the next request starts a fresh cache
             self.rows = [self.rows[p] for p in order]
-        if self.rows:
-            self._decode()
-        return events
 
     def chunk_tokens(self) -> int | None:
         """Prompt tokens to prefill in this step while rows decode (None: no limit)."""
@@ -476,10 +495,12 @@ class BatchEngine:
         return StepEvent(emitted, reason)
 
     def _decode(self) -> None:
-        """Draft per row (or all rows at once), size the trees together, one forward, accept and commit per row."""
-        from specdec.engine import _step_result
+        """Draft per row (or all rows at once), size the trees together, one forward, accept and commit per row.
+        Each phase's wall time goes to every row's ``stats.profile`` (a row waits for the whole batch's step)."""
+        from specdec.engine import _Clock, _step_result
 
         rows = self.rows
+        clock = _Clock(*[r.req.stats.profile for r in rows if r.req.stats is not None])
         states = [DraftState(r.ids, r.req.ids.numel(), r.hidden, r.hidden_start) for r in rows]
         self._steps += 1
         b = len(rows)
@@ -489,19 +510,22 @@ class BatchEngine:
             # and look again every _GATE_PROBE steps.
             trees = [TokenTree.root_only(s.root) for s in states]
         else:
-            trees = _propose(rows, states)
-            if self.cost is not None:
-                trees = trim_batch(trees, self.cost, self.max_nodes, self.batch_cost)
-            if gate:
+            proposed = _propose(rows, states)
+            trees = trim_batch(proposed, self.cost, self.max_nodes, self.batch_cost) if self.cost is not None else proposed
+            if gate and any(len(t) > 1 for t in proposed):  # steps with nothing proposed say nothing about the cost
                 self._plain_streak[b] = self._plain_streak.get(b, 0) + 1 if all(len(t) == 1 for t in trees) else 0
         trees = [cap(t, self.max_nodes) for t in trees]  # a hard cap, also for trees that carry no scores
+        clock.lap("draft")
         union = _layer_union([r.layers for r in rows])
         lengths = self.runner.lengths
         self._last_forward = (len(trees), max(len(t) for t in trees))
         out = self.runner.forward(trees, hidden=union or False)
+        clock.lap("forward")
         accepted = [r.req.verifier.accept(t, out.logits[b, : len(t)], r.req.generator, r.ids[:-1])
                     for b, (t, r) in enumerate(zip(trees, rows))]
+        clock.lap("accept")
         self.runner.commit([a.path for a in accepted])
+        clock.lap("commit")
         for b, (r, t, a) in enumerate(zip(rows, trees, accepted)):
             r.pending = a.new_tokens(t)
             h = _row_layers(out.hidden_states[b, : len(t)], union, r.layers) if r.layers else None
@@ -512,6 +536,7 @@ class BatchEngine:
                 r.req.stats.target_forwards += 1
                 r.req.stats.drafted_tokens += t.num_drafts
                 r.req.stats.tokens_per_step.append(len(r.pending))
+        clock.lap("other")
 
 
 _GATE_AFTER = 4  # drafted steps in a row with every tree cut to the root before a batch stops drafting

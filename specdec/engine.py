@@ -51,14 +51,15 @@ class StepProfile:
 
 
 class _Clock:
-    """Adds the time since the previous lap to a named phase of a :class:`StepProfile`."""
+    """Adds the time since the previous lap to a named phase of each :class:`StepProfile` given."""
 
-    def __init__(self, profile: StepProfile) -> None:
-        self.profile, self.t = profile, time.perf_counter()
+    def __init__(self, *profiles: StepProfile) -> None:
+        self.profiles, self.t = profiles, time.perf_counter()
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
-        setattr(self.profile, phase, getattr(self.profile, phase) + now - self.t)
+        for profile in self.profiles:
+            setattr(profile, phase, getattr(profile, phase) + now - self.t)
         self.t = now
 
 
@@ -219,58 +220,29 @@ def decode_steps(
             that carry scores are trimmed to the size that pays (None: as proposed).
         max_nodes: the most nodes one forward may hold.
     """
+    from specdec.batch import BatchEngine, Request
+
     stats = stats if stats is not None else GenerationStats()
-    hidden_needed = drafter.hidden_request()
-    ids = input_ids.clone()
+    request = Request(input_ids, drafter, verifier, max_new_tokens, generator, stop, stats)
     new: list[int] = []
-    drafter.reset(ids)
+    finished = False
     try:
-        with TreeRunner(model, attn=attn, fast=fast, route=route) as runner:
-            # 1. Prefill: the whole prompt; its last logits give the first token, its hidden states go to the drafter.
-            t0 = time.perf_counter()
-            out = runner.prefill(ids, hidden=hidden_needed)
-            first = verifier.accept(TokenTree.root_only(int(ids[-1])), out.logits[-1:], generator, ids[:-1]).bonus
-            stats.prefill_time_s += time.perf_counter() - t0
-            hidden, hidden_start = out.hidden_states, 0
-            pending = [first]
-
+        # A single generation is a batch of one: the same loop as every batch and the server.
+        with BatchEngine(model, eos_ids=eos_ids, max_rows=1, attn=attn, fast=fast, route=route, cost=cost,
+                         max_nodes=max_nodes) as engine:
+            engine.add(request)
+            events = engine.admit()  # the prefill: its first token goes out before any decode step
             while True:
-                # 2. Emit what the last step accepted, cut at EOS / stop / length exactly where plain decoding stops.
-                emitted, reason = _emit(pending, new, eos_ids, stop, max_new_tokens)
-                stats.new_tokens = len(new)
-                ids = torch.cat([ids, torch.tensor(emitted, dtype=torch.long)])
-                yield StepEvent(emitted, reason)
-                if reason:
-                    return
-
-                # 3. Draft, and size the tree for this machine.
-                clock = _Clock(stats.profile)
-                tree = drafter.propose(DraftState(ids, input_ids.numel(), hidden, hidden_start))
-                if int(tree.tokens[0]) != int(ids[-1]):
-                    raise RuntimeError(f"drafter {drafter.name!r} proposed a tree whose root is not the last committed token")
-                tree = trim(tree, cost, max_nodes) if cost is not None else tree
-                tree = cap(tree, max_nodes)  # a hard cap, also for trees that carry no scores
-                clock.lap("draft")
-
-                # 4. Verify: one target forward over the tree, then accept.
-                prefix_len = runner.prefix_len
-                out = runner.forward(tree, hidden=hidden_needed)
-                clock.lap("forward")
-                acceptance = verifier.accept(tree, out.logits, generator, ids[:-1])
-                clock.lap("accept")
-
-                # 5. Commit the accepted path's KV; tell the drafter what happened.
-                runner.commit(prefix_len, acceptance.path)
-                hidden, hidden_start = (out.hidden_states[acceptance.path.to(out.hidden_states.device)] if hidden_needed else None), prefix_len
-                clock.lap("commit")
-                pending = acceptance.new_tokens(tree)
-                drafter.observe(_step_result(tree, acceptance, pending, out))
-                stats.target_forwards += 1
-                stats.drafted_tokens += tree.num_drafts
-                stats.tokens_per_step.append(len(pending))
-                clock.lap("other")
+                for _, event in events:
+                    new.extend(event.new_tokens)
+                    finished = event.finish_reason is not None  # the engine has closed the drafter
+                    yield event
+                    if finished:
+                        return
+                events = engine.step()
     finally:
-        drafter.close(list(new))  # the sequence ended (or its consumer stopped listening)
+        if not finished:
+            drafter.close(list(new))  # its consumer stopped listening
 
 
 def _step_result(tree: TokenTree, acceptance, pending: list[int], out) -> StepResult:
@@ -396,7 +368,7 @@ def _events(model, tokenizer, run: _Run, stats: list[GenerationStats]) -> Iterat
         return ((0, e) for e in steps)
     from specdec.batch import decode_batch
 
-    drafters = [run.drafter] + [run.drafter.spawn() for _ in run.inputs[1:]]
+    drafters = [run.drafter] + [run.drafter.open() for _ in run.inputs[1:]]
     return decode_batch(model, run.inputs, drafters, run.verifier, stops=[run.stop] * len(run.inputs), stats=stats,
                         max_rows=c.max_batch, batch_cost=batch_cost_for(model, run), **common)
 

@@ -115,8 +115,8 @@ def cache_argument(model) -> str:
     name = _CACHE_ARG.get(cls)
     if name is None:
         try:
-            params = inspect.signature(cls.forward).parameters
-        except (TypeError, ValueError):  # a forward without a signature: the current spelling
+            params = inspect.signature(getattr(cls, "forward", None) or cls.__call__).parameters
+        except (TypeError, ValueError):  # a callable without a signature: the current spelling
             params = {}
         name = "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
         _CACHE_ARG[cls] = name

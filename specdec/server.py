@@ -280,6 +280,7 @@ class _Parsed:
     include_usage: bool
     drafter: str | None
     model: str | None
+    drafter_options: dict | None = None
 
 
 def _check(cond: bool, message: str, param: str) -> None:
@@ -362,7 +363,12 @@ def parse_request(body, chat: bool) -> _Parsed:
     _check(drafter is None or isinstance(drafter, str), "'drafter' must be a string naming one of the server's drafters", "drafter")
     model = body.get("model")
     _check(model is None or isinstance(model, str), "'model' must be a string", "model")
-    return _Parsed(prompt, max_tokens, 0.0 if temperature is None else temperature, top_p, seed, stop, stream, include_usage, drafter, model)
+    drafter_options = body.get("drafter_options")
+    _check(drafter_options is None or (isinstance(drafter_options, dict)
+                                       and all(isinstance(v, (str, int, float, bool)) for v in drafter_options.values())),
+           "'drafter_options' must be an object of option names to strings, numbers or booleans", "drafter_options")
+    return _Parsed(prompt, max_tokens, 0.0 if temperature is None else temperature, top_p, seed, stop, stream, include_usage, drafter, model,
+                   drafter_options or None)
 
 
 # --------------------------------------------------------------------------- the app
@@ -444,7 +450,11 @@ def build_app(loop_: EngineLoop, model_id: str):
             generator = torch.Generator().manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ())))
         stop = _StopStrings(tokenizer, p.stop) if p.stop else None
         stats = GenerationStats(prompt_tokens=ids.numel())
-        return Request(ids, loop_.drafters[name].spawn(), make_verifier(config), max_tokens, generator, stop, stats)
+        try:
+            session = loop_.drafters[name].open(p.drafter_options)
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, str(exc), "drafter_options") from None
+        return Request(ids, session, make_verifier(config), max_tokens, generator, stop, stats)
 
     async def parse(http: HTTPRequest, chat: bool) -> _Parsed:
         raw = await http.body()

@@ -428,38 +428,43 @@ def test_chunk_size_follows_the_cost():
 
 def test_a_batch_stops_drafting_while_no_tree_pays_and_looks_again(tiny):
     """With stateless drafters and a cost under which no draft pays, the batch proposes for 4 steps, then only
-    every 16th step; outputs stay those of plain decoding. A stateful drafter is never gated."""
+    every 16th step; outputs stay those of plain decoding. A stateful drafter is never gated, and neither is a
+    stateless one that proposes nothing (an empty proposal says nothing about what trees cost: prompt lookup
+    without a match must keep looking)."""
     from specdec.batch import BatchEngine, Request
-    from specdec.drafters.base import Target
-    from specdec.drafters.prompt_lookup import PromptLookupDrafter
+    from specdec.drafters.base import Drafter
     from specdec.verifiers import GreedyVerifier
 
     calls = []
 
-    class Counting(PromptLookupDrafter):
+    class Counting(Drafter):
+        name = "counting"
+        stateless = True
+
         def propose(self, state):
             calls.append(state.token_ids.numel())
-            return super().propose(state)
+            return TokenTree.from_sequences(state.root, [[1, 2]], scores=[[0.5, 0.25]])
 
     class Stateful(Counting):
         stateless = False
 
+    class Silent(Counting):
+        def propose(self, state):
+            calls.append(state.token_ids.numel())
+            return TokenTree.root_only(state.root)
+
     prompts = [torch.tensor([5, 6, 7, 5, 6, 7, 5, 6]), torch.tensor([9, 3, 9, 3, 9])]
     alone = [specdec.generate(tiny, None, p, drafter="none", max_new_tokens=60).token_ids for p in prompts]
-    for kind, expect_gate in ((Counting, True), (Stateful, False)):
+    steps = 59  # decode steps of a 60-token answer (the prefill gives the first)
+    gated = 2 * (4 + len([s for s in range(5, steps + 1) if s % 16 == 0]))
+    for kind, expected in ((Counting, gated), (Stateful, 2 * steps), (Silent, 2 * steps)):
         calls.clear()
         with BatchEngine(tiny, eos_ids=set(), cost=lambda n: float(n), batch_cost=lambda b, n: float(b * n)) as engine:
             for i, p in enumerate(prompts):
-                d = kind()
-                d.bind(Target.of(tiny))
-                engine.add(Request(p, d, GreedyVerifier(), 60, key=i))
+                engine.add(Request(p, kind(), GreedyVerifier(), 60, key=i))
             got = {0: [], 1: []}
             while not engine.idle:
                 for key, event in engine.step():
                     got[key] += event.new_tokens
-        assert [got[0], got[1]] == alone
-        steps = 59  # decode steps of a 60-token answer (the prefill gives the first)
-        if expect_gate:
-            assert len(calls) == 2 * (4 + len([s for s in range(5, steps + 1) if s % 16 == 0]))
-        else:
-            assert len(calls) == 2 * steps
+        assert [got[0], got[1]] == alone, kind.__name__
+        assert len(calls) == expected, kind.__name__

@@ -88,3 +88,26 @@ def test_bad_specs_are_clear_errors(spec):
 def test_spec_options_reach_the_config():
     d = build_drafter("prompt-lookup:max_ngram=5,adaptive=false,prior_first=0.25")
     assert d.config.max_ngram == 5 and d.config.adaptive is False and d.config.prior_first == 0.25
+
+
+def test_a_session_takes_per_request_options_and_leaves_the_drafter_alone():
+    """``Drafter.open(options)``: the session drafts with the request's settings (one token per candidate
+    here), the drafter it came from keeps its own, and a wrong option is an error naming the valid ones."""
+    from specdec.drafters.base import DraftState, NoDrafter, build_drafter
+
+    drafter = build_drafter("prompt-lookup:adaptive=false")
+    ids = torch.tensor([4, 5, 6, 7, 8, 9, 4, 5, 6, 7, 8, 9, 4, 5])
+    state = DraftState(ids, ids.numel())
+    full = drafter.open()
+    full.reset(ids)
+    short = drafter.open({"num_tokens": "1", "max_candidates": 1})
+    short.reset(ids)
+    assert len(full.propose(state)) > 2
+    assert len(short.propose(state)) == 2 and short.propose(state).tokens.tolist() == [5, 6]
+    assert drafter.config.num_tokens == 10 and drafter.config.max_candidates == 3
+    with pytest.raises(ValueError, match="per-request option 'store'.*max_ngram"):
+        drafter.open({"store": "x"})
+    with pytest.raises(ValueError, match="num_tokens"):
+        drafter.open({"num_tokens": "many"})
+    with pytest.raises(ValueError, match="per-request options: none"):
+        NoDrafter().open({"num_tokens": 1})

@@ -165,6 +165,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(live):
         (json.dumps({"model": "gpt-9", "messages": chat("x")}).encode(), 404),
         (json.dumps({"model": "tiny", "messages": chat("x"), "drafter": "medusa"}).encode(), 404),
         (json.dumps([1, 2]).encode(), 400),
+        (json.dumps({"model": "tiny", "messages": chat("x"), "drafter_options": {"no_such": 1}}).encode(), 400),
+        (json.dumps({"model": "tiny", "messages": chat("x"), "drafter_options": {"num_tokens": "many"}}).encode(), 400),
+        (json.dumps({"model": "tiny", "messages": chat("x"), "drafter_options": [1]}).encode(), 400),
+        (json.dumps({"model": "tiny", "messages": chat("x"), "drafter": "none", "drafter_options": {"num_tokens": 2}}).encode(), 400),
     ]
     for body, status in cases:
         r = httpx.post(url, content=body, headers={"content-type": "application/json"})
@@ -175,6 +179,19 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(live):
         live.client.chat.completions.create(model="tiny", messages=chat("x"), max_tokens=-1)
     ok = live.client.chat.completions.create(model="tiny", messages=chat("still there?"), max_tokens=5)
     assert ok.usage.completion_tokens == 5
+
+
+def test_per_request_drafter_options_shape_that_request_only(live, tiny_lm, tokenizer):
+    """``drafter_options`` set one request's session (prompt lookup drafting at most one token per step): its
+    answer still equals plain greedy, and the loaded drafter keeps its own settings for the next request
+    (what the options do to proposals: test_prompt_lookup's session test)."""
+    question = chat("Repeat after me: one two three, one two three, one two three.")
+    plain = specdec.generate(tiny_lm, tokenizer, question, drafter="none", max_new_tokens=48).text
+    one = live.client.chat.completions.create(model="tiny", messages=question, max_tokens=48,
+                                              extra_body={"drafter_options": {"num_tokens": 1, "max_candidates": 1, "adaptive": False}})
+    assert one.choices[0].message.content == plain
+    assert one.usage.mean_accepted_length <= 2.0  # at most one draft and the bonus token per step
+    assert live.engine.drafters["prompt-lookup"].config.num_tokens == 10
 
 
 def test_a_client_that_drops_mid_stream_leaves_the_batch_and_others_are_unchanged(live):
