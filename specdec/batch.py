@@ -348,7 +348,11 @@ class BatchEngine:
             trees grow while few rows run and shrink to nothing where verifying costs more than it returns
             (None: ``cost(B·n)``). Where every row's drafter is ``stateless`` (prompt lookup) and 4 drafted
             steps in a row at this batch size kept no draft, the batch stops drafting too (its cost is not
-            in the forward's profile) and drafts again every 16th step to see whether trees pay again.
+            in the forward's profile) and drafts again every 16th step to see whether trees pay again. With
+            more than one row, the batch also checks what trees really return: once 8 steps with trees have
+            yielded fewer tokens per second than plain steps at this batch size (B over a plain step's measured
+            time), it verifies roots only, letting trees through every 16th step; a profile measured on a
+            quieter machine, or drafts accepted less often than they were scored, cannot slow it down for long.
     """
 
     def __init__(self, model, *, eos_ids: set[int], max_rows: int = 0, attn: str = "torch", fast: FastLinears | None = None,
@@ -365,6 +369,8 @@ class BatchEngine:
         self._last_forward = (1, 1)  # rows and nodes of the last decode forward (what a chunk is sized against)
         self._steps = 0
         self._plain_streak: dict[int, int] = {}  # batch size -> consecutive drafted steps whose trees were all cut to the root
+        self._paid: dict[int, _Paid] = {}  # batch size (> 1) -> what its plain and its tree steps have really yielded
+        self.clock: Callable[[], float] = time.perf_counter  # the step timer (a test may replace it)
 
     def add(self, request: Request) -> None:
         """Queue a request; it joins at the next step with room (thread-safe)."""
@@ -500,6 +506,7 @@ class BatchEngine:
         from specdec.engine import _Clock, _step_result
 
         rows = self.rows
+        started = self.clock()
         clock = _Clock(*[r.req.stats.profile for r in rows if r.req.stats is not None])
         states = [DraftState(r.ids, r.req.ids.numel(), r.hidden, r.hidden_start) for r in rows]
         self._steps += 1
@@ -514,6 +521,12 @@ class BatchEngine:
             trees = trim_batch(proposed, self.cost, self.max_nodes, self.batch_cost) if self.cost is not None else proposed
             if gate and any(len(t) > 1 for t in proposed):  # steps with nothing proposed say nothing about the cost
                 self._plain_streak[b] = self._plain_streak.get(b, 0) + 1 if all(len(t) == 1 for t in trees) else 0
+        paid = self._paid.setdefault(b, _Paid()) if b > 1 and self.cost is not None else None
+        if paid is not None and not paid.trees_pay() and self._steps % _GATE_PROBE:
+            # Trees kept by the cost model have yielded fewer tokens per second than plain steps at this batch size
+            # (a profile measured on a quieter machine, drafts accepted less often than scored): verify roots only,
+            # and let trees through every _GATE_PROBE steps to see whether that has changed.
+            trees = [TokenTree.root_only(s.root) for s in states]
         trees = [cap(t, self.max_nodes) for t in trees]  # a hard cap, also for trees that carry no scores
         clock.lap("draft")
         union = _layer_union([r.layers for r in rows])
@@ -537,8 +550,42 @@ class BatchEngine:
                 r.req.stats.drafted_tokens += t.num_drafts
                 r.req.stats.tokens_per_step.append(len(r.pending))
         clock.lap("other")
+        if paid is not None:
+            paid.record(any(len(t) > 1 for t in trees), sum(len(r.pending) for r in rows), b, self.clock() - started)
 
 
+class _Paid:
+    """What speculation has really returned at one batch size: the running mean time of a plain step (every tree
+    a root) and the running tokens per second of steps that verified trees (drafting included). Trees pay while
+    the second is at least B over the first: what a plain step would have given in the same time."""
+
+    def __init__(self) -> None:
+        self.plain_s: float | None = None
+        self.tree_rate: float | None = None
+        self.tree_steps = 0
+        self.b = 1
+
+    def record(self, with_trees: bool, tokens: int, b: int, seconds: float) -> None:
+        self.b = b
+        if seconds <= 0:
+            return
+        if with_trees:
+            rate = tokens / seconds
+            self.tree_rate = rate if self.tree_rate is None else (1 - _EMA) * self.tree_rate + _EMA * rate
+            self.tree_steps += 1
+        else:
+            self.plain_s = seconds if self.plain_s is None else (1 - _EMA) * self.plain_s + _EMA * seconds
+
+    def trees_pay(self) -> bool:
+        if self.tree_steps < _PAID_AFTER or self.tree_rate is None:
+            return True  # not enough evidence yet: trust the cost model
+        if self.plain_s is None:
+            return False  # every step so far verified trees: take one plain step to compare with
+        return self.tree_rate >= self.b / self.plain_s
+
+
+_EMA = 0.2  # weight of the newest step in _Paid's running means
+_PAID_AFTER = 8  # tree steps at a batch size before their measured yield may overrule the cost model
 _GATE_AFTER = 4  # drafted steps in a row with every tree cut to the root before a batch stops drafting
 _GATE_PROBE = 16  # while stopped, it drafts again every this many steps to see whether trees pay again
 

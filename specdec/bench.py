@@ -137,6 +137,24 @@ class _Run:
     token_ids: list[int]
     tokens_per_step: list[int] = field(default_factory=list)
     profile: dict = field(default_factory=dict)
+    first_token_s: float = 0.0  # time to the first token (prefill included)
+    prompt_tokens: int = 0
+
+
+class _FirstToken:
+    """A streamer for HF ``generate`` that notes when the first new token arrives (``put`` is called with the
+    prompt first, then with each step's tokens)."""
+
+    def __init__(self) -> None:
+        self.calls, self.t0, self.at = 0, time.perf_counter(), 0.0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.at = time.perf_counter() - self.t0
+
+    def end(self) -> None:
+        pass
 
 
 class _ForwardCounter:
@@ -158,20 +176,23 @@ def _hf(model, ids, max_new_tokens, temperature, lookup, seed, counter) -> _Run:
     if lookup:
         kwargs["prompt_lookup_num_tokens"] = 10
     counter.calls = 0
-    t0 = time.perf_counter()
+    first = _FirstToken()
+    t0 = first.t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), **kwargs)
+        out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), streamer=first, **kwargs)
     wall = time.perf_counter() - t0
     new = out[0, ids.numel():].tolist()
     forwards = max(counter.calls - 1, 1)
-    return _Run("hf-prompt-lookup" if lookup else "hf-greedy", "", len(new), forwards, wall, new)
+    return _Run("hf-prompt-lookup" if lookup else "hf-greedy", "", len(new), forwards, wall, new,
+                first_token_s=first.at or wall, prompt_tokens=ids.numel())
 
 
 def _ours(model, tokenizer, ids, spec, max_new_tokens, temperature, seed, options) -> _Run:
     r = generate(model, tokenizer, ids, drafter=spec, max_new_tokens=max_new_tokens, temperature=temperature,
                  seed=seed if temperature > 0 else None, **options)
     s = r.stats
-    return _Run(spec, "", s.new_tokens, s.target_forwards, s.wall_time_s, r.token_ids, list(s.tokens_per_step), s.profile.as_dict())
+    return _Run(spec, "", s.new_tokens, s.target_forwards, s.wall_time_s, r.token_ids, list(s.tokens_per_step), s.profile.as_dict(),
+                s.first_token_s, s.prompt_tokens)
 
 
 def _metrics(runs: list[_Run], base: dict[str, dict[tuple, _Run]], keys: list[tuple]) -> dict:
@@ -180,6 +201,9 @@ def _metrics(runs: list[_Run], base: dict[str, dict[tuple, _Run]], keys: list[tu
     fwd = sum(r.target_forwards for r in runs)
     wall = sum(r.wall_time_s for r in runs)
     hf, plain = base["hf-greedy"], base.get(PLAIN, {})
+    ttft = sum(r.first_token_s for r in runs)
+    decode = sum(_decode_s(r) for r in runs)
+    ttfts = sorted(r.first_token_s for r in runs)
     return {
         "prompts": len(runs),
         "new_tokens": new,
@@ -192,7 +216,18 @@ def _metrics(runs: list[_Run], base: dict[str, dict[tuple, _Run]], keys: list[tu
         "identical_to_plain": sum(1 for r, k in zip(runs, keys) if r.token_ids == plain[k].token_ids) if plain else None,
         "tokens_per_step_histogram": histogram([n for r in runs for n in r.tokens_per_step]),
         "wall_time_s": round(wall, 4),
+        # prefill and decoding apart: time to first token, and the tokens after it over the time after it
+        "ttft_s_median": round(ttfts[len(ttfts) // 2], 4) if ttfts else 0.0,
+        "prefill_tokens_per_s": round(sum(r.prompt_tokens for r in runs) / ttft, 1) if ttft else 0.0,
+        "decode_tokens_per_s": round(sum(max(r.new_tokens - 1, 0) for r in runs) / decode, 3) if decode else 0.0,
+        "decode_speedup_vs_hf_greedy": round(sum(_decode_s(hf[k]) for k in keys) / decode, 4) if decode else 0.0,
+        "decode_speedup_vs_none": round(sum(_decode_s(plain[k]) for k in keys) / decode, 4) if decode and plain else None,
     }
+
+
+def _decode_s(r: _Run) -> float:
+    """A run's decoding time: its wall time after the first token."""
+    return max(r.wall_time_s - r.first_token_s, 0.0)
 
 
 def _profile(runs: list[_Run]) -> dict:
@@ -423,6 +458,18 @@ def _markdown(report: dict, plots: list[str]) -> str:
         lines.append(f"| {e['drafter']} | {m['prompts']} | {m['mean_accepted_length']:.2f} | {m['tokens_per_s']:.1f} | "
                      f"{m['speedup_vs_hf_greedy']:.2f}× | {_fmt(m['speedup_vs_none'], '.2f', '×')} | "
                      f"{m['identical_to_greedy']}/{m['prompts']} | {_fmt(m['identical_to_plain'], 'd')}/{m['prompts']} | {differ} |")
+    if all("ttft_s_median" in e["overall"] for e in report["runs"]):
+        lines += ["", "## Prefill and decoding apart", "",
+                  "Time to first token (median over prompts; the prefill and what precedes it) and prompt tokens per second "
+                  "of it; decoding = the tokens after the first over the time after it, with its speed-ups on the same "
+                  "baselines.", "",
+                  "| drafter | TTFT p50 | prefill tokens/s | decode tokens/s | decode vs HF greedy | decode vs none |",
+                  "|---|---|---|---|---|---|"]
+        for e in report["runs"]:
+            m = e["overall"]
+            lines.append(f"| {e['drafter']} | {m['ttft_s_median'] * 1e3:.0f} ms | {m['prefill_tokens_per_s']:.0f} | "
+                         f"{m['decode_tokens_per_s']:.1f} | {m['decode_speedup_vs_hf_greedy']:.2f}× | "
+                         f"{_fmt(m['decode_speedup_vs_none'], '.2f', '×')} |")
     passed = [e for e in report["runs"] if "by_pass" in e]
     if passed:
         ps = sorted(passed[0]["by_pass"], key=int)

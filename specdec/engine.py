@@ -71,6 +71,9 @@ class GenerationStats:
     emitted per decode forward; plain decoding gives ~1 (slightly above,
     since the prefill emits the first token). ``tokens_per_step`` lists, per
     decode step, the tokens it emitted: accepted drafts plus the bonus token.
+    ``first_token_s`` is the time to the first token (the prefill and what precedes it, from the call's
+    start); ``decode_tokens_per_s`` counts the tokens after the first over the time after it, so prefill and
+    decoding are reported apart.
     """
 
     new_tokens: int = 0
@@ -78,6 +81,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     wall_time_s: float = 0.0
     prefill_time_s: float = 0.0
+    first_token_s: float = 0.0
     drafted_tokens: int = 0
     tokens_per_step: list[int] = field(default_factory=list)
     profile: StepProfile = field(default_factory=StepProfile)
@@ -90,6 +94,11 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
+    @property
+    def decode_tokens_per_s(self) -> float:
+        decode = self.wall_time_s - self.first_token_s
+        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
+
     def as_dict(self) -> dict:
         return {
             "new_tokens": self.new_tokens,
@@ -99,6 +108,8 @@ class GenerationStats:
             "tokens_per_s": round(self.tokens_per_s, 3),
             "prompt_tokens": self.prompt_tokens,
             "prefill_time_s": round(self.prefill_time_s, 4),
+            "first_token_s": round(self.first_token_s, 4),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
             "drafted_tokens": self.drafted_tokens,
             "tokens_per_step_histogram": histogram(self.tokens_per_step),
             "profile": self.profile.as_dict(),
@@ -390,9 +401,12 @@ def _generate_events(model, tokenizer, prompts: list, drafter, config, options, 
     reason = ["length"] * len(run.inputs)
     t0 = time.perf_counter()
     for i, event in _events(model, tokenizer, run, stats):
+        now = time.perf_counter() - t0
+        if event.new_tokens and not new[i]:
+            stats[i].first_token_s = now
         new[i].extend(event.new_tokens)
         reason[i] = event.finish_reason or reason[i]
-        stats[i].wall_time_s = time.perf_counter() - t0
+        stats[i].wall_time_s = now
         yield i, event
     holder["results"] = [
         GenerationResult(text=tokenizer.decode(n, skip_special_tokens=True) if tokenizer is not None else None,

@@ -468,3 +468,49 @@ def test_a_batch_stops_drafting_while_no_tree_pays_and_looks_again(tiny):
                     got[key] += event.new_tokens
         assert [got[0], got[1]] == alone, kind.__name__
         assert len(calls) == expected, kind.__name__
+
+
+@pytest.mark.parametrize("tree_s, expect_trees", [(3.0, False), (1.0, True)])
+def test_a_batch_drops_trees_whose_measured_yield_is_below_plain_steps(tiny, tree_s, expect_trees):
+    """The cost model keeps every tree (a flat cost) of a drafter whose drafts are never right; the step clock says
+    a tree step takes ``tree_s`` against 1.0 for a plain one. Slower trees: after 8 tree steps and one plain step
+    to compare with, the batch verifies roots only, bar a probe every 16th step. As fast: trees go on. Outputs
+    stay those of plain decoding either way."""
+    from specdec.batch import BatchEngine, Request
+    from specdec.drafters.base import Drafter
+    from specdec.verifiers import GreedyVerifier
+
+    class Wrong(Drafter):  # confident and wrong: token 0 never follows here
+        name = "wrong"
+
+        def propose(self, state):
+            return TokenTree.from_sequences(state.root, [[0, 0, 0]], scores=[[0.9, 0.8, 0.7]])
+
+    prompts = [torch.tensor([5, 6, 7, 8]), torch.tensor([9, 3, 1])]
+    alone = [specdec.generate(tiny, None, p, drafter="none", max_new_tokens=50).token_ids for p in prompts]
+    assert all(0 not in a for a in alone)
+    fake = {"t": 0.0, "tree_steps": 0, "steps": 0}
+    with BatchEngine(tiny, eos_ids=set(), cost=lambda n: 1.0, batch_cost=lambda b, n: 1.0) as engine:
+        engine.clock = lambda: fake["t"]
+        forward = engine.runner.forward
+
+        def timed_forward(trees, **kw):
+            with_trees = max(len(t) for t in trees) > 1
+            fake["t"] += tree_s if with_trees else 1.0
+            fake["tree_steps"] += with_trees
+            fake["steps"] += 1
+            return forward(trees, **kw)
+
+        engine.runner.forward = timed_forward
+        for i, p in enumerate(prompts):
+            engine.add(Request(p, Wrong(), GreedyVerifier(), 50, key=i))
+        got = {0: [], 1: []}
+        while not engine.idle:
+            for key, event in engine.step():
+                got[key] += event.new_tokens
+    assert [got[0], got[1]] == alone
+    steps = fake["steps"]
+    if expect_trees:
+        assert fake["tree_steps"] == steps - 1  # one plain step, to compare with
+    else:
+        assert 8 <= fake["tree_steps"] <= 8 + steps // 16 + 1

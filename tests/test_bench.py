@@ -25,6 +25,9 @@ def tiny_dir(tmp_path_factory, default_tokenizer):
 
 def check_metrics(m):
     assert METRIC_KEYS <= set(m)
+    # prefill and decoding apart: a first token came before the end, and decoding is the time after it
+    assert 0 < m["ttft_s_median"] <= m["wall_time_s"] and m["prefill_tokens_per_s"] > 0
+    assert 0 < m["decode_tokens_per_s"] and m["decode_speedup_vs_hf_greedy"] > 0
     assert m["mean_accepted_length"] == pytest.approx(m["new_tokens"] / m["target_forwards"], abs=1e-3)
     assert m["tokens_per_s"] == pytest.approx(m["new_tokens"] / m["wall_time_s"], rel=1e-2)
     assert 0 <= m["identical_to_greedy"] <= m["prompts"] and 0 <= m["identical_to_plain"] <= m["prompts"]
@@ -67,6 +70,9 @@ def test_bench_report_schema_and_arithmetic(tiny_dir, tmp_path):
         assert set(runs[name]["profile"]) == {"draft", "forward", "accept", "commit", "other"}
     md = (out / "report.md").read_text()
     assert "| prompt-lookup |" in md and "speedup.png" in md and "Cost profile used" in md
+    assert "## Prefill and decoding apart" in md
+    assert plain["decode_speedup_vs_none"] == pytest.approx(1.0, abs=1e-3)
+    assert greedy["decode_speedup_vs_hf_greedy"] == pytest.approx(1.0, abs=1e-3)
     assert (out / "speedup.png").stat().st_size > 1000 and (out / "accepted_lengths.png").stat().st_size > 1000
 
 

@@ -108,3 +108,15 @@ def test_stop_strings_and_streaming_match_hf(default_tokenizer):
     holder = {}
     pieces = list(specdec.stream(model, tok, prompt, max_new_tokens=30, result=holder))
     assert "".join(pieces) == holder["result"].text == tok.decode(free, skip_special_tokens=True)
+
+
+def test_stats_report_the_first_token_apart_from_decoding(tiny):
+    """GenerationStats: time to the first token (prefill included) and decode-only speed, for one prompt and a batch."""
+    out = specdec.generate(tiny, None, torch.tensor([1, 2, 3, 1, 2]), drafter="prompt-lookup", max_new_tokens=20)
+    s = out.stats
+    assert s.prefill_time_s <= s.first_token_s < s.wall_time_s
+    assert s.decode_tokens_per_s == pytest.approx(19 / (s.wall_time_s - s.first_token_s))
+    assert s.as_dict()["first_token_s"] == round(s.first_token_s, 4)
+    batch = specdec.generate(tiny, None, [torch.tensor([4, 5, 6]), torch.tensor([7, 8, 9, 7])], drafter="none", max_new_tokens=8)
+    for r in batch:
+        assert 0 < r.stats.first_token_s < r.stats.wall_time_s and r.stats.decode_tokens_per_s > 0
