@@ -47,7 +47,7 @@ __all__ = ["load_questions", "run_bench", "BASELINES", "PLAIN"]
 
 BASELINES = ("hf-greedy", "hf-prompt-lookup")
 PLAIN = "none"
-NAMED_SETS = {"spec-bench": "spec_bench.jsonl", "mt-bench": "mt_bench.jsonl"}
+NAMED_SETS = {"spec-bench": "spec_bench.jsonl", "mt-bench": "mt_bench.jsonl", "longctx": "longctx.jsonl"}
 
 
 JFLEG_PROMPT = "Correct the grammar and spelling of this sentence. Reply with the corrected sentence only.\n\n{}"

@@ -176,7 +176,7 @@ def _add_bench(sub) -> None:
     )
     p.add_argument("--model", default="default", help="'default', a local HF model directory or a .gguf file (default: %(default)s)")
     p.add_argument("--drafter", action="append", required=True, help="drafter spec to measure (repeatable)")
-    p.add_argument("--prompts", default="spec-bench", help="question.jsonl path, a shipped set (spec-bench, mt-bench), or jfleg (read from $SPECDEC_JFLEG; not shipped) (default: %(default)s)")
+    p.add_argument("--prompts", default="spec-bench", help="question.jsonl path, a shipped set (spec-bench, mt-bench, longctx: 3–7K-token prompts), or jfleg (read from $SPECDEC_JFLEG; not shipped) (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="first K questions of each category")
     p.add_argument("--categories", default=None, help="comma-separated categories to keep")

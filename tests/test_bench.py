@@ -123,3 +123,23 @@ def test_throughput_mode_reports_tokens_per_second_per_batch_size(tiny_dir, tmp_
         assert r["tokens_per_s"] == pytest.approx(r["new_tokens"] / r["wall_time_s"], rel=1e-2)
         assert r["groups"] == 4 // r["batch_size"]
     assert "batch 2" in (out / "report.md").read_text()
+
+
+def test_the_long_context_set_is_what_its_builder_makes_and_every_prompt_is_3_to_7k_tokens(default_tokenizer):
+    """``--prompts longctx``: 4 tasks × 6 prompts of 3–7K tokens, rebuilt bit for bit by benchmarks/build_longctx.py."""
+    import importlib.util
+    from pathlib import Path
+
+    questions = load_questions("longctx")
+    assert len(questions) == 24
+    cats = {}
+    for q in questions:
+        cats[q["category"]] = cats.get(q["category"], 0) + 1
+        n = len(default_tokenizer(q["turns"][0], add_special_tokens=False)["input_ids"])
+        assert 3000 <= n <= 7000, (q["question_id"], n)
+    assert cats == {"multi_doc_qa": 6, "long_doc_qa": 6, "summarization": 6, "extraction": 6}
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "build_longctx.py"
+    spec = importlib.util.spec_from_file_location("build_longctx", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.build(default_tokenizer) == questions

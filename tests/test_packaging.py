@@ -20,7 +20,7 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_every_subpackage(tmp_path)
     for pkg in SUBPACKAGES:
         assert f"{pkg.replace('.', '/')}/__init__.py" in names, pkg
     assert not any(n.startswith(("drafters/", "verifiers/", "tests/")) for n in names)
-    for data in ("specdec/data/spec_bench.jsonl", "specdec/data/mt_bench.jsonl", "specdec/recipes/medusa1-smollm2-cpu.yaml",
+    for data in ("specdec/data/spec_bench.jsonl", "specdec/data/mt_bench.jsonl", "specdec/data/longctx.jsonl", "specdec/recipes/medusa1-smollm2-cpu.yaml",
                  "specdec/tree_attention/triton_kernel.py"):
         assert data in names, data
 
