@@ -460,13 +460,8 @@ def test_a_batch_stops_drafting_while_no_tree_pays_and_looks_again(tiny):
     for kind, expected in ((Counting, gated), (Stateful, 2 * steps), (Silent, 2 * steps)):
         calls.clear()
         with BatchEngine(tiny, eos_ids=set(), cost=lambda n: float(n), batch_cost=lambda b, n: float(b * n)) as engine:
-            for i, p in enumerate(prompts):
-                engine.add(Request(p, kind(), GreedyVerifier(), 60, key=i))
-            got = {0: [], 1: []}
-            while not engine.idle:
-                for key, event in engine.step():
-                    got[key] += event.new_tokens
-        assert [got[0], got[1]] == alone, kind.__name__
+            got = _answers(engine, [Request(p, kind(), GreedyVerifier(), 60, key=i) for i, p in enumerate(prompts)])
+        assert got == alone, kind.__name__
         assert len(calls) == expected, kind.__name__
 
 
@@ -502,15 +497,21 @@ def test_a_batch_drops_trees_whose_measured_yield_is_below_plain_steps(tiny, tre
             return forward(trees, **kw)
 
         engine.runner.forward = timed_forward
-        for i, p in enumerate(prompts):
-            engine.add(Request(p, Wrong(), GreedyVerifier(), 50, key=i))
-        got = {0: [], 1: []}
-        while not engine.idle:
-            for key, event in engine.step():
-                got[key] += event.new_tokens
-    assert [got[0], got[1]] == alone
+        got = _answers(engine, [Request(p, Wrong(), GreedyVerifier(), 50, key=i) for i, p in enumerate(prompts)])
+    assert got == alone
     steps = fake["steps"]
     if expect_trees:
         assert fake["tree_steps"] == steps - 1  # one plain step, to compare with
     else:
         assert 8 <= fake["tree_steps"] <= 8 + steps // 16 + 1
+
+
+def _answers(engine, requests) -> list[list[int]]:
+    """Queue ``requests`` (keys 0..n-1) on ``engine``, step it until idle, and return each one's tokens in key order."""
+    got = {r.key: [] for r in requests}
+    for r in requests:
+        engine.add(r)
+    while not engine.idle:
+        for key, event in engine.step():
+            got[key] += event.new_tokens
+    return [got[r.key] for r in requests]
