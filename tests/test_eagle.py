@@ -186,3 +186,52 @@ def test_training_fits_eagle_and_ships_a_drafter(tmp_path, default_tokenizer):
     cfg.eagle.layers = [2]
     with pytest.raises(ValueError, match="reads layers"):
         train(cfg)
+
+
+def test_online_features_are_what_the_store_holds_and_train_a_lossless_drafter(tmp_path, default_tokenizer):
+    """features=online: the target run inside the step gives the store's arrays (layers, greedy labels, answer
+    mask) for the same conversations, and a run trained that way ships a drafter that drafts and stays lossless."""
+    from specdec.training import load_recipe, train
+    from specdec.training.common import collate_tokens, target_features, token_items
+    from specdec.training.eagle import OnlineFeatures
+
+    target = save_tiny_target(tmp_path / "target", default_tokenizer)
+    data = write_conversations(tmp_path / "convs.jsonl", [(f"Tell me about item {i}.", f"Item {i} is blue and round. " * 2) for i in range(10)])
+    settings = dict(model=str(target), data=str(data), output_dir=str(tmp_path / "run"), features_dir=str(tmp_path / "store"),
+                    num_conversations=8, heldout=2, max_len=48, depth=3, draft_vocab_size=128, store_layers=[], batch_size=4,
+                    max_steps=3, epochs=1, save_steps=100, logging_steps=1, progress=False, feature_dtype="")
+    cfg = load_recipe("eagle-smollm2-cpu", settings)
+    model, tok = specdec.load_model(target)
+    from specdec.training.data import load_conversations
+
+    convs = load_conversations(str(data))
+    layers = [1, -1]
+    _, stored = target_features(model, tok, convs, cfg, layers, min_len=3)
+    _, tokens = token_items(tok, convs, cfg, min_len=3)
+    online = OnlineFeatures(None, model, layers)
+    assert len(stored) == len(tokens) == 8
+    for i in (0, 5):
+        got = online.features(**collate_tokens([tokens[i]]))
+        want = stored[i]
+        assert torch.equal(got["ids"][0], want["ids"]) and torch.equal(got["answer"][0], want["answer"])
+        assert torch.equal(got["labels"][0], want["labels"])
+        # the store keeps bf16: the same values up to its rounding
+        torch.testing.assert_close(got["features"][0], want["hidden"][:, 0], rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(got["last"][0], want["hidden"][:, 1], rtol=1e-2, atol=1e-2)
+    # a padded batch gives each row what it gives alone
+    both = online.features(**collate_tokens([tokens[0], tokens[5]]))
+    n = tokens[0]["ids"].numel()
+    assert torch.equal(both["labels"][0, :n], online.features(**collate_tokens([tokens[0]]))["labels"][0])
+    assert (both["labels"][0, n:] == -100).all() and not both["answer"][0, n:].any()
+
+    cfg = load_recipe("eagle-smollm2-cpu", {**settings, "features": "online", "output_dir": str(tmp_path / "online")})
+    final = train(cfg)
+    saved = json.loads((final / "config.json").read_text())
+    assert len(saved["extra"]["heldout_accuracy"]) == 3 and saved["extra"]["train_steps"] == 3
+    assert not (tmp_path / "online" / "features").exists()  # nothing stored
+    msgs = [{"role": "user", "content": "Tell me about item 4."}]
+    out = specdec.generate(model, tok, msgs, drafter=f"eagle:{final}", max_new_tokens=12, size_trees=False)
+    assert out.token_ids == specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=12).token_ids
+    assert out.stats.drafted_tokens > 0
+    with pytest.raises(ValueError, match="online is implemented for method eagle only"):
+        load_recipe("clover2-smollm2-cpu", {"features": "online"})

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from specdec.training.config import TrainConfig
 
 __all__ = ["collate_features", "label_counts", "draft_vocabulary", "training_args", "target_features", "FeatureItems", "last_complete_checkpoint",
-           "run_record", "TimeBudget", "MemoryWatch"]
+           "run_record", "TimeBudget", "MemoryWatch", "TokenItems", "token_items", "collate_tokens", "training_device"]
 
 log = logging.getLogger(__name__)
 _STARTED: dict[str, float] = {}  # output dir -> when its run started (start_run)
@@ -80,13 +80,20 @@ def training_args(cfg: TrainConfig, out: Path):
         run_name=cfg.run_name,
         seed=cfg.seed,
         bf16=cfg.bf16,
-        activation_checkpointing=cfg.gradient_checkpointing and cfg.method == "medusa2",
+        **_checkpointing_argument(TrainingArguments, cfg.gradient_checkpointing and cfg.method == "medusa2"),
         deepspeed=cfg.deepspeed_config(),
         remove_unused_columns=False,
         disable_tqdm=not cfg.progress,
         dataloader_num_workers=0,
         use_cpu=use_cpu,
     )
+
+
+def _checkpointing_argument(arguments_class, on: bool) -> dict:
+    """Activation checkpointing under the name this transformers spells it (``activation_checkpointing`` in
+    recent releases, ``gradient_checkpointing`` before: 5.17 knows only the latter)."""
+    fields = getattr(arguments_class, "__dataclass_fields__", {})
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": on}
 
 
 class FeatureItems:
@@ -113,18 +120,82 @@ class FeatureItems:
         return [min(self.store.item_len(j), self.max_len) for j in self.indices]
 
     def sampler(self, cfg: TrainConfig):
-        """A new order every epoch, global batches of similar lengths (little padding). Grouped by the global
-        batch (per-process batch x processes), so N processes split exactly the batches one process would see."""
-        from specdec.training.features import EpochSampler
-
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        return EpochSampler(len(self), cfg.seed, cfg.shuffle, self.lengths(), cfg.batch_size * world)
+        """A new order every epoch, global batches of similar lengths (little padding)."""
+        return _epoch_sampler(self.lengths(), cfg)
 
     def label_sets(self) -> list[Tensor]:
         """Every item's labels (read without the hidden states), for the draft vocabulary."""
         if self.label_source == "data":
             return [self[i]["labels"] for i in range(len(self))]
         return [torch.from_numpy(self.store.item_labels(j)[: self.max_len]) for j in self.indices]
+
+
+def _epoch_sampler(lengths: list[int], cfg: TrainConfig):
+    """A new order every epoch, global batches of similar lengths (little padding). Grouped by the global
+    batch (per-process batch x processes), so N processes split exactly the batches one process would see."""
+    from specdec.training.features import EpochSampler
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return EpochSampler(len(lengths), cfg.seed, cfg.shuffle, lengths, cfg.batch_size * world)
+
+
+class TokenItems:
+    """Conversations as token items, for training that runs the frozen target inside every step
+    (``features: online``) instead of reading a feature store: item i is ``{"ids": [T], "answer": [T] bool}``,
+    cut at ``max_len``."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+    def lengths(self) -> list[int]:
+        return [it["ids"].numel() for it in self.items]
+
+    def sampler(self, cfg: TrainConfig):
+        return _epoch_sampler(self.lengths(), cfg)
+
+    def label_sets(self) -> list[Tensor]:
+        """Every item's next tokens in the data, for the draft vocabulary (on distilled data these are the
+        target's own greedy tokens in the answers; a store counts the target's greedy token at every position)."""
+        return [torch.cat([it["ids"][1:], torch.tensor([-100])]) for it in self.items]
+
+
+def token_items(tokenizer, convs: list, cfg: TrainConfig, min_len: int = 2) -> tuple[TokenItems, TokenItems]:
+    """``convs`` chat-templated and cut at ``cfg.max_len`` (the first ``cfg.heldout`` held out): (heldout, train)
+    :class:`TokenItems`, the ones shorter than ``min_len`` tokens left out."""
+    from tqdm.auto import tqdm
+
+    from specdec.training.data import tokenize_conversation
+    from specdec.training.features import answer_mask
+
+    held, train = [], []
+    for i, msgs in enumerate(tqdm(convs, desc="tokenizing", unit="conv", disable=not cfg.progress)):
+        ids = tokenize_conversation(tokenizer, msgs, cfg.max_len)
+        if ids.numel() >= min_len:
+            (held if i < cfg.heldout else train).append({"ids": ids, "answer": answer_mask(tokenizer, msgs, ids)})
+    return TokenItems(held), TokenItems(train)
+
+
+def collate_tokens(items: list[dict]) -> dict:
+    """Pad token items: ids [B, T] (0 past each end), answer [B, T] bool, real [B, T] bool (inside the item)."""
+    t = max(it["ids"].numel() for it in items)
+    ids = torch.zeros(len(items), t, dtype=torch.long)
+    answer = torch.zeros(len(items), t, dtype=torch.bool)
+    real = torch.zeros(len(items), t, dtype=torch.bool)
+    for i, it in enumerate(items):
+        n = it["ids"].numel()
+        ids[i, :n], answer[i, :n], real[i, :n] = it["ids"], it["answer"], True
+    return {"ids": ids, "answer": answer, "real": real}
+
+
+def training_device() -> torch.device:
+    """Where the Trainer puts the module (:func:`training_args`: a CUDA device when there is one)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def target_features(model, tokenizer, convs: list, cfg: TrainConfig, layers: list[int] = (-1,), min_len: int = 2):

@@ -151,6 +151,10 @@ class TrainConfig:
     model: str = "default"
     data: str = "sharegpt"
     output_dir: str = "runs/medusa"
+    # "store": the frozen target runs once over the data into a feature store, which training streams; "online"
+    # (method eagle): the target runs inside every training step instead, on the training device, and nothing is
+    # stored: the choice where the target's forward is cheap against the disk a store needs (a GPU)
+    features: str = "store"
     features_dir: str = ""  # the target's feature store ("" = output_dir/features); methods can share one
     store_layers: list[int] = field(default_factory=list)  # layers a new store also holds, so later methods share it
     feature_dtype: str = ""  # the target's dtype while extracting features ("": dtype; "auto": the faster, timed here)
@@ -208,6 +212,11 @@ class TrainConfig:
 
         if self.feature_dtype not in (*FORWARD_DTYPES, "auto"):
             raise ValueError(f"feature_dtype must be one of {(*FORWARD_DTYPES, 'auto')}, got {self.feature_dtype!r}")
+        if self.features not in ("store", "online"):
+            raise ValueError(f"features must be 'store' or 'online', got {self.features!r}")
+        if self.features == "online" and self.method != "eagle":
+            raise ValueError(f"features=online is implemented for method eagle only; {self.method} reads a feature store "
+                             "(features=store)")
         if self.loss_type not in ("ce", "kl"):
             raise ValueError(f"loss_type must be 'ce' or 'kl', got {self.loss_type!r}")
         if self.label_source not in ("self", "data"):

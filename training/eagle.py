@@ -2,7 +2,9 @@
 
 Data: the frozen target's features in a :class:`~specdec.training.features.FeatureStore` (extracted once,
 shared with the other methods): the drafter's low/mid/high layers and the last layer (whose product with the
-target's output rows gives the target's own distribution over the draft vocabulary, the KL teacher).
+target's output rows gives the target's own distribution over the draft vocabulary, the KL teacher). With
+``features: online`` (:class:`OnlineFeatures`) the target computes the same arrays inside every step instead,
+on the training device: no store, no disk, the choice on a GPU.
 
 Training-time test (EAGLE-3; HASS): the layer is unrolled for ``depth`` steps over every position t of a
 sequence at once. Step 0 reads the fused target state g_t and token x_{t+1} at position t; step j reads the
@@ -27,7 +29,7 @@ from specdec.drafters.eagle import EagleConfig, EagleModel
 from specdec.training.config import TrainConfig
 from specdec.training.losses import DepthAccuracy, DraftVocab, Teacher, depth_loss
 
-__all__ = ["EagleModule", "train_eagle", "eagle_heldout_accuracy", "collate_store"]
+__all__ = ["EagleModule", "OnlineFeatures", "train_eagle", "eagle_heldout_accuracy", "collate_store"]
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +166,56 @@ class EagleModule(nn.Module):
         return {"loss": loss, "metrics": acc.metrics()}
 
 
+class OnlineFeatures(nn.Module):
+    """:class:`EagleModule` fed by the frozen ``target`` run inside each step (``features: online``): the
+    batch holds tokens only (:func:`~specdec.training.common.collate_tokens`), and the target computes what a
+    feature store would hold for them (its layers, the last layer, its greedy labels). The target is kept
+    outside the module's parameters (never trained, never saved in a checkpoint) and follows the batch's device."""
+
+    accepts_loss_kwargs = True
+
+    def __init__(self, inner: EagleModule, target: nn.Module, layers: list[int], label_source: str = "self") -> None:
+        super().__init__()
+        self.inner, self.layers, self.label_source = inner, list(layers), label_source
+        self._target = (target,)
+
+    @torch.no_grad()
+    def features(self, ids: Tensor, answer: Tensor, real: Tensor) -> dict:
+        """What :func:`collate_store` gives for these tokens: features [B, T, F·H] (the drafter's layers),
+        last [B, T, H], ids, labels [B, T] (the target's greedy next token, or the data's; -100 past each
+        end), answer."""
+        from specdec.runner import tapped_forward
+
+        target = self._target[0]
+        if target.device != ids.device:
+            target.to(ids.device)
+        b, t = ids.shape
+        out, hidden = tapped_forward(target, tuple(self.layers), input_ids=ids, use_cache=False)
+        hidden = hidden.view(b, t, len(self.layers), -1).float()
+        if self.label_source == "data":
+            labels = torch.cat([ids[:, 1:], ids.new_full((b, 1), -100)], 1)
+            labels = labels.masked_fill(~torch.cat([real[:, 1:], real.new_zeros(b, 1)], 1), -100)
+        else:
+            labels = out.logits.argmax(-1)
+        labels = labels.masked_fill(~real, -100)
+        return {"features": hidden[:, :, :-1].reshape(b, t, -1), "last": hidden[:, :, -1], "ids": ids, "labels": labels,
+                "answer": answer & real}
+
+    def forward(self, ids: Tensor, answer: Tensor, real: Tensor, num_items_in_batch=None) -> dict:
+        return self.inner(**self.features(ids, answer, real), num_items_in_batch=num_items_in_batch)
+
+
 @torch.inference_mode()
-def eagle_heldout_accuracy(module: EagleModule, items, num_features: int) -> list[list[float]]:
-    """acc[j][r]: share of held-out answer positions where unrolled step j's r-th choice is the target's token."""
+def eagle_heldout_accuracy(module: EagleModule, batches) -> list[list[float]]:
+    """acc[j][r]: share of held-out answer positions where unrolled step j's r-th choice is the target's token.
+    ``batches``: dicts as :func:`collate_store` makes them (moved to the module's device here)."""
     acc = DepthAccuracy(module.steps)
-    for item in items:
-        b = collate_store([item], num_features)
+    device = module.target_rows.device
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
         for j, h, at, sampled in module.unroll(b["features"], b["ids"], b["labels"]):
             mapped, ok = module.targets(b["labels"], b["answer"], j, at, sampled)
-            acc.add(j, module.model.logits(h[ok]), mapped[ok], torch.ones(int(ok.sum()), dtype=torch.bool))
+            acc.add(j, module.model.logits(h[ok]).float(), mapped[ok], torch.ones(int(ok.sum()), dtype=torch.bool, device=device))
     return acc.table()
 
 
@@ -181,14 +224,20 @@ def train_eagle(cfg: TrainConfig) -> Path:
     from specdec.drafters.base import add_draft_counts
     from specdec.training.common import draft_vocabulary, fit, label_counts, run_record, start_run, target_features
 
+    from specdec.training.common import collate_tokens, token_items, training_device
+
     out, model, tokenizer, heldout_convs, train_convs = start_run(cfg)
     start = _initial(cfg, model)
     ecfg = start.config if start is not None else EagleConfig.for_target(model, feature_layers=cfg.eagle.layers or None,
                                                                          ttt_steps=cfg.depth, target_model=str(cfg.model))
     ecfg.ttt_steps = cfg.depth
     layers = list(ecfg.feature_layers) + [-1]
-    held, train = target_features(model, tokenizer, heldout_convs + train_convs, cfg, layers, min_len=3)
-    head = model.get_output_embeddings().weight.detach()
+    online = cfg.features == "online"
+    if online:
+        held, train = token_items(tokenizer, heldout_convs + train_convs, cfg, min_len=3)
+    else:
+        held, train = target_features(model, tokenizer, heldout_convs + train_convs, cfg, layers, min_len=3)
+    head = model.get_output_embeddings().weight.detach().clone()
     counts = label_counts(train.label_sets(), head.shape[0])
     if start is not None:
         draft_vocab, eagle = start.draft_vocab.clone(), start
@@ -201,12 +250,21 @@ def train_eagle(cfg: TrainConfig) -> Path:
     eagle.train().attach(model.get_input_embeddings())
     module = EagleModule(eagle, rows, head.shape[0], cfg.depth, cfg.loss_decay, cfg.loss_type == "kl", cfg.eagle.ttt_positions)
     nf = len(ecfg.feature_layers)
-    trainer = fit(module, train, lambda items: collate_store(items, nf), cfg, out, sampler=train.sampler(cfg))
+    device = training_device()
+    if online:  # the target runs inside the steps, on the training device, in the feature dtype
+        model.to(device=device, dtype=_online_dtype(cfg, model, device))
+        wrapped = OnlineFeatures(module, model, layers, cfg.label_source)
+        trainer = fit(wrapped, train, collate_tokens, cfg, out, sampler=train.sampler(cfg))
+        held_batches = (wrapped.features(**{k: v.to(device) for k, v in collate_tokens([it]).items()}) for it in held)
+    else:
+        model.get_input_embeddings().to(device)  # the drafter reads the target's embedding where it trains
+        trainer = fit(module, train, lambda items: collate_store(items, nf), cfg, out, sampler=train.sampler(cfg))
+        held_batches = (collate_store([it], nf) for it in held)
     final = out / "final"
     if trainer.is_world_process_zero():
         eagle.eval()
         if len(held):
-            table = eagle_heldout_accuracy(module, held, nf)
+            table = eagle_heldout_accuracy(module, held_batches)
             ecfg.extra["heldout_accuracy"] = [[round(a, 4) for a in row] for row in table]
         record = run_record(cfg, trainer, len(train))
         earlier = ecfg.extra.get("runs", [])
@@ -219,6 +277,18 @@ def train_eagle(cfg: TrainConfig) -> Path:
             ecfg.extra[f"total_{key}"] = round(sum(r.get(key) or 0 for r in ecfg.extra["runs"]), 1)
         eagle.save_pretrained(final)
     return final
+
+
+def _online_dtype(cfg: TrainConfig, model, device: torch.device) -> torch.dtype:
+    """The target's dtype for ``features: online``: ``feature_dtype`` ("" keeps the loaded one; "auto": bfloat16 on
+    a GPU, the faster of float32 and bfloat16 timed here on a CPU)."""
+    from specdec.training.features import fastest_forward_dtype
+
+    name = cfg.feature_dtype
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else fastest_forward_dtype(model)
+        log.warning("features computed online with the target in %s (feature_dtype=auto)", name or str(model.dtype))
+    return getattr(torch, name) if name else model.dtype
 
 
 def _initial(cfg: TrainConfig, model) -> EagleModel | None:
