@@ -483,4 +483,4 @@ def read_drafter_weights(path) -> dict[str, Tensor]:
 
 def _import_builtin_drafters() -> None:
     # Importing the modules registers them.
-    from specdec.drafters import clover, draft_model, eagle, gad, iad, medusa, ppd, prompt_lookup, rest, suffix  # noqa: F401
+    from specdec.drafters import clover, draft_model, eagle, gad, iad, medusa, ppd, prompt_lookup, rapid, rest, suffix  # noqa: F401

@@ -33,6 +33,10 @@ from specdec.tree import TokenTree
 __all__ = ["DraftModelConfig", "DraftModelDrafter"]
 
 
+_SMALL_FEED = 8  # catch-up feeds up to this long are a step's accepted tokens; longer ones are prefills
+_PROBE_EVERY = 16  # after this many steps the cost model said not to draft, draft one token to measure again
+
+
 @dataclass
 class DraftModelConfig:
     """Options (spec ``draft-model:PATH,key=value,...``).
@@ -65,15 +69,16 @@ class DraftModelDrafter(Drafter):
     name = "draft-model"
 
     def __init__(self, model, tokenizer=None, config: DraftModelConfig | None = None) -> None:
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = (model.eval() if model is not None else None), tokenizer  # None: set at bind (RAPID's self)
         self.config = config or DraftModelConfig()
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = model.get_output_embeddings().weight.shape[0] if model is not None else None
         self.rates = AcceptanceRates(self.config.prior, self.config.decay)
         self.runner = None
         self._fast = None
         self._draft_ms = None  # running mean of one draft forward
         self._keys: dict = {}
         self._drafted = 0
+        self._idle = 0
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "DraftModelDrafter":
@@ -114,7 +119,8 @@ class DraftModelDrafter(Drafter):
         t = self.target
         if t is None or t.cost is None:
             return self.config.k
-        per_token = (self._draft_ms / t.step_ms) if (self._draft_ms and t.step_ms) else 0.1
+        step_ms = getattr(t.cost, "step_ms", None) or t.step_ms  # at this prefix, where the cost knows it
+        per_token = (self._draft_ms / step_ms) if (self._draft_ms and step_ms) else 0.1
         best, best_ratio, gain, p = 0, 1.0, 1.0, 1.0
         for k in range(1, self.config.k + 1):
             p *= self.rates[min(k, 4)]
@@ -124,14 +130,23 @@ class DraftModelDrafter(Drafter):
                 best, best_ratio = k, ratio
         return best
 
+    def _context(self, state: DraftState) -> list[int]:
+        """The token sequence the draft model continues, ending with the root (here: everything committed; RAPID
+        drafts over a shortened prompt instead)."""
+        return state.token_ids.tolist()
+
     @torch.inference_mode()
     def propose(self, state: DraftState) -> TokenTree:
-        ids = state.token_ids.tolist()
+        ids = self._context(state)
         self._keys = {}
         k = self._chain_length()
         if k == 0:
-            self._drafted = 0
-            return TokenTree.root_only(state.root)
+            self._idle += 1
+            if self._idle < _PROBE_EVERY:
+                self._drafted = 0
+                return TokenTree.root_only(state.root)
+            k = 1  # now and then one draft anyway: the costs and rates it measures may have changed
+        self._idle = 0
         # 1. catch up: keep the held prefix that is still committed, feed the rest (the root last)
         keep = 0
         while keep < len(self._held) and keep < len(ids) - 1 and self._held[keep] == ids[keep]:
@@ -144,6 +159,8 @@ class DraftModelDrafter(Drafter):
         else:  # the committed tokens it lacks, as a chain (their KV stays: a forward appends it)
             out = self.runner.forward(TokenTree(torch.tensor(feed), torch.arange(-1, len(feed) - 1)))
         self._held = ids[:]
+        catch_up = time.perf_counter() - t0
+        t0 = time.perf_counter()
         # 2. draft a chain
         tokens, probs, logits = [], [], out.logits[-1]
         for d in range(k):
@@ -157,8 +174,13 @@ class DraftModelDrafter(Drafter):
             if d + 1 < k:
                 logits = self.runner.forward(TokenTree.root_only(tok)).logits[-1]
                 self._held.append(tok)
-        elapsed = (time.perf_counter() - t0) * 1e3 / (k + 0.5)  # the catch-up forward counts about half a step
-        self._draft_ms = elapsed if self._draft_ms is None else 0.8 * self._draft_ms + 0.2 * elapsed
+        chain = time.perf_counter() - t0
+        if len(feed) <= _SMALL_FEED:  # a step's usual catch-up (the accepted tokens) counts about half a draft forward
+            elapsed = (catch_up + chain) * 1e3 / (k + 0.5)
+        else:  # a prefill (the prompt, or a re-fed context): a one-off, not what a draft token costs
+            elapsed = chain * 1e3 / (k - 1) if k > 1 else None
+        if elapsed is not None:
+            self._draft_ms = elapsed if self._draft_ms is None else 0.8 * self._draft_ms + 0.2 * elapsed
         self._drafted = k
         scores, s = [1.0], 1.0
         for d in range(1, k + 1):

@@ -509,6 +509,8 @@ class BatchEngine:
         started = self.clock()
         clock = _Clock(*[r.req.stats.profile for r in rows if r.req.stats is not None])
         states = [DraftState(r.ids, r.req.ids.numel(), r.hidden, r.hidden_start) for r in rows]
+        if hasattr(self.cost, "prefix"):  # a context-aware cost (specdec.profile.ContextCost): this step's prefix length
+            self.cost.prefix = max(r.ids.numel() for r in rows)
         self._steps += 1
         b = len(rows)
         gate = self.cost is not None and all(type(r.drafter).stateless for r in rows)

@@ -365,6 +365,10 @@ def _add_profile(sub) -> None:
     p.add_argument("--attn", choices=["auto", "torch", "triton"], default="auto", help="tree attention backend (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--remeasure", action="store_true", help="measure again even if a cached profile fits")
+    p.add_argument("--prefixes", type=int, nargs="+", default=None, metavar="N",
+                   help="also measure v(n) after prefixes of these many tokens (e.g. 1024 4096 8000) and keep the curves with "
+                        "the cached profile: generation then sizes each step's tree for its own prefix length (a long "
+                        "prefix takes its prefill's time to measure)")
     p.add_argument("--plot", default=None, help="also write a plot of v(n) to this PNG file")
     p.add_argument("--json", action="store_true", help='print {"step_ms": ..., "v": {"1": 1.0, ...}, ...} instead of a table')
     p.set_defaults(func=_cmd_profile)
@@ -388,6 +392,12 @@ def _cmd_profile(args) -> int:
         save_profile(profile)
     else:
         profile = get_profile(model, fast=args.fast, attn=attn, progress=not args.json)
+    if args.prefixes:
+        from specdec.profile import add_prefix_curves
+
+        if min(args.prefixes) < 1:
+            raise ValueError(f"--prefixes must be positive token counts, got {args.prefixes}")
+        profile = add_prefix_curves(model, args.prefixes, fast=args.fast, attn=attn, progress=not args.json)
     if args.plot:
         _plot_profile(profile, args.plot)
     if args.json:

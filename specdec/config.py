@@ -22,7 +22,7 @@ from typing import Any
 
 __all__ = ["GenerationConfig", "coerce", "options_into", "ACCEPTANCES", "DTYPES"]
 
-ACCEPTANCES = ("exact", "typical", "gad")
+ACCEPTANCES = ("exact", "typical", "gad", "rapid")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -116,10 +116,14 @@ class GenerationConfig:
         temperature: 0 for greedy (exact); > 0 samples.
         top_k, top_p, repetition_penalty: HF ``generate`` semantics (sampling only).
         acceptance: ``"exact"`` (lossless), ``"typical"`` (Medusa's typical acceptance, lossy, sampling)
-            or ``"gad"`` (GAD's relaxed verification, lossy, greedy).
+            or ``"gad"`` (GAD's relaxed verification, lossy, greedy) or ``"rapid"`` (RAPID's knowledge transfer:
+            speculative sampling against the target's distribution tilted toward the drafter's; lossy, sampling).
         typical_epsilon, typical_delta: typical acceptance's thresholds.
         gad_top_beta, gad_tau: GAD's relaxed verification: a draft is accepted when it is among the
             target's top-β tokens and its logit is within τ of the top-1 (β = 1 is exactly greedy).
+        rapid_strength, rapid_threshold: RAPID's knowledge transfer: at a node whose children were drawn from
+            the drafter's q, the target's logits z become z - strength * (p - q) on the tokens where
+            q >= threshold * max(q) (p = softmax(z)); strength 0 is exact speculative sampling.
         stop: stop strings; generation ends once the new text contains one.
         seed: makes sampling (and stochastic drafters) reproducible.
         attn: tree attention in the verifying forward: ``"auto"``, ``"torch"`` or ``"triton"``.
@@ -149,6 +153,8 @@ class GenerationConfig:
     typical_delta: float = 0.3
     gad_top_beta: int = 3
     gad_tau: float = 2.0
+    rapid_strength: float = 1.0
+    rapid_threshold: float = 0.1
     stop: tuple[str, ...] = ()
     seed: int | None = None
     attn: str = "auto"
@@ -191,6 +197,12 @@ class GenerationConfig:
                 raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.gad_top_beta < 1 or self.gad_tau < 0:
             raise ValueError(f"GAD acceptance needs gad_top_beta >= 1 and gad_tau >= 0, got {self.gad_top_beta}, {self.gad_tau}")
+        if self.rapid_strength < 0 or not 0.0 <= self.rapid_threshold <= 1.0:
+            raise ValueError(f"RAPID acceptance needs rapid_strength >= 0 and rapid_threshold in [0, 1], got "
+                             f"{self.rapid_strength}, {self.rapid_threshold}")
+        if self.acceptance == "rapid" and self.temperature == 0:
+            raise ValueError("acceptance='rapid' tilts speculative sampling toward the drafter's distribution: use it with "
+                             "temperature > 0 and a drafter that samples its drafts (e.g. rapid:sample=true)")
         if self.acceptance == "gad" and self.temperature > 0:
             raise ValueError("acceptance='gad' relaxes greedy verification: use it with temperature 0")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 0:

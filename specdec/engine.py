@@ -344,12 +344,20 @@ def _setup(model, tokenizer, prompts: list, drafter, config: GenerationConfig | 
 
     attn = resolve_backend(config.attn, device)
     fast, profile = _hardware(model, config, attn)  # the first model work: everything above is validated
-    cost = profile.cost if profile is not None and config.size_trees else None
+    cost = _cost_of(profile) if profile is not None and config.size_trees else None
     if config.node_budget:  # nodes cost nothing, and max_nodes = node_budget caps every tree (each row of a batch too)
         cost = _free
     target.cost, target.step_ms = cost, (profile.step_ms if profile is not None else None)
     target.max_nodes = config.node_budget or config.max_tree_nodes
     return _Run(inputs, drafter_obj, verifier, config, stop_checker, generator, attn, fast, cost)
+
+
+def _cost_of(profile):
+    """v(n) for the trim and the drafters: the profile's own curve, or, where it holds curves measured after long
+    prefixes (``specdec profile --prefixes``), the curve of each step's prefix length."""
+    from specdec.profile import ContextCost
+
+    return ContextCost(profile) if profile.curves else profile.cost
 
 
 def _free(n: int) -> float:

@@ -16,7 +16,15 @@ loads the cached profile or measures one (a few seconds).
 
 The prefix used when measuring is ``PREFIX`` tokens: attention over the
 prefix is a small part of a step at the lengths this library targets; the
-curve is re-measured only when the key changes.
+curve is re-measured only when the key changes. On long inputs it is not: a
+plain step reads the whole KV cache, so it is dearer and extra tree nodes are
+relatively cheaper. ``specdec profile --prefixes 1024 4096 8192`` (or
+:func:`add_prefix_curves`) measures the curve again after prefixes of those
+lengths and keeps them in the same cached profile (``curves``); generation
+then sizes each step's tree with the curve for its own prefix length
+(:class:`ContextCost`: linear between the measured lengths). Long prefixes
+take a while to measure (the prefill of each), so they are measured only when
+asked for, never on a generation's first use.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import torch
 from specdec.kernels import FastLinears, LinearPlan, fast_linears, measure_plan
 from specdec.tree import TokenTree
 
-__all__ = ["BatchCostProfile", "CostProfile", "NODE_COUNTS", "get_batch_profile", "measure_batch_profile", "measure_profile", "load_profile",
+__all__ = ["BatchCostProfile", "CostProfile", "ContextCost", "add_prefix_curves", "NODE_COUNTS", "get_batch_profile", "measure_batch_profile", "measure_profile", "load_profile",
            "profile_key", "fast_linears_for"]
 
 # Dense where CPU trees live: measured on the 2-core Xeon, v(2) = 1.02 but v(3) = 1.15 (the products leave the
@@ -69,10 +77,38 @@ class CostProfile:
     key: dict = field(default_factory=dict)
     measured_s: float = 0.0
     format: int = FORMAT
+    curves: dict[int, dict] = field(default_factory=dict)  # {prefix length: {"step_ms": ms, "v": {n: v}}} past PREFIX
 
     def __post_init__(self) -> None:
         self.v = {int(k): round(float(x), 4) for k, x in self.v.items()}  # the precision the cache file keeps
         self.step_ms = round(float(self.step_ms), 3)
+        self.curves = {int(k): {"step_ms": round(float(c["step_ms"]), 3), "v": {int(n): round(float(x), 4) for n, x in c["v"].items()}}
+                       for k, c in sorted(self.curves.items())}
+
+    def _bracket(self, prefix: int) -> tuple[tuple[float, dict], tuple[float, dict], float]:
+        """The measured curves either side of ``prefix`` ((step_ms, v) each) and the weight of the upper one."""
+        pts = [(PREFIX, self.step_ms, self.v)] + [(k, c["step_ms"], c["v"]) for k, c in self.curves.items() if k > PREFIX]
+        if prefix <= pts[0][0] or len(pts) == 1:
+            return pts[0][1:], pts[0][1:], 0.0
+        for lo, hi in zip(pts, pts[1:]):
+            if prefix <= hi[0]:
+                return lo[1:], hi[1:], (prefix - lo[0]) / (hi[0] - lo[0])
+        return pts[-1][1:], pts[-1][1:], 0.0  # past the longest measured prefix: its curve
+
+    def step_ms_at(self, prefix: int) -> float:
+        """A plain step's wall time after ``prefix`` committed tokens (the measured lengths, linear between)."""
+        (s0, _), (s1, _), w = self._bracket(prefix)
+        return s0 + w * (s1 - s0)
+
+    def cost_at(self, n: int, prefix: int) -> float:
+        """v(n) after ``prefix`` committed tokens, in plain steps at that prefix: the curves of the measured
+        lengths either side, weighted linearly (each curve's own plain step is its unit, so the weighting is done
+        in milliseconds and divided by the interpolated step)."""
+        if not self.curves or prefix <= PREFIX:
+            return self.cost(n)
+        (s0, v0), (s1, v1), w = self._bracket(prefix)
+        ms = (1 - w) * s0 * _piecewise(sorted(v0.items()), n) + w * s1 * _piecewise(sorted(v1.items()), n)
+        return ms / (s0 + w * (s1 - s0))
 
     def cost(self, n: int) -> float:
         """v(n) for any n >= 1: linear between measured points, linear extrapolation past the last two.
@@ -93,15 +129,47 @@ class CostProfile:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["v"] = {str(k): x for k, x in sorted(self.v.items())}
+        d["curves"] = {str(k): {"step_ms": c["step_ms"], "v": {str(n): x for n, x in sorted(c["v"].items())}}
+                       for k, c in sorted(self.curves.items())}
         return d
 
     def table(self) -> str:
-        """A small text table of the curve."""
+        """A small text table of the curve (and one row per longer prefix measured)."""
         head = "| n | " + " | ".join(str(n) for n in sorted(self.v)) + " |"
         sep = "|---|" + "---|" * len(self.v)
         ms = "| ms | " + " | ".join(f"{self.v[n] * self.step_ms:.1f}" for n in sorted(self.v)) + " |"
         vs = "| v(n) | " + " | ".join(f"{self.v[n]:.2f}" for n in sorted(self.v)) + " |"
-        return "\n".join([head, sep, ms, vs])
+        rows = [head, sep, ms, vs]
+        for k, c in sorted(self.curves.items()):
+            rows.append(f"| v(n) after {k} ({c['step_ms']:.1f} ms a step) | "
+                        + " | ".join(f"{_piecewise(sorted(c['v'].items()), n):.2f}" for n in sorted(self.v)) + " |")
+        if self.curves:
+            rows[2:3] = [ms.replace("| ms |", f"| ms after {PREFIX} |")]
+            rows[3] = vs.replace("| v(n) |", f"| v(n) after {PREFIX} |")
+        return "\n".join(rows)
+
+
+class ContextCost:
+    """v(n) at the current prefix length (:meth:`CostProfile.cost_at`): what the engine hands the trim and the
+    drafters when a profile holds curves for long prefixes. The engine sets ``prefix`` before each step (in a
+    batch, the longest row's)."""
+
+    def __init__(self, profile: CostProfile) -> None:
+        self.profile, self.prefix = profile, PREFIX
+        self._memo: dict[tuple[int, int], float] = {}
+
+    def __call__(self, n: int) -> float:
+        key = (n, self.prefix // 64)  # steps a few tokens apart share one answer
+        value = self._memo.get(key)
+        if value is None:
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            value = self._memo[key] = self.profile.cost_at(n, self.prefix)
+        return value
+
+    @property
+    def step_ms(self) -> float:
+        return self.profile.step_ms_at(self.prefix)
 
 
 def _piecewise(pts: list[tuple[int, float]], x: float) -> float:
@@ -358,6 +426,66 @@ def measure_profile(model, *, fast: bool = True, attn: str = "torch", repeats: i
         step_ms=step * 1e3, v=v, linear_plan=plan.as_dict(), linear_invariant=plan.invariant,
         key=profile_key(model, fast=fast, attn=attn), measured_s=round(time.perf_counter() - t_start, 2),
     )
+
+
+@torch.inference_mode()
+def measure_curve(model, prefix_len: int, *, attn: str = "torch", linears: FastLinears | None = None, repeats: int = 3,
+                  node_counts=NODE_COUNTS, progress: Callable[[str], None] | None = None) -> dict:
+    """{"step_ms", "v"} measured through the engine's forward after a random prefix of ``prefix_len`` tokens
+    (its prefill comes first and is not timed; rounds interleaved and medians taken as in :func:`measure_profile`)."""
+    from specdec.runner import TreeRunner
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(prefix_len)
+    trees = {n: TokenTree(torch.randint(0, vocab, (n,), generator=g), _bushy_parents(n)) for n in node_counts}
+    times: dict[int, list[float]] = {n: [] for n in node_counts}
+    with TreeRunner(model, attn=attn, fast=linears) as runner:
+        if progress:
+            progress(f"prefill of {prefix_len} tokens")
+        runner.prefill(torch.randint(0, vocab, (prefix_len,), generator=g))
+        p = runner.prefix_len
+        order = list(node_counts)
+        for r in range(repeats + 1):
+            if progress:
+                progress(f"after {prefix_len} tokens, round {r + 1}/{repeats + 1}")
+            for n in order[r % len(order):] + order[: r % len(order)]:
+                t0 = time.perf_counter()
+                runner.forward(trees[n])
+                _sync(runner.device)
+                if r:
+                    times[n].append(time.perf_counter() - t0)
+                runner.rollback(p)
+    med = {n: statistics.median(ts) for n, ts in times.items()}
+    step = med[node_counts[0]]
+    v, floor = {}, 1.0
+    for n in sorted(node_counts):
+        floor = max(floor, med[n] / step)
+        v[n] = floor
+    return {"step_ms": step * 1e3, "v": v}
+
+
+def add_prefix_curves(model, prefixes, *, fast: bool = True, attn: str = "torch", progress: bool = True) -> CostProfile:
+    """Measure v(n) after each of ``prefixes`` (tokens; those <= PREFIX are the base curve) and keep the curves in
+    this model's cached profile (measured first if there is none). Returns the profile."""
+    profile = get_profile(model, fast=fast, attn=attn, progress=progress)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    report = _progress_line() if progress else None
+    linears = fast_linears_for(model, profile) if fast else None
+    for length in sorted({int(x) for x in prefixes}):
+        if length <= PREFIX:
+            continue
+        if limit and length + max(NODE_COUNTS) > limit:
+            raise ValueError(f"prefix {length} + {max(NODE_COUNTS)} tree nodes exceeds the model's context of {limit} tokens; "
+                             f"measure up to {limit - max(NODE_COUNTS)}")
+        profile.curves[length] = measure_curve(model, length, attn=attn, linears=linears, progress=report)
+    profile.__post_init__()
+    if report is not None:
+        report("done (kept with the cached profile)", end=True)
+    try:
+        save_profile(profile)
+    except OSError:
+        pass
+    return profile
 
 
 def _bushy_parents(n: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ def drafter_specs(model, tmp_path):
     from specdec.drafters.gad import GADDrafter
     from specdec.drafters.medusa import MedusaDrafter
     from specdec.drafters.ppd import PPDDrafter
+    from specdec.drafters.rapid import RapidConfig, RapidDrafter
     from specdec.drafters.rest import RestConfig, RestDrafter
 
     vocab = model.config.vocab_size
@@ -47,11 +48,13 @@ def drafter_specs(model, tmp_path):
         "suffix": lambda: "suffix",
         "iad": lambda: "iad",
         "draft-model": lambda: DraftModelDrafter(tiny_model(model.config.model_type, seed=3), config=DraftModelConfig(k=3, fast=False)),
+        "rapid": lambda: RapidDrafter(None, config=RapidConfig(chunk=4, top_chunks=2, head=2, tail=4, period=3, k=3, fast=False)),
         "medusa+prompt-lookup": lambda: "fused",
     }
 
 
-@pytest.mark.parametrize("kind", ["none", "prompt-lookup", "medusa", "clover", "ppd", "gad", "rest", "suffix", "iad", "draft-model", "medusa+prompt-lookup"])
+@pytest.mark.parametrize("kind", ["none", "prompt-lookup", "medusa", "clover", "ppd", "gad", "rest", "suffix", "iad", "draft-model", "rapid",
+                                  "medusa+prompt-lookup"])
 def test_every_row_equals_its_prompt_alone(tiny, kind, tmp_path):
     specs = drafter_specs(tiny, tmp_path)
     if kind == "medusa+prompt-lookup":

@@ -179,3 +179,29 @@ def test_an_eagle_drafter_reading_three_layers_equals_plain_decoding(default_mod
     for drafter in (eagle, FusedDrafter([CloverDrafter.from_spec([], {}), eagle])):
         out = specdec.generate(model, tok, msgs, drafter=drafter, max_new_tokens=40, size_trees=False)
         assert out.token_ids == plain and out.stats.drafted_tokens > 0
+
+
+def test_rapid_on_a_long_prompt_equals_plain_decoding_and_retrieves_the_answer(default_model):
+    """RAPID with the target's own weights over a shortened ~1.4K-token prompt of notes: its context holds the
+    note the question asks about, its output equals plain decoding, and its drafts are accepted. (Sized by this
+    CPU's costs, self-drafting rarely pays: a draft token costs about a target step at these lengths.)"""
+    from test_rapid import _documents
+
+    from specdec.drafters.rapid import RapidConfig, RapidDrafter
+
+    model, tok = default_model
+    names, notes = _documents(tok, 7)
+    notes = [f"Note {i + 1}. {n} " + "This note was filed with the others in the town archive last spring." * 2
+             for i, n in enumerate(notes * 2)]
+    msgs = [{"role": "user", "content": "Notes:\n\n" + "\n\n".join(notes) + f"\n\nWhat is {names[7]}'s secret passphrase? "
+             "Answer with the passphrase only."}]
+    ids = prepare_input_ids(tok, msgs)
+    assert ids.numel() > 700
+    plain = specdec.generate(model, tok, msgs, drafter="none", max_new_tokens=24).token_ids
+    d = RapidDrafter(None, config=RapidConfig(chunk=96, top_chunks=2, head=16, tail=64, period=8))
+    out = specdec.generate(model, tok, msgs, drafter=d, max_new_tokens=24, size_trees=False)  # (untrimmed: it drafts)
+    assert out.token_ids == plain
+    assert "marmalade-quartz-seventeen" in tok.decode(d.short_context()) and len(d.short_context()) < ids.numel() / 2
+    assert out.stats.mean_accepted_length > 1.5, out.stats.as_dict()
+    # a draft token's measured cost leaves out the draft cache's one-off prefill of the short context
+    assert d._draft_ms < out.stats.prefill_time_s * 1e3 / 4, (d._draft_ms, out.stats.prefill_time_s)

@@ -228,6 +228,7 @@ def test_online_features_are_what_the_store_holds_and_train_a_lossless_drafter(t
     final = train(cfg)
     saved = json.loads((final / "config.json").read_text())
     assert len(saved["extra"]["heldout_accuracy"]) == 3 and saved["extra"]["train_steps"] == 3
+    assert 0 < saved["extra"]["median_step_s"] <= saved["extra"]["train_time_s"]  # a warm step's cost, what calibration reads
     assert not (tmp_path / "online" / "features").exists()  # nothing stored
     msgs = [{"role": "user", "content": "Tell me about item 4."}]
     out = specdec.generate(model, tok, msgs, drafter=f"eagle:{final}", max_new_tokens=12, size_trees=False)

@@ -126,3 +126,58 @@ def test_batch_cost_interpolates_in_nodes_then_rows():
     assert p.cost(4, 2) == pytest.approx(1.6)  # a third of the way from 1.2 to 2.4
     assert p.cost(2, 1) == pytest.approx(1.0 + 0.2 / 3)  # between rows 1 and 4 at one node
     assert p.cost(8, 4) == pytest.approx(2.4 + (2.4 - 1.3) * 4 / 3)  # past the last row count: the last slope goes on
+
+
+def _long_profile(**extra) -> CostProfile:
+    return CostProfile(step_ms=10.0, v={1: 1.0, 4: 2.0, 16: 5.0}, curves={1024: {"step_ms": 20.0, "v": {1: 1.0, 4: 1.2, 16: 2.0}}}, **extra)
+
+
+@pytest.mark.parametrize("n, prefix, expected, why", [
+    (4, 100, 2.0, "short prefix: the base curve"),
+    (4, 1024, 1.2, "a measured prefix: its own curve"),
+    (4, 576, (0.5 * 10 * 2.0 + 0.5 * 20 * 1.2) / 15.0, "halfway: the milliseconds weighted, over the interpolated step"),
+    (4, 5000, 1.2, "past the longest measured prefix: its curve"),
+    (8, 1024, 1.2 + (2.0 - 1.2) * 4 / 12, "between node counts, as before"),
+])
+def test_a_profile_with_long_prefix_curves_answers_for_the_prefix(n, prefix, expected, why):
+    p = _long_profile()
+    assert p.cost_at(n, prefix) == pytest.approx(expected), why
+    assert p.step_ms_at(576) == pytest.approx(15.0) and p.step_ms_at(9000) == pytest.approx(20.0)
+    ctx = prof.ContextCost(p)
+    ctx.prefix = prefix
+    assert ctx(n) == pytest.approx(expected) and ctx.step_ms == pytest.approx(p.step_ms_at(prefix))
+
+
+def test_long_prefix_curves_survive_the_cache_and_show_in_the_table(cache_dir):
+    p = _long_profile(key={"model": "m"})
+    save_profile(p)
+    again = load_profile({"model": "m"})
+    assert again.curves == p.curves and again.cost_at(4, 1024) == pytest.approx(1.2)
+    assert "after 1024 (20.0 ms a step)" in p.table()
+
+
+def test_generation_sizes_trees_with_the_curve_of_its_prefix_length(cache_dir):
+    """A profile whose base curve makes any tree unaffordable and whose curve after 256 tokens makes trees free:
+    a short prompt decodes plainly, a long one drafts (both lossless)."""
+    import specdec
+    from conftest import hf_greedy
+
+    model = tiny_model("llama", dtype=torch.float32)
+    key = profile_key(model, fast=True)
+    save_profile(CostProfile(step_ms=1.0, v={1: 1.0, 2: 40.0, 64: 2000.0}, key=key,
+                             curves={256: {"step_ms": 1.0, "v": {1: 1.0, 2: 1.0, 64: 1.0}}}))
+    pattern = torch.tensor([5, 6, 7, 8, 9, 10, 11, 12])
+    for length, drafts in ((24, False), (320, True)):
+        ids = pattern.repeat(length // 8)
+        out = specdec.generate(model, None, ids, drafter="prompt-lookup", max_new_tokens=16)
+        assert out.token_ids == hf_greedy(model, ids, 16, min_new_tokens=16)
+        assert (out.stats.drafted_tokens > 0) == drafts, length
+
+
+def test_curves_after_long_prefixes_are_measured_and_kept(cache_dir):
+    model = tiny_model("llama", dtype=torch.float32)
+    p = prof.add_prefix_curves(model, [64, 300], fast=True, progress=False)
+    assert sorted(p.curves) == [300] and p.curves[300]["v"][1] == 1.0 and p.curves[300]["step_ms"] > 0
+    assert load_profile(profile_key(model, fast=True)).curves.keys() == {300}
+    with pytest.raises(ValueError, match="context"):
+        prof.add_prefix_curves(model, [500], fast=True, progress=False)  # 500 + 64 nodes > 512 positions

@@ -116,6 +116,18 @@ def draft_model_drafter(target):
     return d
 
 
+def rapid_drafter(target):
+    """RAPID with a separate (tiny, random) draft model sampling over a shortened prompt (one chunk of one token
+    kept from the prompt's middle)."""
+    from specdec.drafters.base import Target
+    from specdec.drafters.rapid import RapidConfig, RapidDrafter
+
+    cfg = RapidConfig(chunk=1, top_chunks=1, head=1, tail=1, recent=2, period=1, k=2, sample=True, fast=False)
+    d = RapidDrafter(tiny_model("llama", vocab_size=VOCAB, seed=9), config=cfg)
+    d.bind(Target.of(target, seed=3))
+    return d
+
+
 def clover_drafter(target):
     """Clover heads (random, no Augmenting Block) drawing their drafts from q and carrying it."""
     from specdec.drafters.base import Target
@@ -167,6 +179,7 @@ DRAFTERS = {
     "bad": lambda target: BadDrafter(),
     "far-q": lambda target: FarQDrafter(),
     "draft-model": draft_model_drafter,
+    "rapid": rapid_drafter,
     "clover": clover_drafter,
     "ppd": ppd_drafter,
     "eagle": eagle_drafter,

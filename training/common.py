@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from specdec.training.config import TrainConfig
 
 __all__ = ["collate_features", "label_counts", "draft_vocabulary", "training_args", "target_features", "FeatureItems", "last_complete_checkpoint",
-           "run_record", "TimeBudget", "MemoryWatch", "TokenItems", "token_items", "collate_tokens", "training_device"]
+           "run_record", "TimeBudget", "MemoryWatch", "StepClock", "TokenItems", "token_items", "collate_tokens", "training_device"]
 
 log = logging.getLogger(__name__)
 _STARTED: dict[str, float] = {}  # output dir -> when its run started (start_run)
@@ -323,9 +323,9 @@ def fit(module, dataset, collate, cfg: TrainConfig, out: Path, sampler=None):
     from specdec.training.trainer import DrafterTrainer
 
     budget = TimeBudget(cfg.max_time_s) if cfg.max_time_s > 0 else None
-    memory = MemoryWatch()
+    memory, clock = MemoryWatch(), StepClock()
     trainer = DrafterTrainer(model=module, args=training_args(cfg, out), train_dataset=dataset, data_collator=collate, sampler=sampler,
-                             callbacks=[memory] + ([budget] if budget else []))
+                             callbacks=[memory, clock] + ([budget] if budget else []))
     last = last_complete_checkpoint(out) if cfg.resume else None
     if last:
         log.warning("resuming from %s", last)
@@ -334,6 +334,7 @@ def fit(module, dataset, collate, cfg: TrainConfig, out: Path, sampler=None):
     trainer.fit_seconds = time.perf_counter() - t0
     trainer.stopped_by_time = bool(budget and budget.fired)
     trainer.peak_anon_mb = memory.peak_anon_mb
+    trainer.median_step_s = clock.median()
     return trainer
 
 
@@ -366,6 +367,26 @@ class MemoryWatch(TrainerCallback):
         return control
 
 
+class StepClock(TrainerCallback):
+    """Each optimizer step's wall time; the median is what a step costs once the run has warmed up (the whole
+    run's time over its steps also counts the setup and the first steps' compilation and allocation)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._start is not None:
+            self.times.append(time.perf_counter() - self._start)
+        return control
+
+    def median(self) -> float | None:
+        return float(sorted(self.times)[len(self.times) // 2]) if self.times else None
+
+
 class TimeBudget(TrainerCallback):
     """Stops training (with a checkpoint, so a rerun resumes) once ``seconds`` of it have passed in this process."""
 
@@ -393,5 +414,6 @@ def run_record(cfg: TrainConfig, trainer, train_items: int) -> dict:
             "train_time_s": round(getattr(trainer, "fit_seconds", 0.0), 1),
             "run_time_s": round(time.perf_counter() - started, 1) if started else None,
             "train_steps": int(trainer.state.global_step), "stopped_by_time": bool(getattr(trainer, "stopped_by_time", False)),
+            "median_step_s": round(trainer.median_step_s, 4) if getattr(trainer, "median_step_s", None) else None,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_anon_mb": round(getattr(trainer, "peak_anon_mb", 0.0), 1)}

@@ -2,11 +2,11 @@
 
 from specdec.verifiers.base import Acceptance, Verifier
 from specdec.verifiers.greedy import GreedyVerifier, RelaxedGreedyVerifier, greedy_accept
-from specdec.verifiers.sampling import SamplingConfig, SpeculativeSampler, TypicalVerifier, Warper
+from specdec.verifiers.sampling import KnowledgeTransferSampler, SamplingConfig, SpeculativeSampler, TypicalVerifier, Warper
 
 __all__ = [
     "Acceptance", "Verifier", "GreedyVerifier", "RelaxedGreedyVerifier", "greedy_accept", "SamplingConfig", "SpeculativeSampler",
-    "TypicalVerifier", "Warper", "make_verifier",
+    "TypicalVerifier", "KnowledgeTransferSampler", "Warper", "make_verifier",
 ]
 
 
@@ -17,7 +17,8 @@ def make_verifier(config=None, **options) -> Verifier:
       temperature 0 is greedy too, as in Medusa);
     * temperature > 0, ``acceptance="exact"``: lossless speculative sampling;
     * temperature > 0, ``acceptance="typical"``: Medusa's typical acceptance (lossy);
-    * ``acceptance="gad"`` (temperature 0): GAD's relaxed top-β / τ verification (lossy).
+    * ``acceptance="gad"`` (temperature 0): GAD's relaxed top-β / τ verification (lossy);
+    * ``acceptance="rapid"`` (temperature > 0): RAPID's knowledge transfer (lossy).
     """
     from specdec.config import GenerationConfig, options_into
 
@@ -30,4 +31,6 @@ def make_verifier(config=None, **options) -> Verifier:
                               repetition_penalty=config.repetition_penalty)
     if config.acceptance == "typical":
         return TypicalVerifier(sampling, epsilon=config.typical_epsilon, delta=config.typical_delta)
+    if config.acceptance == "rapid":
+        return KnowledgeTransferSampler(sampling, strength=config.rapid_strength, threshold=config.rapid_threshold)
     return SpeculativeSampler(sampling)

@@ -44,7 +44,7 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, 
 from specdec.tree import TokenTree
 from specdec.verifiers.base import Acceptance, deepest_accepted
 
-__all__ = ["SamplingConfig", "Warper", "SpeculativeSampler", "TypicalVerifier"]
+__all__ = ["SamplingConfig", "Warper", "SpeculativeSampler", "KnowledgeTransferSampler", "TypicalVerifier"]
 
 
 @dataclass
@@ -140,7 +140,7 @@ class SpeculativeSampler:
         self.config, self.warp, self.residual = config, Warper(config), residual
 
     def accept(self, tree: TokenTree, logits: Tensor, generator: torch.Generator | None = None, prefix_ids: Tensor | None = None) -> Acceptance:
-        p_all = self.warp(tree, logits, prefix_ids)  # [N, V] on the model's device
+        p_all = self.target_probs(tree, logits, prefix_ids)  # [N, V] on the model's device
         aux = tree.auxiliary
         node, path = 0, [0]
         while True:
@@ -159,6 +159,10 @@ class SpeculativeSampler:
                 return Acceptance(path=torch.tensor(path), bonus=_draw(after, generator))
             node = kids[int(torch.argmax(passed.to(torch.int8)))]
             path.append(node)
+
+    def target_probs(self, tree: TokenTree, logits: Tensor, prefix_ids: Tensor | None) -> Tensor:
+        """[N, V] the distribution each node's children are judged against: the target's own, warped."""
+        return self.warp(tree, logits, prefix_ids)
 
     def _residuals(self, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
         """Child j is tried against r_j: r_0 = p, r_{j+1} = normalise(max(r_j - q_j, 0)) (r_j if that is empty)."""
@@ -179,6 +183,44 @@ class SpeculativeSampler:
         q = torch.zeros(len(kids), p.shape[0], dtype=torch.float64, device=p.device)
         q[torch.arange(len(kids), device=p.device), tree.tokens[kids].to(p.device)] = 1.0
         return q
+
+
+class KnowledgeTransferSampler(SpeculativeSampler):
+    """RAPID's knowledge transfer (Chen et al., 2025), selected with ``acceptance="rapid"``: **lossy**.
+
+    Speculative sampling against a target distribution tilted toward the drafter's: at a node whose children
+    were drawn from q (the first child's ``draft_probs`` row; later siblings carry q without the earlier draws),
+    the target's warped distribution p becomes softmax(log p - strength * (p - q) * m), where the mask m keeps
+    the tokens the drafter finds plausible (q >= threshold * max q) and leaves the others alone. The shift is
+    at most ``strength`` in logit space; where the retrieval drafter read the relevant part of a long input
+    better than the target attended to it, the output leans toward it (RAPID reports better answers on long
+    inputs as well as more accepted drafts). Nodes without a drafter distribution (point-mass drafters, leaves)
+    keep p. Strength 0 is exactly :class:`SpeculativeSampler`.
+    """
+
+    def __init__(self, config: SamplingConfig, strength: float = 1.0, threshold: float = 0.1) -> None:
+        if strength < 0 or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"knowledge transfer needs strength >= 0 and threshold in [0, 1], got {strength}, {threshold}")
+        super().__init__(config)
+        self.strength, self.threshold = strength, threshold
+
+    def target_probs(self, tree: TokenTree, logits: Tensor, prefix_ids: Tensor | None) -> Tensor:
+        p = self.warp(tree, logits, prefix_ids)
+        if self.strength == 0 or tree.draft_probs is None:
+            return p
+        aux = tree.auxiliary
+        first = [min((c for c in kids if aux is None or not bool(aux[c])), default=-1)  # children are numbered in draw order
+                 for kids in tree.children]
+        nodes = [n for n, c in enumerate(first) if c >= 0]
+        if not nodes:
+            return p
+        q = tree.draft_probs[[first[n] for n in nodes]].to(p.device, p.dtype)  # [M, V]
+        pn = p[nodes]
+        mask = q >= self.threshold * q.max(-1, keepdim=True).values
+        tilted = torch.log(pn.clamp_min(1e-30)) - self.strength * torch.where(mask, pn - q, torch.zeros_like(q))
+        p = p.clone()
+        p[nodes] = torch.softmax(tilted, -1)
+        return p
 
 
 class TypicalVerifier:

@@ -1,0 +1,218 @@
+"""RAPID: retrieval-augmented speculative decoding for long inputs (Chen et al., 2025).
+
+Spec ``rapid`` (the target's own weights draft: ``self``), ``rapid:PATH`` (a draft model of the target's
+tokenizer: an HF directory or a .gguf file), with options ``chunk``, ``top_chunks``, ``head``, ``tail``,
+``recent``, ``period``, ``min_accept`` and the draft model's (``k``, ``sample``, ``fast``, ``prior``, ``decay``).
+
+The drafter is a language model run over a *shortened* context, so drafting stays cheap while the target
+verifies against the whole of it:
+
+1. **Chunking.** A prompt longer than ``head + tail + top_chunks * chunk`` tokens is cut into three parts: its
+   first ``head`` tokens (the system prompt, the chat template's opening) and its last ``tail`` (the question
+   and the template's assistant header) are always kept; the middle is split into chunks of ``chunk`` tokens.
+   A shorter prompt is drafted over whole (the drafter is then a plain draft model).
+2. **Retrieval.** The chunks are ranked by BM25 over token ids against a query made of the tail and the last
+   ``recent`` generated tokens; the best ``top_chunks`` are kept, in their original order. Why BM25 over ids
+   rather than the target's embeddings: it needs no forward pass (ranking 30 chunks of an 8K prompt takes well
+   under a millisecond), no tokenizer round trip and no extra dependency, and the questions of long-input tasks
+   (QA, extraction) name the words the answering chunk holds; a dense retriever would cost a forward over every
+   chunk, more than the drafts it could save on a CPU.
+3. **Drafting.** The draft model continues ``head + chunks + tail + output`` in its own KV cache (what
+   :class:`~specdec.drafters.draft_model.DraftModelDrafter` does over the whole sequence): a chain whose length
+   maximises expected accepted tokens per cost, nodes scored by learnt acceptance (so the engine can trim), and
+   with ``sample=true`` the draft distributions as ``draft_probs`` (speculative sampling stays exact).
+4. **Re-retrieval.** Every ``period`` steps, or sooner when the running acceptance of the first draft falls below
+   ``min_accept``, the chunks are ranked again with the newest output in the query; when the chosen set changes,
+   the draft cache rolls back to the first changed position and the rest is fed again (one forward over up to
+   ``top_chunks * chunk + tail`` tokens plus the output: the price of a re-retrieval).
+
+What the options cost: the draft model reads its own weights once per drafted token, with attention over
+``head + top_chunks * chunk + tail`` positions plus the output instead of the whole prompt; a larger
+``top_chunks`` or ``chunk`` raises acceptance where the answer spans chunks and makes every draft token and every
+re-retrieval dearer; a shorter ``period`` follows the output more closely and pays a re-feed each time the
+chosen chunks change.
+
+Output never changes: the target verifies every draft (exact greedy or speculative sampling). RAPID's optional
+"knowledge transfer", which does change the output, is the lossy acceptance ``acceptance="rapid"``
+(:mod:`specdec.verify`), never part of this drafter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from specdec.drafters.base import DraftState, Target, config_from_options, register_drafter
+from specdec.drafters.draft_model import DraftModelConfig, DraftModelDrafter
+
+__all__ = ["RapidConfig", "RapidDrafter", "BM25", "split_prompt", "line_breaks"]
+
+
+@dataclass
+class RapidConfig(DraftModelConfig):
+    """Options (spec ``rapid[:PATH],key=value,...``); the draft model's own (``k``, ``sample``, ...) as in
+    :class:`~specdec.drafters.draft_model.DraftModelConfig`.
+
+    Attributes:
+        chunk: tokens per chunk of the prompt's middle.
+        top_chunks: chunks kept in the draft model's context.
+        head: prompt tokens always kept at the start.
+        tail: prompt tokens always kept at the end (the question).
+        recent: generated tokens added to the retrieval query.
+        period: steps between re-retrievals (0: retrieve once, at the start).
+        min_accept: re-retrieve sooner when the running acceptance of the first draft falls below this.
+    """
+
+    k: int = 4
+    chunk: int = 256
+    top_chunks: int = 4
+    head: int = 32
+    tail: int = 256
+    recent: int = 64
+    period: int = 32
+    min_accept: float = 0.3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk < 1 or self.top_chunks < 1 or self.head < 0 or self.tail < 1 or self.recent < 0 or self.period < 0:
+            raise ValueError("rapid needs chunk, top_chunks, tail >= 1 and head, recent, period >= 0")
+        if not 0.0 <= self.min_accept <= 1.0:
+            raise ValueError(f"min_accept must be in [0, 1], got {self.min_accept}")
+
+
+class BM25:
+    """Okapi BM25 over token-id documents (k1 = 1.2, b = 0.75; idf floored at 0 by the +1 inside the log)."""
+
+    def __init__(self, docs: list[list[int]], k1: float = 1.2, b: float = 0.75) -> None:
+        self.k1, self.b = k1, b
+        self.tfs = [Counter(d) for d in docs]
+        self.lengths = [len(d) for d in docs]
+        self.avg = max(1.0, sum(self.lengths) / max(1, len(docs)))
+        df = Counter(t for tf in self.tfs for t in tf)
+        n = len(docs)
+        self.idf = {t: math.log(1.0 + (n - c + 0.5) / (c + 0.5)) for t, c in df.items()}
+
+    def scores(self, query) -> list[float]:
+        """Each document's score for the distinct tokens of ``query``."""
+        terms = [t for t in set(query) if t in self.idf]
+        out = []
+        for tf, length in zip(self.tfs, self.lengths):
+            norm = self.k1 * (1.0 - self.b + self.b * length / self.avg)
+            out.append(sum(self.idf[t] * tf[t] * (self.k1 + 1.0) / (tf[t] + norm) for t in terms if t in tf))
+        return out
+
+    def top(self, query, k: int) -> list[int]:
+        """The ``k`` best documents' indices, in document order (ties: the earlier document)."""
+        s = self.scores(query)
+        best = sorted(range(len(s)), key=lambda i: (-s[i], i))[:k]
+        return sorted(best)
+
+
+def split_prompt(prompt: list[int], cfg: RapidConfig, breaks: frozenset[int] = frozenset()) -> tuple[list[int], list[list[int]], list[int]] | None:
+    """(head, chunks of the middle, tail) of a prompt long enough to shorten, else None.
+
+    Chunks are ``cfg.chunk`` tokens, except that a chunk ends after a line break (a token of ``breaks``) where one
+    falls in its second half: paragraphs, list items and documents then stay whole more often, so the chunk a
+    question matches holds the rest of its sentence too."""
+    if len(prompt) <= cfg.head + cfg.tail + cfg.top_chunks * cfg.chunk:
+        return None
+    end = len(prompt) - cfg.tail
+    chunks, start = [], cfg.head
+    while start < end:
+        stop = min(start + cfg.chunk, end)
+        if stop < end and breaks:
+            for j in range(stop, start + cfg.chunk // 2, -1):
+                if prompt[j - 1] in breaks:
+                    stop = j
+                    break
+        chunks.append(prompt[start:stop])
+        start = stop
+    return prompt[: cfg.head], chunks, prompt[end:]
+
+
+_BREAKS: dict[tuple, frozenset[int]] = {}
+
+
+def line_breaks(tokenizer) -> frozenset[int]:
+    """The ids of ``tokenizer``'s tokens whose text holds a line break (computed once per tokenizer)."""
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    found = _BREAKS.get(key)
+    if found is None:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        found = _BREAKS[key] = frozenset(i for i, t in enumerate(texts) if "\n" in t)
+    return found
+
+
+@register_drafter("rapid")
+class RapidDrafter(DraftModelDrafter):
+    """A draft model (the target itself by default) over the prompt's most relevant chunks."""
+
+    name = "rapid"
+    session_options = ("k", "top_chunks", "period", "min_accept")
+
+    def __init__(self, model=None, tokenizer=None, config: RapidConfig | None = None) -> None:
+        super().__init__(model, tokenizer, config or RapidConfig())  # model None: the target's own weights, at bind
+        self._parts = None
+        self._ranker = None
+        self._chosen: list[int] = []
+        self._prompt_len = 0
+        self._since = 0
+        self.retrievals = 0
+
+    @classmethod
+    def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "RapidDrafter":
+        from specdec.models import load_model
+
+        if len(args) > 1:
+            raise ValueError("rapid takes at most one argument, the draft model: rapid (the target itself), rapid:self "
+                             "or rapid:PATH (an HF directory or a .gguf file with the target's tokenizer)")
+        config = config_from_options(RapidConfig, kwargs, cls.name)
+        if not args or args[0] == "self":
+            return cls(None, None, config)
+        model, tokenizer = load_model(args[0])
+        return cls(model, tokenizer, config)
+
+    def bind(self, target: Target) -> None:
+        if self.model is None:  # self-drafting over the short context: the target's own weights
+            self.model = target.model
+        super().bind(target)
+
+    def reset(self, prompt_ids: Tensor) -> None:
+        super().reset(prompt_ids)
+        prompt = prompt_ids.tolist()
+        self._prompt_len = len(prompt)
+        tokenizer = getattr(getattr(self, "target", None), "tokenizer", None)
+        self._parts = split_prompt(prompt, self.config, line_breaks(tokenizer) if tokenizer is not None else frozenset())
+        self._chosen = []
+        self._ranker = BM25(self._parts[1]) if self._parts else None
+        if self._parts:
+            self._retrieve([])
+
+    # ------------------------------------------------------------------ retrieval
+    def _retrieve(self, output: list[int]) -> None:
+        head, chunks, tail = self._parts
+        query = tail + output[-self.config.recent :] if self.config.recent else tail
+        self._chosen = self._ranker.top(query, self.config.top_chunks)
+        self.retrievals += 1
+        self._since = 0
+
+    def short_context(self) -> list[int]:
+        """The shortened prompt the draft model reads (the whole prompt when it is not long)."""
+        head, chunks, tail = self._parts
+        return head + [t for i in self._chosen for t in chunks[i]] + tail
+
+    def _context(self, state: DraftState) -> list[int]:
+        ids = state.token_ids.tolist()
+        if self._parts is None:
+            return ids
+        output = ids[self._prompt_len :]
+        due = self.config.period and self._since >= self.config.period
+        poor = self._since >= max(4, self.config.period // 4) and self.rates[1] < self.config.min_accept
+        if due or poor:
+            self._retrieve(output[:-1])
+        self._since += 1
+        return self.short_context() + output
