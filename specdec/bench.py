@@ -498,11 +498,20 @@ def _markdown(report: dict, plots: list[str]) -> str:
     cost = report.get("cost_profile")
     if cost:
         ns = sorted(cost["v"], key=int)
+        from specdec.profile import _piecewise
+
         plan = LinearPlan(cost["linear_plan"])  # a row count between two measured buckets uses the next one up
         lines += ["", f"## Cost profile used (plain step {cost['step_ms']:.1f} ms)", "",
                   "| n nodes | " + " | ".join(ns) + " |", "|---|" + "---|" * len(ns),
                   "| v(n) | " + " | ".join(f"{cost['v'][n]:.2f}" for n in ns) + " |",
                   "| linear kernel | " + " | ".join(plan.for_rows(int(n)) for n in ns) + " |"]
+        for length, curve in sorted((cost.get("curves") or {}).items(), key=lambda kv: int(kv[0])):  # specdec profile --prefixes
+            v = {int(k): x for k, x in curve["v"].items()}
+            lines.append(f"| v(n) after {length} tokens ({curve['step_ms']:.1f} ms a step) | "
+                         + " | ".join(f"{_piecewise(sorted(v.items()), int(n)):.2f}" for n in ns) + " |")
+        if cost.get("curves"):
+            lines += ["", "Each step's tree was sized with the curve for its own prefix length (linear between the measured "
+                      "lengths; the first row is the curve after 128 tokens)."]
     for name in plots:
         lines += ["", f"![{name}]({name})"]
     return "\n".join(lines) + "\n"

@@ -143,3 +143,15 @@ def test_the_long_context_set_is_what_its_builder_makes_and_every_prompt_is_3_to
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.build(default_tokenizer) == questions
+
+
+def test_the_report_shows_the_curves_measured_after_long_prefixes():
+    from specdec.bench import _markdown
+
+    cost = {"step_ms": 20.0, "v": {"1": 1.0, "4": 1.1, "16": 1.5}, "linear_plan": {"1": "torch"},
+            "curves": {"4096": {"step_ms": 45.0, "v": {"1": 1.0, "16": 1.1}}}}
+    text = _markdown({"model": "m", "device": "cpu", "dtype": "float32", "threads": 2, "max_new_tokens": 4, "temperature": 0.0,
+                      "fast": True, "specdec_version": "x", "cost_profile": cost, "partial": False, "runs": []}, [])
+    row = next(line for line in text.splitlines() if "after 4096 tokens" in line)
+    assert "45.0 ms a step" in row and row.rstrip(" |").endswith("1.10")  # v(16) after 4096 tokens
+    assert "| 1.02 |" in row  # v(4) between the measured 1 and 16: linear
