@@ -102,7 +102,10 @@ class DraftModelDrafter(Drafter):
         if self.config.fast and self._fast is None and isinstance(self.model, torch.nn.Module):
             from specdec.profile import fast_linears_for, get_profile
 
-            self._fast = fast_linears_for(self.model, get_profile(self.model, fast=True, progress=False))
+            profile = get_profile(self.model, fast=True, progress=False)
+            self._fast = fast_linears_for(self.model, profile)
+            if self._draft_ms is None:  # what a draft token costs before one is timed: the draft model's plain step
+                self._draft_ms = profile.step_ms
 
     def reset(self, prompt_ids: Tensor) -> None:
         from specdec.runner import TreeRunner
@@ -142,7 +145,7 @@ class DraftModelDrafter(Drafter):
         k = self._chain_length()
         if k == 0:
             self._idle += 1
-            if self._idle < _PROBE_EVERY:
+            if self._idle < _PROBE_EVERY or not self._held:  # (a probe never pays for the draft cache's first prefill)
                 self._drafted = 0
                 return TokenTree.root_only(state.root)
             k = 1  # now and then one draft anyway: the costs and rates it measures may have changed
