@@ -198,3 +198,10 @@ class DraftModelDrafter(Drafter):
     def observe(self, result: StepResult) -> None:
         if self._keys:
             learn(self.rates, self._keys, result.tree, result.path)
+
+    def close(self, output_ids: list[int]) -> None:
+        """The sequence ended: give the draft model back its own attention (its runner routed it to tree attention;
+        with RAPID's ``self`` that model is the target, which the next plain HF call must find as it was)."""
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None

@@ -401,27 +401,12 @@ def measure_profile(model, *, fast: bool = True, attn: str = "torch", repeats: i
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (PREFIX,), generator=g)
     trees = {n: TokenTree(torch.randint(0, vocab, (n,), generator=g), _bushy_parents(n)) for n in node_counts}
-    times: dict[int, list[float]] = {n: [] for n in node_counts}
     with TreeRunner(model, attn=attn, fast=linears) as runner:
         runner.prefill(prefix)
         p = runner.prefix_len
-        order = list(node_counts)
-        for r in range(repeats + 1):
-            if progress:
-                progress(f"forward cost, round {r + 1}/{repeats + 1}")
-            for n in order[r % len(order):] + order[: r % len(order)]:
-                t0 = time.perf_counter()
-                runner.forward(trees[n])
-                _sync(runner.device)
-                if r:  # round 0 warms up
-                    times[n].append(time.perf_counter() - t0)
-                runner.rollback(p)
-    med = {n: statistics.median(ts) for n, ts in times.items()}
-    step = med[node_counts[0]]
-    v, floor = {}, 1.0
-    for n in sorted(node_counts):  # more nodes never cost less: a dip is measurement noise
-        floor = max(floor, med[n] / step)
-        v[n] = floor
+        times = _interleaved(list(node_counts), repeats, lambda n: runner.forward(trees[n]), lambda: runner.rollback(p),
+                             runner.device, progress, "forward cost")
+    step, v = _monotone_curve(times)
     return CostProfile(
         step_ms=step * 1e3, v=v, linear_plan=plan.as_dict(), linear_invariant=plan.invariant,
         key=profile_key(model, fast=fast, attn=attn), measured_s=round(time.perf_counter() - t_start, 2),
@@ -430,38 +415,55 @@ def measure_profile(model, *, fast: bool = True, attn: str = "torch", repeats: i
 
 @torch.inference_mode()
 def measure_curve(model, prefix_len: int, *, attn: str = "torch", linears: FastLinears | None = None, repeats: int = 3,
-                  node_counts=NODE_COUNTS, progress: Callable[[str], None] | None = None) -> dict:
-    """{"step_ms", "v"} measured through the engine's forward after a random prefix of ``prefix_len`` tokens
-    (its prefill comes first and is not timed; rounds interleaved and medians taken as in :func:`measure_profile`)."""
-    from specdec.runner import TreeRunner
+                  node_counts=NODE_COUNTS, progress: Callable[[str], None] | None = None, route: bool = True) -> dict:
+    """{"step_ms", "v"} measured after a random prefix of ``prefix_len`` tokens through the forward generation runs
+    (the batched runner with one row: a lone root runs maskless there, a tree with its mask), its prefill first
+    and untimed; rounds interleaved and medians taken as in :func:`measure_profile`."""
+    from specdec.batch import BatchKVCache, BatchRunner
+    from specdec.cache import TreeKVCache
 
     vocab = model.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(prefix_len)
     trees = {n: TokenTree(torch.randint(0, vocab, (n,), generator=g), _bushy_parents(n)) for n in node_counts}
-    times: dict[int, list[float]] = {n: [] for n in node_counts}
-    with TreeRunner(model, attn=attn, fast=linears) as runner:
+    with BatchRunner(model, attn=attn, fast=linears, route=route) as runner:
         if progress:
             progress(f"prefill of {prefix_len} tokens")
-        runner.prefill(torch.randint(0, vocab, (prefix_len,), generator=g))
-        p = runner.prefix_len
-        order = list(node_counts)
-        for r in range(repeats + 1):
-            if progress:
-                progress(f"after {prefix_len} tokens, round {r + 1}/{repeats + 1}")
-            for n in order[r % len(order):] + order[: r % len(order)]:
-                t0 = time.perf_counter()
-                runner.forward(trees[n])
-                _sync(runner.device)
-                if r:
-                    times[n].append(time.perf_counter() - t0)
-                runner.rollback(p)
+        single = TreeKVCache()
+        runner.extend(single, torch.randint(0, vocab, (prefix_len,), generator=g))
+        runner.cache = BatchKVCache.stack([single])
+        times = _interleaved(list(node_counts), repeats, lambda n: runner.forward([trees[n]]),
+                             lambda: runner.commit([torch.arange(0)]), runner.device, progress, f"after {prefix_len} tokens")
+    step, v = _monotone_curve(times)
+    return {"step_ms": step * 1e3, "v": v}
+
+
+def _interleaved(sizes: list, repeats: int, run: Callable, reset: Callable, device, progress, label: str) -> dict:
+    """Each size's wall times over ``repeats`` rounds (after a warm-up round), the sizes in a rotating order within each
+    round so that slow drift of the machine spreads over all of them; ``reset`` after every forward."""
+    times: dict = {n: [] for n in sizes}
+    for r in range(repeats + 1):
+        if progress:
+            progress(f"{label}, round {r + 1}/{repeats + 1}")
+        for n in sizes[r % len(sizes):] + sizes[: r % len(sizes)]:
+            t0 = time.perf_counter()
+            run(n)
+            _sync(device)
+            if r:  # round 0 warms up
+                times[n].append(time.perf_counter() - t0)
+            reset()
+    return times
+
+
+def _monotone_curve(times: dict[int, list[float]]) -> tuple[float, dict[int, float]]:
+    """(plain step in s, {n: v(n)}) from each node count's timings: medians over the smallest count's, made
+    non-decreasing (more nodes never cost less: a dip is measurement noise)."""
     med = {n: statistics.median(ts) for n, ts in times.items()}
-    step = med[node_counts[0]]
+    step = med[min(med)]
     v, floor = {}, 1.0
-    for n in sorted(node_counts):
+    for n in sorted(med):
         floor = max(floor, med[n] / step)
         v[n] = floor
-    return {"step_ms": step * 1e3, "v": v}
+    return step, v
 
 
 def add_prefix_curves(model, prefixes, *, fast: bool = True, attn: str = "torch", progress: bool = True) -> CostProfile:
@@ -477,7 +479,7 @@ def add_prefix_curves(model, prefixes, *, fast: bool = True, attn: str = "torch"
         if limit and length + max(NODE_COUNTS) > limit:
             raise ValueError(f"prefix {length} + {max(NODE_COUNTS)} tree nodes exceeds the model's context of {limit} tokens; "
                              f"measure up to {limit - max(NODE_COUNTS)}")
-        profile.curves[length] = measure_curve(model, length, attn=attn, linears=linears, progress=report)
+        profile.curves[length] = measure_curve(model, length, attn=attn, linears=linears, progress=report, route=fast)
     profile.__post_init__()
     if report is not None:
         report("done (kept with the cached profile)", end=True)

@@ -150,3 +150,16 @@ def test_knowledge_transfer_needs_sampling():
     with pytest.raises(ValueError, match="rapid_strength"):
         specdec.generate(tiny_model("llama"), None, torch.tensor([1, 2, 3]), drafter="none", max_new_tokens=2, temperature=1.0,
                          acceptance="rapid", rapid_strength=-1.0)
+
+
+@pytest.mark.parametrize("draft", ["self", "separate"])
+def test_the_models_attention_is_restored_when_a_generation_ends(draft):
+    """The draft runner routes its model to tree attention; at the end the model (with ``self``: the target, which a
+    plain HF ``generate`` may use next) has its own implementation back."""
+    target = tiny_model("llama", dtype=torch.float32)
+    other = None if draft == "self" else tiny_model("llama", dtype=torch.float32, seed=1)
+    before = target.config._attn_implementation, (other.config._attn_implementation if other is not None else None)
+    ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(3))
+    specdec.generate(target, None, ids, drafter=RapidDrafter(other, config=RapidConfig(**{**SMALL, "fast": True})), max_new_tokens=12,
+                     size_trees=False)
+    assert (target.config._attn_implementation, other.config._attn_implementation if other is not None else None) == before
