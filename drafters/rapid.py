@@ -159,6 +159,7 @@ class RapidDrafter(DraftModelDrafter):
         self._parts = None
         self._ranker = None
         self._chosen: list[int] = []
+        self._short: list[int] = []
         self._prompt_len = 0
         self._since = 0
         self.retrievals = 0
@@ -197,19 +198,18 @@ class RapidDrafter(DraftModelDrafter):
         head, chunks, tail = self._parts
         query = tail + output[-self.config.recent :] if self.config.recent else tail
         self._chosen = self._ranker.top(query, self.config.top_chunks)
+        self._short = head + [t for i in self._chosen for t in chunks[i]] + tail  # rebuilt only when retrieved
         self.retrievals += 1
         self._since = 0
 
     def short_context(self) -> list[int]:
-        """The shortened prompt the draft model reads (the whole prompt when it is not long)."""
-        head, chunks, tail = self._parts
-        return head + [t for i in self._chosen for t in chunks[i]] + tail
+        """The shortened prompt the draft model reads (a prompt long enough to shorten only)."""
+        return self._short
 
     def _context(self, state: DraftState) -> list[int]:
-        ids = state.token_ids.tolist()
         if self._parts is None:
-            return ids
-        output = ids[self._prompt_len :]
+            return state.token_ids.tolist()
+        output = state.token_ids[self._prompt_len :].tolist()  # (not the whole long prompt, every step)
         due = self.config.period and self._since >= self.config.period
         poor = self._since >= max(4, self.config.period // 4) and self.rates[1] < self.config.min_accept
         if due or poor:

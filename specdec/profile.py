@@ -244,22 +244,13 @@ def measure_batch_profile(model, *, fast: bool = True, attn: str = "torch", line
     prefix = torch.randint(0, vocab, (PREFIX,), generator=g)
     trees = {n: TokenTree(torch.randint(0, vocab, (n,), generator=g), _bushy_parents(n)) for n in nodes}
     grid = [(b, n) for b in rows for n in nodes]
-    times: dict[tuple[int, int], list[float]] = {c: [] for c in grid}
     with BatchRunner(model, attn=attn, fast=linears, route=fast) as runner:
         single = TreeKVCache()
         runner.extend(single, prefix)
         caches = {b: BatchKVCache.stack([single] * b) for b in rows}
-        for r in range(repeats + 1):
-            if progress:
-                progress(f"batched forward cost, round {r + 1}/{repeats + 1}")
-            for b, n in grid[r % len(grid):] + grid[: r % len(grid)]:
-                runner.cache = caches[b]
-                t0 = time.perf_counter()
-                runner.forward([trees[n]] * b)
-                _sync(runner.device)
-                if r:  # round 0 warms up
-                    times[(b, n)].append(time.perf_counter() - t0)
-                runner.commit([torch.arange(0)] * b)  # roll every row back to its prefix
+        times = _interleaved(grid, repeats, lambda c: runner.forward([trees[c[1]]] * c[0]),
+                             lambda c: runner.commit([torch.arange(0)] * c[0]),  # roll every row back to its prefix
+                             runner.device, progress, "batched forward cost", prepare=lambda c: setattr(runner, "cache", caches[c[0]]))
     med = {c: statistics.median(ts) for c, ts in times.items()}
     step = med[(rows[0], nodes[0])]
     v: dict[int, dict[int, float]] = {}
@@ -404,7 +395,7 @@ def measure_profile(model, *, fast: bool = True, attn: str = "torch", repeats: i
     with TreeRunner(model, attn=attn, fast=linears) as runner:
         runner.prefill(prefix)
         p = runner.prefix_len
-        times = _interleaved(list(node_counts), repeats, lambda n: runner.forward(trees[n]), lambda: runner.rollback(p),
+        times = _interleaved(list(node_counts), repeats, lambda n: runner.forward(trees[n]), lambda n: runner.rollback(p),
                              runner.device, progress, "forward cost")
     step, v = _monotone_curve(times)
     return CostProfile(
@@ -432,25 +423,29 @@ def measure_curve(model, prefix_len: int, *, attn: str = "torch", linears: FastL
         runner.extend(single, torch.randint(0, vocab, (prefix_len,), generator=g))
         runner.cache = BatchKVCache.stack([single])
         times = _interleaved(list(node_counts), repeats, lambda n: runner.forward([trees[n]]),
-                             lambda: runner.commit([torch.arange(0)]), runner.device, progress, f"after {prefix_len} tokens")
+                             lambda n: runner.commit([torch.arange(0)]), runner.device, progress, f"after {prefix_len} tokens")
     step, v = _monotone_curve(times)
     return {"step_ms": step * 1e3, "v": v}
 
 
-def _interleaved(sizes: list, repeats: int, run: Callable, reset: Callable, device, progress, label: str) -> dict:
-    """Each size's wall times over ``repeats`` rounds (after a warm-up round), the sizes in a rotating order within each
-    round so that slow drift of the machine spreads over all of them; ``reset`` after every forward."""
+def _interleaved(sizes: list, repeats: int, run: Callable, reset: Callable, device, progress, label: str,
+                 prepare: Callable | None = None) -> dict:
+    """Each size's wall times of ``run(size)`` over ``repeats`` rounds (after a warm-up round), the sizes in a rotating
+    order within each round so that slow drift of the machine spreads over all of them; ``prepare(size)`` before the
+    clock starts, ``reset(size)`` after every forward."""
     times: dict = {n: [] for n in sizes}
     for r in range(repeats + 1):
         if progress:
             progress(f"{label}, round {r + 1}/{repeats + 1}")
         for n in sizes[r % len(sizes):] + sizes[: r % len(sizes)]:
+            if prepare is not None:
+                prepare(n)
             t0 = time.perf_counter()
             run(n)
             _sync(device)
             if r:  # round 0 warms up
                 times[n].append(time.perf_counter() - t0)
-            reset()
+            reset(n)
     return times
 
 
