@@ -187,6 +187,55 @@ def _hf(model, ids, max_new_tokens, temperature, lookup, seed, counter) -> _Run:
                 first_token_s=first.at or wall, prompt_tokens=ids.numel())
 
 
+LLAMA_CPP = ("llama.cpp", "llama.cpp-prompt-lookup")  # the peer columns of --llama-cpp
+
+
+class _LlamaCpp:
+    """llama.cpp (llama-cpp-python) on the same GGUF: plain greedy, and its own prompt-lookup drafting
+    (``LlamaPromptLookupDecoding``, 10 tokens, as HF's). Prompts go in as the same token ids; each run starts from
+    an empty KV cache (no prefix kept from the previous prompt). Greedy only."""
+
+    def __init__(self, gguf: str | Path, threads: int, n_ctx: int) -> None:
+        try:
+            import llama_cpp
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+        except ImportError as err:
+            raise ValueError("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python); it is not installed") from err
+        kw = dict(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.eos = None
+        self.llms = {"llama.cpp": llama_cpp.Llama(**kw),  # drafting verifies against every position's logits:
+                     "llama.cpp-prompt-lookup": llama_cpp.Llama(**kw, logits_all=True,
+                                                                draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))}
+
+    def run(self, method: str, ids, max_new_tokens: int) -> _Run:
+        llm = self.llms[method]
+        eos = llm.token_eos()
+        calls = [0]
+        evaluate = type(llm).eval
+
+        def counted(tokens):
+            calls[0] += 1
+            return evaluate(llm, tokens)
+
+        llm.eval = counted  # counts forwards (the prefill is one)
+        try:
+            llm.reset()
+            new: list[int] = []
+            first = None
+            t0 = time.perf_counter()
+            for tok in llm.generate(ids.tolist(), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+                if first is None:
+                    first = time.perf_counter() - t0
+                new.append(int(tok))
+                if tok == eos or len(new) >= max_new_tokens:
+                    break
+            wall = time.perf_counter() - t0
+        finally:
+            del llm.eval
+        return _Run(method, "", len(new), max(calls[0] - 1, 1), wall, new, first_token_s=first or wall,
+                    prompt_tokens=ids.numel())
+
+
 def _ours(model, tokenizer, ids, spec, max_new_tokens, temperature, seed, options) -> _Run:
     r = generate(model, tokenizer, ids, drafter=spec, max_new_tokens=max_new_tokens, temperature=temperature,
                  seed=seed if temperature > 0 else None, **options)
@@ -259,9 +308,15 @@ def run_bench(
     model, tokenizer, drafters: list[str], questions: list[dict], *, out_dir: str | Path, model_name: str,
     max_new_tokens: int = 128, temperature: float = 0.0, repeats: int = 1, profile: bool = False,
     multi_turn: bool = False, progress: bool = True, fast: bool = True, passes: int = 1, reuse_drafter: bool = False,
-    size_trees: bool = True, node_budget: int = 0,
+    size_trees: bool = True, node_budget: int = 0, llama_cpp: str | Path | None = None,
 ) -> dict:
     """Run the benchmark and write ``report.json``, ``report.md`` and plots into ``out_dir``; return the report.
+
+    ``llama_cpp``: a GGUF file (the one the model was loaded from) to add llama.cpp's plain greedy and its
+    prompt-lookup drafting as peer columns (``llama.cpp``, ``llama.cpp-prompt-lookup``; llama-cpp-python must be
+    installed; greedy only). They run at the GGUF's own precision with activations quantized to 8 bits, so
+    their outputs are not expected to equal HF greedy; the report gives how often the prompt-lookup column's
+    output equals llama.cpp's own greedy (``identical_to_own_greedy``).
 
     ``passes`` runs the prompt set that many times (a repeated workload); with
     ``reuse_drafter`` each drafter spec is built once and kept across all
@@ -277,6 +332,8 @@ def run_bench(
         build_drafter(spec)  # bad specs fail before any model work
     if repeats < 1 or passes < 1:
         raise ValueError("repeats and passes must be >= 1")
+    if llama_cpp is not None and temperature > 0:
+        raise ValueError("--llama-cpp compares greedy decoding only; use --temperature 0")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     options = {"fast": fast, "size_trees": size_trees, "node_budget": node_budget}
@@ -284,7 +341,10 @@ def run_bench(
     items = [((qid, turn, p), cat, ids) for p in range(passes) for (qid, turn), cat, ids in _prompts(tokenizer, questions, multi_turn, model, max_new_tokens)]
     ours = list(drafters) if PLAIN in drafters else [PLAIN] + list(drafters)
     kept = {spec: build_drafter(spec) for spec in ours} if reuse_drafter else {}
-    methods = list(BASELINES) + ours
+    longest = max((ids.numel() for _, _, ids in items), default=0)
+    peer = _LlamaCpp(llama_cpp, torch.get_num_threads(), n_ctx=longest + max_new_tokens + 16) if llama_cpp is not None else None
+    methods = list(BASELINES) + (list(LLAMA_CPP) if peer else []) + ours
+    options["peer"] = peer
     counter = _ForwardCounter(model)
     runs: dict[str, list[_Run]] = {m: [] for m in methods}
     keys: list[tuple] = []
@@ -340,6 +400,10 @@ def _one(model, tokenizer, method, ids, max_new_tokens, temperature, seed, count
     """One run of ``method``; ``drafter``, when given, is the kept instance to draft with (``--reuse-drafter``)."""
     if method in BASELINES:
         return _hf(model, ids, max_new_tokens, temperature, method == "hf-prompt-lookup", seed, counter)
+    options = dict(options)
+    peer = options.pop("peer", None)
+    if method in LLAMA_CPP:
+        return peer.run(method, ids, max_new_tokens)
     run = _ours(model, tokenizer, ids, drafter if drafter is not None else method, max_new_tokens, temperature, seed, options)
     run.drafter = method
     return run
@@ -389,6 +453,8 @@ def _report(model, model_name, methods, runs, keys, prompts, max_new_tokens, tem
         overall = _metrics(rs, base, keys[: len(rs)])
         if temperature == 0:
             overall["mismatches"] = _mismatches(model, rs, base["hf-greedy"], keys[: len(rs)], prompts)
+        if m == "llama.cpp-prompt-lookup":
+            overall["identical_to_own_greedy"] = sum(r.token_ids == g.token_ids for r, g in zip(rs, runs["llama.cpp"]))
         entry = {
             "drafter": m,
             "overall": overall,
@@ -458,6 +524,12 @@ def _markdown(report: dict, plots: list[str]) -> str:
         lines.append(f"| {e['drafter']} | {m['prompts']} | {m['mean_accepted_length']:.2f} | {m['tokens_per_s']:.1f} | "
                      f"{m['speedup_vs_hf_greedy']:.2f}× | {_fmt(m['speedup_vs_none'], '.2f', '×')} | "
                      f"{m['identical_to_greedy']}/{m['prompts']} | {_fmt(m['identical_to_plain'], 'd')}/{m['prompts']} | {differ} |")
+    for e in report["runs"]:
+        if "identical_to_own_greedy" in e["overall"]:
+            m = e["overall"]
+            lines += ["", f"`{e['drafter']}` equals llama.cpp's own plain greedy on {m['identical_to_own_greedy']}/{m['prompts']} "
+                      "prompts. The llama.cpp columns run the GGUF's own precision with 8-bit activations (the others run the "
+                      "dequantized fp32 model), so their differences from HF greedy are not near-ties of one model."]
     if all("ttft_s_median" in e["overall"] for e in report["runs"]):
         lines += ["", "## Prefill and decoding apart", "",
                   "Time to first token (median over prompts; the prefill and what precedes it) and prompt tokens per second "

@@ -185,6 +185,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--multi-turn", action="store_true", help="also run later turns, with HF-greedy answers as history")
     p.add_argument("--profile", action="store_true", help="add the per-step time breakdown (draft, forward, accept, commit, other)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="model dtype (default float32); HF generate runs the same model, so the same dtype")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="add llama.cpp (llama-cpp-python, when installed) on the same GGUF as peer columns: its plain greedy "
+                        "and its prompt-lookup drafting (the model must be 'default' or a .gguf file; greedy only)")
     p.add_argument("--no-fast", dest="fast", action="store_false", help="specdec runs with the model's own kernels instead of the measured fast ones")
     p.add_argument("--no-size-trees", dest="size_trees", action="store_false", help="draft every tree at its spec's size instead of the size that pays on this machine")
     p.add_argument("--node-budget", type=int, default=0, help="cut every drafter's tree to its N best nodes by its own scores: tau of drafters at one node budget (0: off)")
@@ -208,6 +211,19 @@ def _cmd_bench(args) -> int:
         raise ValueError("--passes and --repeats must be >= 1")
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
     questions = load_questions(args.prompts, limit=args.limit, categories=cats)
+    gguf = None
+    if args.llama_cpp:
+        from specdec.models import _resolve
+
+        gguf = _resolve(args.model)
+        if gguf.suffix != ".gguf":
+            raise ValueError(f"--llama-cpp runs llama.cpp on the model's GGUF file; {args.model} is not one (give 'default' or a .gguf)")
+        if args.batch_size or args.temperature > 0:
+            raise ValueError("--llama-cpp compares greedy single-sequence decoding; drop --batch-size and --temperature")
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise ValueError("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python); it is not installed") from None
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     if args.batch_size:
         from specdec.bench import run_throughput
@@ -222,7 +238,7 @@ def _cmd_bench(args) -> int:
         model, tokenizer, args.drafter, questions, out_dir=args.out, model_name=str(args.model),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
         profile=args.profile, multi_turn=args.multi_turn, fast=args.fast, passes=args.passes, reuse_drafter=args.reuse_drafter,
-        size_trees=args.size_trees, node_budget=args.node_budget,
+        size_trees=args.size_trees, node_budget=args.node_budget, llama_cpp=gguf,
     )
     for e in report["runs"]:
         m = e["overall"]

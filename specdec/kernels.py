@@ -31,6 +31,10 @@ order inside the kernel differs):
   lets a forward over 4 nodes cost 1.2–1.4 plain steps on a 2-core AVX-512
   machine because its small-row paths stop keeping memory busy, this one keeps
   it near the bandwidth. Only on x86-64 with AVX-512 and a C compiler.
+* ``gguf-avx512``: for a model loaded from a GGUF: the same walk over the
+  file's own quantized blocks (``specdec/csrc/quant.c``, :mod:`specdec.quant`),
+  decoded in registers: 4-8 bits a weight read instead of 32, the product
+  equal to the dequantized fp32 one up to summation order, row-invariant.
 
 :class:`FastLinears` routes the model's ``nn.Linear`` calls to the chosen
 kernels only inside ``with fast.scope():``, by setting each module's
@@ -196,7 +200,51 @@ class _Rows(_Kernel):
         return out.reshape(*x.shape[:-1], n)
 
 
-KERNELS: dict[str, _Kernel] = {k.name: k for k in (_Torch(), _MklPacked(), _MklPackedUpcast(), _OneDnnPacked(), _WxT(), _Rows())}
+class _Quant(_Kernel):
+    """A GGUF model's weights multiplied from their quantized blocks (``csrc/quant.c``; see :mod:`specdec.quant`).
+    A weight of that model without usable blocks (an F32 or unsupported tensor) runs the fp32 ``rows-avx512``
+    kernel, which sums in the same order: the plan stays row-invariant."""
+
+    name = "gguf-avx512"
+
+    def supports(self, weight):
+        from specdec.native import quant_linear_lib, rows_linear_lib
+        from specdec.quant import from_gguf, quant_of
+
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not from_gguf(weight):
+            return False
+        if quant_linear_lib() is None:
+            return False
+        return quant_of(weight) is not None or rows_linear_lib() is not None
+
+    def prepare(self, weight, bias):
+        from specdec.native import quant_linear_lib
+        from specdec.quant import quant_of
+
+        q = quant_of(weight)
+        if q is None:
+            return None, _Rows().prepare(weight, bias)
+        b = None if bias is None else bias.detach().float().contiguous()
+        return q, (quant_linear_lib(), b)
+
+    def run(self, x, weight, bias, state, rows):
+        q, inner = state
+        if q is None:
+            return _Rows().run(x, weight, bias, inner, rows)
+        fn, b = inner
+        x2 = x.reshape(rows, q.k)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        out = torch.empty(rows, q.n, dtype=torch.float32)
+        rc = fn(q.fmt, x2.data_ptr(), q.blocks.data_ptr(), b.data_ptr() if b is not None else None, out.data_ptr(), rows,
+                q.n, q.k, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"the quantized kernel failed ({'out of memory' if rc == -2 else 'unsupported shape'}, code {rc})")
+        return out.reshape(*x.shape[:-1], q.n)
+
+
+KERNELS: dict[str, _Kernel] = {k.name: k for k in (_Torch(), _MklPacked(), _MklPackedUpcast(), _OneDnnPacked(), _WxT(), _Rows(),
+                                                   _Quant())}
 
 
 def candidate_kernels(weight: Tensor) -> list[str]:

@@ -50,7 +50,8 @@ def default_gguf_path() -> Path:
     return path
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
+def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+               quantized: bool = True):
     """Load a causal LM and its tokenizer.
 
     Args:
@@ -59,6 +60,10 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
         dtype: torch dtype or its name (``"float32"``, ``"bfloat16"``, ...);
             default float32.
         device: where to put the model; default CPU.
+        quantized: for a GGUF loaded in fp32 on the CPU, keep the file's quantized blocks beside the
+            dequantized weights, so that specdec's own forwards multiply the blocks directly (the
+            ``gguf-avx512`` kernel, :mod:`specdec.quant`); the model itself, and HF ``generate`` on it,
+            still run the fp32 weights. ``SPECDEC_GGUF_BLOCKS=0`` switches this off too.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
@@ -69,12 +74,17 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
     """
     dtype = _parse_dtype(dtype)
     path = _resolve(name_or_path)
-    if path.suffix == ".gguf":
-        path = _converted_gguf(path)
+    gguf = path if path.suffix == ".gguf" else None
+    if gguf is not None:
+        path = _converted_gguf(gguf)
     model, tokenizer = _load_hf_dir(path, dtype)
     if device is not None:
         model.to(device)
     model.eval()
+    if gguf is not None and quantized and os.environ.get("SPECDEC_GGUF_BLOCKS", "1") != "0":
+        from specdec.quant import attach_gguf
+
+        attach_gguf(model, gguf)
     return model, tokenizer
 
 

@@ -1,7 +1,8 @@
 """specdec's own native kernels: C sources under ``specdec/csrc``, compiled on first use, called through ctypes.
 
-Only the small-row linear kernel lives here (``csrc/rows.c``; see its header
-and :mod:`specdec.kernels`). It is built with the machine's own C compiler
+Two kernels live here: the small-row fp32 linear kernel (``csrc/rows.c``) and
+the same walk over a GGUF model's quantized blocks (``csrc/quant.c``); see
+their headers, :mod:`specdec.kernels` and :mod:`specdec.quant`. It is built with the machine's own C compiler
 (``$CC``, else ``cc``/``gcc``) for the machine's own CPU (``-march=native``)
 into ``<cache>/native/`` (``$SPECDEC_CACHE``, else ``~/.cache/specdec``),
 keyed by the source, the flags and the CPU, so a later process loads it in
@@ -25,9 +26,10 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["rows_linear_lib", "unavailable_reason", "native_dir"]
+__all__ = ["rows_linear_lib", "quant_linear_lib", "unavailable_reason", "native_dir"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "rows.c"
+_QUANT_SOURCE = Path(__file__).with_name("csrc") / "quant.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _reason: str | None = None
 
@@ -62,12 +64,11 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-@lru_cache(maxsize=1)
-def rows_linear_lib():
-    """The loaded small-row kernel (a ``ctypes`` function ``(x, w, bias, y, M, N, K, threads) -> int``), or None."""
+def _build(source: Path):
+    """Compile ``source`` for this CPU (once; cached) and load it, or return None with the reason set."""
     global _reason
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        _reason = f"the kernel is written for x86-64 with AVX-512; this machine is {platform.machine()}"
+        _reason = f"the kernels are written for x86-64 with AVX-512; this machine is {platform.machine()}"
         return None
     flags = _cpu_flags()
     if "avx512f" not in flags:
@@ -80,21 +81,21 @@ def rows_linear_lib():
     if cc is None:
         _reason = "no C compiler found (set CC, or install gcc)"
         return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
-    target = native_dir() / f"rows-{key}.so"
+    code = source.read_bytes()
+    key = hashlib.sha256(code + " ".join([cc, *_FLAGS]).encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
+    target = native_dir() / f"{source.stem}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([cc, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
-                _reason = f"building {_SOURCE.name} failed: {done.stderr.strip()[-400:]}"
+                _reason = f"building {source.name} failed: {done.stderr.strip()[-400:]}"
                 return None
             os.replace(tmp, target)
         except (OSError, subprocess.SubprocessError) as err:
-            _reason = f"building {_SOURCE.name} failed: {err}"
+            _reason = f"building {source.name} failed: {err}"
             return None
         finally:
             if os.path.exists(tmp):
@@ -104,8 +105,34 @@ def rows_linear_lib():
     except OSError as err:
         _reason = f"loading {target} failed: {err}"
         return None
+    _reason = None
+    return lib
+
+
+@lru_cache(maxsize=1)
+def rows_linear_lib():
+    """The loaded small-row kernel (a ``ctypes`` function ``(x, w, bias, y, M, N, K, threads) -> int``), or None."""
+    lib = _build(_SOURCE)
+    if lib is None:
+        return None
     fn = lib.specdec_rows_linear
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     fn.restype = ctypes.c_int
-    _reason = None
+    return fn
+
+
+@lru_cache(maxsize=1)
+def quant_linear_lib():
+    """The loaded quantized-block kernel (``csrc/quant.c``): a ``ctypes`` function
+    ``(fmt, x, w, bias, y, M, N, K, threads) -> int``, or None (reason in :func:`unavailable_reason`)."""
+    lib = _build(_QUANT_SOURCE)
+    if lib is None:
+        return None
+    if "avx512bw" not in _cpu_flags() or "f16c" not in _cpu_flags():
+        global _reason
+        _reason = "the quantized kernel needs AVX-512 BW and F16C"
+        return None
+    fn = lib.specdec_quant_linear
+    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.restype = ctypes.c_int
     return fn

@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 
 from specdec.kernels import FastLinears, LinearPlan, fast_linears, measure_plan
+from specdec.quant import quant_summary
 from specdec.tree import TokenTree
 
 __all__ = ["BatchCostProfile", "CostProfile", "ContextCost", "add_prefix_curves", "NODE_COUNTS", "get_batch_profile", "measure_batch_profile", "measure_profile", "load_profile",
@@ -323,6 +324,7 @@ def profile_key(model, *, fast: bool, attn: str = "torch") -> dict:
         "transformers": transformers.__version__,
         "specdec": specdec.__version__,
         "python": sys.version.split()[0],
+        **({"gguf": quant_summary(model)} if quant_summary(model) else {}),
     }
 
 

@@ -155,3 +155,32 @@ def test_the_report_shows_the_curves_measured_after_long_prefixes():
     row = next(line for line in text.splitlines() if "after 4096 tokens" in line)
     assert "45.0 ms a step" in row and row.rstrip(" |").endswith("1.10")  # v(16) after 4096 tokens
     assert "| 1.02 |" in row  # v(4) between the measured 1 and 16: linear
+
+
+def test_llama_cpp_peer_errors_are_clear_and_come_before_model_work(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--llama-cpp needs a GGUF model and llama-cpp-python, and compares greedy single sequences only."""
+    args = ["bench", "--drafter", "prompt-lookup", "--prompts", "mt-bench", "--limit", "1", "--llama-cpp", "--out", str(tmp_path / "o")]
+    assert main([*args[:1], "--model", str(tiny_dir), *args[1:]]) != 0
+    assert "not one" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if not installed
+    assert main([*args[:1], "--model", "default", *args[1:]]) != 0
+    assert "needs llama-cpp-python" in capsys.readouterr().err
+    assert main([*args[:1], "--model", "default", *args[1:], "--temperature", "0.7"]) != 0
+    assert "greedy" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_llama_cpp_peer_columns_on_the_default_model(tmp_path):
+    """With llama-cpp-python installed: its plain and prompt-lookup columns appear, with the own-greedy count."""
+    pytest.importorskip("llama_cpp")
+    from specdec.models import default_gguf_path, load_model
+
+    model, tok = load_model("default")
+    questions = load_questions("spec-bench", limit=1, categories=["coding", "summarization"])
+    report = run_bench(model, tok, ["prompt-lookup"], questions, out_dir=tmp_path, model_name="default",
+                       max_new_tokens=24, progress=False, llama_cpp=default_gguf_path())
+    runs = {e["drafter"]: e["overall"] for e in report["runs"]}
+    assert runs["llama.cpp"]["new_tokens"] > 0 and runs["llama.cpp"]["tokens_per_s"] > 0
+    assert 0 <= runs["llama.cpp-prompt-lookup"]["identical_to_own_greedy"] <= 2
+    assert "llama.cpp's own plain greedy" in (tmp_path / "report.md").read_text()
