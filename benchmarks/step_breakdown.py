@@ -28,6 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quantized", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--top", type=int, default=0, help="also print the N aten ops with the most self time per step")
     args = ap.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -76,6 +77,10 @@ def main() -> None:
     aten = sum(e.self_cpu_time_total for e in p.key_averages() if e.key.startswith("aten::") and e.key not in ("aten::linear", "aten::addmm", "aten::mm")) / 1e6
     linear_aten = sum(e.self_cpu_time_total for e in p.key_averages() if e.key in ("aten::addmm", "aten::mm")) / 1e6
     other = aten / n_steps
+    if args.top:
+        rows = sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.top]
+        for e in rows:
+            print(f"{e.key:<40} {e.self_cpu_time_total / n_steps:8.1f} us/step {e.count / n_steps:6.1f} calls/step")
     print(json.dumps({
         "quantized": bool(args.quantized), "gguf_blocks": quant_summary(model), "kernel_1_row": kernel,
         "step_ms": round(step * 1e3, 2), "linears_ms": round(linears * 1e3, 2),

@@ -26,7 +26,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["rows_linear_lib", "quant_linear_lib", "unavailable_reason", "native_dir"]
+__all__ = ["rows_linear_lib", "rows_half_lib", "quant_linear_lib", "unavailable_reason", "native_dir"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "rows.c"
 _QUANT_SOURCE = Path(__file__).with_name("csrc") / "quant.c"
@@ -109,14 +109,31 @@ def _build(source: Path):
     return lib
 
 
+def _rows_lib():
+    return _build(_SOURCE)  # built once; each public getter below caches its own function
+
+
 @lru_cache(maxsize=1)
 def rows_linear_lib():
     """The loaded small-row kernel (a ``ctypes`` function ``(x, w, bias, y, M, N, K, threads) -> int``), or None."""
-    lib = _build(_SOURCE)
+    lib = _rows_lib()
     if lib is None:
         return None
     fn = lib.specdec_rows_linear
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@lru_cache(maxsize=1)
+def rows_half_lib():
+    """The bf16/fp16 variant of the small-row kernel: ``(kind, x, w, bias, y, M, N, K, threads) -> int`` with kind 0
+    for bf16 and 1 for fp16 (inputs and weights of that type, fp32 output), or None."""
+    lib = _rows_lib()
+    if lib is None:
+        return None
+    fn = lib.specdec_rows_linear_half
+    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
 

@@ -30,6 +30,7 @@ asked for, never on a generation's first use.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ from specdec.kernels import FastLinears, LinearPlan, fast_linears, measure_plan
 from specdec.quant import quant_summary
 from specdec.tree import TokenTree
 
+log = logging.getLogger("specdec")
 __all__ = ["BatchCostProfile", "CostProfile", "ContextCost", "add_prefix_curves", "NODE_COUNTS", "get_batch_profile", "measure_batch_profile", "measure_profile", "load_profile",
            "profile_key", "fast_linears_for"]
 
@@ -369,9 +371,23 @@ def _write_atomic(path: Path, data: dict) -> Path:
     return path
 
 
+_SAID_VARIANT: set[str] = set()
+
+
 def fast_linears_for(model, profile: CostProfile) -> FastLinears:
-    """The fast linear kernels a profile chose, prepared for ``model``."""
-    return fast_linears(model, LinearPlan({int(k): v for k, v in profile.linear_plan.items()}, invariant=profile.linear_invariant))
+    """The fast linear kernels a profile chose, prepared for ``model``. In bf16/fp16 without a row-invariant kernel
+    (no AVX-512 or no compiler here), says once that speculative output may differ from plain decoding."""
+    plan = LinearPlan({int(k): v for k, v in profile.linear_plan.items()}, invariant=profile.linear_invariant)
+    dtype = getattr(model, "dtype", torch.float32)
+    if dtype in (torch.bfloat16, torch.float16) and not plan.invariant and str(dtype) not in _SAID_VARIANT:
+        from specdec.native import unavailable_reason
+
+        _SAID_VARIANT.add(str(dtype))
+        log.warning("no row-invariant linear kernel for %s on this machine (%s): a tree node's logits can round "
+                    "differently from a plain step's, so speculative output may differ from plain decoding; "
+                    "specdec bench lists the differences (float32 keeps them to near-ties)",
+                    str(dtype).replace("torch.", ""), unavailable_reason() or "the measured plan mixes kernels")
+    return fast_linears(model, plan)
 
 
 @torch.inference_mode()

@@ -53,6 +53,7 @@ class QuantWeight:
     n: int
     k: int
     version: int  # the weight's in-place version when attached: a later change makes the blocks stale
+    ptr: int = 0  # the weight's storage when attached: ``.data = ...`` (e.g. ``model.to(dtype)``) swaps it
 
     @property
     def nbytes(self) -> int:
@@ -69,7 +70,7 @@ class _Fallback:
 def quant_of(weight: torch.Tensor) -> QuantWeight | None:
     """The quantized blocks kept for ``weight``, or None (none kept, or the weight changed since)."""
     q = getattr(weight, "_specdec_quant", None)
-    if isinstance(q, QuantWeight) and q.version == weight._version:
+    if isinstance(q, QuantWeight) and q.version == weight._version and q.ptr == weight.data_ptr():
         return q
     return None
 
@@ -269,7 +270,7 @@ def attach_gguf(model, path: str | Path) -> dict[str, int]:
                 if not np.array_equal(perm, np.arange(n)):
                     rows = rows[perm]
                 blocks = torch.from_numpy(np.ascontiguousarray(rows).copy())
-                weight._specdec_quant = QuantWeight(kind, fmt, blocks, n, k, weight._version)
+                weight._specdec_quant = QuantWeight(kind, fmt, blocks, n, k, weight._version, weight.data_ptr())
         if isinstance(got, str):
             weight._specdec_quant = _Fallback(kind, got, weight._version)
             if kind != "F32":

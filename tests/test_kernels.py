@@ -137,3 +137,31 @@ def test_own_small_row_kernel_is_exact_row_invariant_or_says_why_it_is_off(monke
         native.rows_linear_lib.cache_clear()
         monkeypatch.delenv("SPECDEC_NATIVE")
         native.rows_linear_lib()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_own_half_precision_kernel_is_exact_in_fp32_and_row_invariant(dtype):
+    """bf16/fp16 weights and inputs: the product of their exact fp32 widenings, summed in fp32 and rounded once to
+    the dtype, bit-identical per row for any row count (tails in K and N); the plan measured in these dtypes keeps
+    an invariant kernel whatever its price."""
+    from specdec import native
+
+    kernel = KERNELS["rows-avx512-half"]
+    if native.rows_half_lib() is None:
+        assert native.unavailable_reason() and not kernel.supports(torch.randn(4, 4).to(dtype))
+        return
+    assert kernel.supports(torch.randn(8, 8).to(dtype)) and not kernel.supports(torch.randn(8, 8))
+    g = torch.Generator().manual_seed(9)
+    for n, k, bias in ((7, 33, True), (300, 64, False), (49, 17, True), (6, 576, False)):
+        w = torch.randn(n, k, generator=g).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype) if bias else None
+        state = kernel.prepare(w, b)
+        x = torch.randn(64, k, generator=g).to(dtype)
+        alone = torch.cat([kernel.run(x[i : i + 1], w, b, state, 1) for i in range(64)])
+        assert alone.dtype == dtype
+        ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+        torch.testing.assert_close(alone.double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+        for rows in (2, 3, 5, 6, 7, 12, 13, 64):
+            assert torch.equal(kernel.run(x[:rows], w, b, state, rows), alone[:rows]), (dtype, n, k, rows)
+    plan = measure_plan(small_model(dtype), repeats=1)
+    assert plan.invariant and len(set(plan.kernels.values())) == 1

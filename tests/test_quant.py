@@ -45,7 +45,8 @@ def _quant_weight(kind, n, k, seed=0):
     fmt, rows = got
     dense = gguf.quants.dequantize(raw, T[kind]).reshape(n, k)
     weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(dense)), requires_grad=False)
-    weight._specdec_quant = QuantWeight(kind, fmt, torch.from_numpy(np.ascontiguousarray(rows).copy()), n, k, weight._version)
+    weight._specdec_quant = QuantWeight(kind, fmt, torch.from_numpy(np.ascontiguousarray(rows).copy()), n, k, weight._version,
+                                        weight.data_ptr())
     return weight, rows, fmt, dense
 
 
@@ -77,11 +78,14 @@ def test_quantized_kernel_equals_the_dequantized_product_and_is_row_invariant(ki
             assert torch.equal(KERNEL.run(x[:rows], weight, bias, state, rows), alone[:rows]), (kind, n, k, rows)
 
 
-def test_a_weight_changed_in_place_drops_its_blocks():
+def test_a_weight_changed_in_place_or_replaced_drops_its_blocks():
     weight, *_ = _quant_weight("Q8_0", 4, 64)
     assert quant_of(weight) is not None
     with torch.no_grad():
         weight.mul_(2)
+    assert quant_of(weight) is None
+    weight, *_ = _quant_weight("Q8_0", 4, 64)
+    weight.data = weight.data.bfloat16().float()  # what model.to(dtype) and back does to a Parameter
     assert quant_of(weight) is None
 
 
