@@ -1,8 +1,10 @@
 """specdec's own native kernels: C sources under ``specdec/csrc``, compiled on first use, called through ctypes.
 
-Two kernels live here: the small-row fp32 linear kernel (``csrc/rows.c``) and
-the same walk over a GGUF model's quantized blocks (``csrc/quant.c``); see
-their headers, :mod:`specdec.kernels` and :mod:`specdec.quant`. It is built with the machine's own C compiler
+The kernels here: the small-row linear kernel (``csrc/rows.c``: fp32, and
+bf16/fp16), the same walk over a GGUF model's quantized blocks
+(``csrc/quant.c``) and a row-invariant attention (``csrc/attn.c``); see their
+headers, :mod:`specdec.kernels`, :mod:`specdec.quant` and
+:mod:`specdec.tree_attention.own`. It is built with the machine's own C compiler
 (``$CC``, else ``cc``/``gcc``) for the machine's own CPU (``-march=native``)
 into ``<cache>/native/`` (``$SPECDEC_CACHE``, else ``~/.cache/specdec``),
 keyed by the source, the flags and the CPU, so a later process loads it in
@@ -26,10 +28,11 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["rows_linear_lib", "rows_half_lib", "quant_linear_lib", "unavailable_reason", "native_dir"]
+__all__ = ["rows_linear_lib", "rows_half_lib", "quant_linear_lib", "attention_lib", "unavailable_reason", "native_dir"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "rows.c"
 _QUANT_SOURCE = Path(__file__).with_name("csrc") / "quant.c"
+_ATTN_SOURCE = Path(__file__).with_name("csrc") / "attn.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _reason: str | None = None
 
@@ -134,6 +137,20 @@ def rows_half_lib():
         return None
     fn = lib.specdec_rows_linear_half
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@lru_cache(maxsize=1)
+def attention_lib():
+    """The row-invariant attention kernel (``csrc/attn.c``): ``(kind, q, k, v, mask, out, B, Hq, Hkv, N, S, D,
+    q_strides, k_strides, v_strides, mask_b_stride, scale, threads) -> int``, or None."""
+    lib = _build(_ATTN_SOURCE)
+    if lib is None:
+        return None
+    fn = lib.specdec_attention
+    fn.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 3
+                   + [ctypes.c_int64, ctypes.c_float, ctypes.c_int])
     fn.restype = ctypes.c_int
     return fn
 

@@ -81,7 +81,11 @@ class TreeAttention:
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, specdec_tree: TreeAttention | None = None, **kwargs):
     """query [B, Hq, N, D], key/value [B, Hkv, P + N, D] → ([B, N, Hq, D], None)."""
+    from specdec.tree_attention.own import own_attention, own_attention_available
+
     if specdec_tree is None:
+        if query.shape[2] == 1 and attention_mask is None and own_attention_available(query):  # a plain step
+            return own_attention(query, key, value, None, scaling), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("tree attention does not implement logit soft-capping; run this model with fast=False")
@@ -89,6 +93,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         from specdec.tree_attention.triton_kernel import tree_attention_triton
 
         out = tree_attention_triton(query, key, value, packed_mask=specdec_tree.bits, scale=scaling, prefix_lens=specdec_tree.prefix_lens)
+    elif own_attention_available(query):  # row-invariant: the same bits as the plain step's (docstring of .own)
+        return own_attention(query, key, value, specdec_tree.mask, scaling), None
     else:
         gqa = query.shape[1] != key.shape[1]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=specdec_tree.mask.to(query.dtype), scale=scaling, enable_gqa=gqa)
