@@ -27,6 +27,9 @@
 
 #define NB 4     /* weight rows per block */
 #define GROUP 4  /* input rows per pass: GROUP * NB accumulators + 2 * NB decoded vectors stay in registers */
+#define WNB 2    /* the wide path (5-16 input rows): 2 weight rows per block, */
+#define WGROUP 8 /* 8 input rows per pass, so a decoded chunk serves twice as many rows */
+#define PF_AHEAD 2 /* blocks prefetched ahead (4 and 8 measured no better on Zen 5) */
 
 static inline float f16(const uint8_t *p) {
     uint16_t h;
@@ -90,23 +93,24 @@ static inline void decode(int fmt, const uint8_t *row, int64_t c, __m512 *w0, __
 
 static const int CHUNK_BYTES[5] = {18, 20, 34, 24, 40};
 
-static inline void block(int fmt, const float *x, int64_t ldx, int rows, const uint8_t *const wr[NB], int nn,
-                         const float *bias, int64_t n0, float *y, int64_t ldy, int64_t K, int64_t row_bytes,
-                         const uint8_t *prefetch) {
+/* nb weight rows by up to G input rows; nb and G are constants in every specialised copy below */
+static inline void gblock(int fmt, int nb, int G, const float *x, int64_t ldx, int rows, const uint8_t *const *wr,
+                          int nn, const float *bias, int64_t n0, float *y, int64_t ldy, int64_t K, int64_t row_bytes,
+                          const uint8_t *prefetch) {
     int64_t chunks = K / 32;
     int cb = CHUNK_BYTES[fmt];
-    __m512 acc[GROUP][NB];
-    for (int m = 0; m < GROUP; m++)
-        for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
+    __m512 acc[WGROUP][NB];
+    for (int m = 0; m < G; m++)
+        for (int j = 0; j < nb; j++) acc[m][j] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; c++) {
         __m512 w0[NB], w1[NB];
         if (prefetch && (c * cb) % 64 < cb)
-            for (int j = 0; j < NB; j++) _mm_prefetch((const char *)(prefetch + j * row_bytes + c * cb), _MM_HINT_T0);
-        for (int j = 0; j < NB; j++) decode(fmt, wr[j], c, &w0[j], &w1[j]);
+            for (int j = 0; j < nb; j++) _mm_prefetch((const char *)(prefetch + j * row_bytes + c * cb), _MM_HINT_T0);
+        for (int j = 0; j < nb; j++) decode(fmt, wr[j], c, &w0[j], &w1[j]);
         for (int m = 0; m < rows; m++) {
             __m512 x0 = _mm512_loadu_ps(x + m * ldx + c * 32);
             __m512 x1 = _mm512_loadu_ps(x + m * ldx + c * 32 + 16);
-            for (int j = 0; j < NB; j++) {
+            for (int j = 0; j < nb; j++) {
                 acc[m][j] = _mm512_fmadd_ps(x0, w0[j], acc[m][j]);
                 acc[m][j] = _mm512_fmadd_ps(x1, w1[j], acc[m][j]);
             }
@@ -115,6 +119,12 @@ static inline void block(int fmt, const float *x, int64_t ldx, int rows, const u
     for (int m = 0; m < rows; m++)
         for (int j = 0; j < nn; j++)
             y[m * ldy + n0 + j] = _mm512_reduce_add_ps(acc[m][j]) + (bias ? bias[n0 + j] : 0.0f);
+}
+
+static inline void block(int fmt, const float *x, int64_t ldx, int rows, const uint8_t *const wr[NB], int nn,
+                         const float *bias, int64_t n0, float *y, int64_t ldy, int64_t K, int64_t row_bytes,
+                         const uint8_t *prefetch) {
+    gblock(fmt, NB, GROUP, x, ldx, rows, wr, nn, bias, n0, y, ldy, K, row_bytes, prefetch);
 }
 
 /* copies specialised by format and row count, so the compiler unrolls and keeps accumulators in registers */
@@ -132,7 +142,20 @@ typedef void (*block_fn)(const float *, int64_t, const uint8_t *const *, int, co
 #define ROWFNS(F) {0, block_##F##_1, block_##F##_2, block_##F##_3, block_##F##_4}
 static const block_fn BLOCKS[5][GROUP + 1] = {ROWFNS(0), ROWFNS(1), ROWFNS(2), ROWFNS(3), ROWFNS(4)};
 
-/* More than 2 * GROUP rows: each block of NB weight rows is decoded once into an L1 buffer and multiplied from there,
+#define WSPECIAL(F, R)                                                                                          \
+    static void wblock_##F##_##R(const float *x, int64_t ldx, const uint8_t *const *wr, int nn,               \
+                                 const float *bias, int64_t n0, float *y, int64_t ldy, int64_t K, int64_t rb, \
+                                 const uint8_t *pf) {                                                         \
+        gblock(F, WNB, WGROUP, x, ldx, R, wr, nn, bias, n0, y, ldy, K, rb, pf);                               \
+    }
+#define WFORMAT(F) WSPECIAL(F, 1) WSPECIAL(F, 2) WSPECIAL(F, 3) WSPECIAL(F, 4) WSPECIAL(F, 5) WSPECIAL(F, 6) \
+    WSPECIAL(F, 7) WSPECIAL(F, 8)
+WFORMAT(0) WFORMAT(1) WFORMAT(2) WFORMAT(3) WFORMAT(4)
+#define WROWFNS(F) {0, wblock_##F##_1, wblock_##F##_2, wblock_##F##_3, wblock_##F##_4, wblock_##F##_5, \
+                    wblock_##F##_6, wblock_##F##_7, wblock_##F##_8}
+static const block_fn WBLOCKS[5][WGROUP + 1] = {WROWFNS(0), WROWFNS(1), WROWFNS(2), WROWFNS(3), WROWFNS(4)};
+
+/* More rows than the wide path takes: each block of NB weight rows is decoded once into an L1 buffer and multiplied from there,
  * FGROUP input rows per pass. The FMAs run over the same 16-lane vectors in the same k order as block(), so every
  * output is bit-identical to the direct path's (row invariance across the two paths). */
 #define FGROUP 6
@@ -190,9 +213,11 @@ int specdec_quant_linear(int fmt, const float *x, const uint8_t *w, const float 
                          int64_t N, int64_t K, int threads) {
     int64_t row_bytes = specdec_quant_row_bytes(fmt, K);
     if (row_bytes < 0) return -1;
-    const block_fn *fns = BLOCKS[fmt];
-    int64_t blocks = (N + NB - 1) / NB;
-    int buffered = M > 2 * GROUP; /* measured on Zen 5: decoding twice beats the buffer up to 8 rows */
+    int64_t M_WIDE = 8; /* measured on Zen 5: above 8 rows one decode into the L1 buffer beats decoding per pass */
+    int buffered = M > M_WIDE, wide = !buffered && M > GROUP;
+    int nb = wide ? WNB : NB, G = wide ? WGROUP : GROUP;
+    const block_fn *fns = wide ? WBLOCKS[fmt] : BLOCKS[fmt];
+    int64_t blocks = (N + nb - 1) / nb;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -204,10 +229,10 @@ int specdec_quant_linear(int fmt, const float *x, const uint8_t *w, const float 
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             if (buffered && !buf) continue;
-            int64_t n0 = b * NB;
-            int nn = (N - n0) < NB ? (int)(N - n0) : NB;
+            int64_t n0 = b * nb;
+            int nn = (N - n0) < nb ? (int)(N - n0) : nb;
             const uint8_t *wr[NB];
-            for (int j = 0; j < NB; j++) wr[j] = w + (n0 + (j < nn ? j : 0)) * row_bytes;
+            for (int j = 0; j < nb; j++) wr[j] = w + (n0 + (j < nn ? j : 0)) * row_bytes;
             if (buffered) {
                 DECODERS[fmt](wr, K, buf);
                 for (int64_t m0 = 0; m0 < M; m0 += FGROUP) {
@@ -216,10 +241,10 @@ int specdec_quant_linear(int fmt, const float *x, const uint8_t *w, const float 
                 }
                 continue;
             }
-            /* prefetch two blocks ahead (never dereferenced: a prefetch past the end is harmless) */
-            const uint8_t *pf = (b + 2 < blocks) ? w + (n0 + 2 * NB) * row_bytes : 0;
-            for (int64_t m0 = 0; m0 < M; m0 += GROUP) {
-                int rows = (M - m0) < GROUP ? (int)(M - m0) : GROUP;
+            /* prefetch PF_AHEAD blocks ahead (never dereferenced: a prefetch past the end is harmless) */
+            const uint8_t *pf = (b + PF_AHEAD < blocks) ? w + (n0 + PF_AHEAD * nb) * row_bytes : 0;
+            for (int64_t m0 = 0; m0 < M; m0 += G) {
+                int rows = (M - m0) < G ? (int)(M - m0) : G;
                 fns[rows](x + m0 * K, K, wr, nn, bias, n0, y + m0 * N, N, K, row_bytes, m0 == 0 ? pf : 0);
             }
         }
