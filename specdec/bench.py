@@ -464,7 +464,7 @@ def _report(model, model_name, methods, runs, keys, prompts, max_new_tokens, tem
         if len(passes) > 1:
             entry["by_pass"] = {str(p + 1): _metrics([r for r, k in zip(rs, keys) if k[2] == p], base, [k for k in keys[: len(rs)] if k[2] == p])
                                 for p in passes}
-        if profile and m not in BASELINES:
+        if profile and m not in BASELINES and m not in LLAMA_CPP:
             entry["profile"] = _profile(rs)
         entries.append(entry)
     return {

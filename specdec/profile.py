@@ -327,7 +327,16 @@ def profile_key(model, *, fast: bool, attn: str = "torch") -> dict:
         "specdec": specdec.__version__,
         "python": sys.version.split()[0],
         **({"gguf": quant_summary(model)} if quant_summary(model) else {}),
+        "native": _native_sources(),
     }
+
+
+def _native_sources() -> str:
+    """A digest of specdec's own kernel sources: a changed kernel is a changed cost."""
+    digest = hashlib.sha1()
+    for src in sorted((Path(__file__).with_name("csrc")).glob("*.c")):
+        digest.update(src.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _profile_dir() -> Path:
