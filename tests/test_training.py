@@ -127,7 +127,10 @@ def overrides(target, data, out, **extra):
 def test_a_killed_run_resumes_from_its_checkpoint_with_nothing_lost(tiny_target, convs, tmp_path):
     args = ["train", "--recipe", "medusa1-smollm2-cpu"]
     # long enough that the run is still going when its second checkpoint appears, even on a fast machine
-    extra = dict(max_steps=200, save_steps=5, epochs=100, save_total_limit=3)
+    # feature_dtype pinned: "auto" times fp32 against bf16 in each process, and on a host where the two are close
+    # the uninterrupted run and the killed one could extract their features in different dtypes (a resumed run
+    # reuses its own store, so resuming itself is not affected)
+    extra = dict(max_steps=200, save_steps=5, epochs=100, save_total_limit=3, feature_dtype="float32")
     whole = run_cli(args + overrides(tiny_target, convs, tmp_path / "whole", **extra))
     assert whole.wait(timeout=600) == 0
     proc = run_cli(args + overrides(tiny_target, convs, tmp_path / "killed", **extra))
