@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -326,13 +327,15 @@ def profile_key(model, *, fast: bool, attn: str = "torch") -> dict:
         "transformers": transformers.__version__,
         "specdec": specdec.__version__,
         "python": sys.version.split()[0],
-        **({"gguf": quant_summary(model)} if quant_summary(model) else {}),
+        **({"gguf": blocks} if (blocks := quant_summary(model)) else {}),
         "native": _native_sources(),
     }
 
 
+@lru_cache(maxsize=1)
 def _native_sources() -> str:
-    """A digest of specdec's own kernel sources: a changed kernel is a changed cost."""
+    """A digest of specdec's own kernel sources: a changed kernel is a changed cost (read once per process: the key
+    is built on every generation)."""
     digest = hashlib.sha1()
     for src in sorted((Path(__file__).with_name("csrc")).glob("*.c")):
         digest.update(src.read_bytes())
