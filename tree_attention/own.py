@@ -38,6 +38,22 @@ def own_attention_available(query: Tensor) -> bool:
     return attention_lib() is not None
 
 
+_LAST_MASK: tuple = (None, None)  # (mask, its kernel form): every layer of one forward passes the same mask
+
+
+def _kernel_mask(mask: Tensor, n: int, s: int) -> Tensor:
+    """fp32 [B | 1, N, S] contiguous, -inf where hidden; converted once per mask object, not once per layer."""
+    global _LAST_MASK
+    hit = _LAST_MASK
+    if hit[0] is mask:
+        return hit[1]
+    hidden = mask <= torch.finfo(mask.dtype).min / 2 if mask.dtype.is_floating_point else ~mask
+    m = torch.zeros(mask.shape, dtype=torch.float32) if not mask.dtype.is_floating_point else mask.float()
+    m = m.masked_fill(hidden, float("-inf")).reshape(mask.shape[0], n, s).contiguous()
+    _LAST_MASK = (mask, m)
+    return m
+
+
 def own_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
     """query [B, Hq, N, D], key/value [B, Hkv, S, D] (any strides, last dim contiguous), mask additive
     [B | 1, 1, N, S] or None → [B, N, Hq, D] in the query's dtype."""
@@ -47,13 +63,8 @@ def own_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None
     hkv, s = key.shape[1], key.shape[2]
     dtype = query.dtype
     q, k, v = (t if t.stride(-1) == 1 and t.dtype == dtype else t.to(dtype).contiguous() for t in (query, key, value))
-    m = None
-    mb = 0
-    if mask is not None:
-        hidden = mask <= torch.finfo(mask.dtype).min / 2 if mask.dtype.is_floating_point else ~mask
-        m = torch.zeros(mask.shape, dtype=torch.float32) if not mask.dtype.is_floating_point else mask.float()
-        m = m.masked_fill(hidden, float("-inf")).reshape(mask.shape[0], n, s).contiguous()
-        mb = n * s if mask.shape[0] > 1 else 0
+    m = _kernel_mask(mask, n, s) if mask is not None else None
+    mb = n * s if mask is not None and mask.shape[0] > 1 else 0
     out = torch.empty(b, n, hq, d, dtype=torch.float32)
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v)]
     scale = float(scale) if scale is not None else d ** -0.5
