@@ -40,8 +40,8 @@ What each kind of drafter uses:
   survives; each drafter hears the whole verified tree.
 * **lifecycle**: a drafter object is the shared part (weights, datastore, and
   what it learns across requests: ``shared_state``); each sequence gets its
-  own session, :meth:`spawn` (per-sequence state fresh or copied, the shared
-  part shared), which hears ``reset(prompt)``, then ``propose`` / ``observe``
+  own session, :meth:`open` / :meth:`spawn` (a shallow copy: nothing is
+  copied, the session's own state is what ``reset`` assigns), which hears ``reset(prompt)``, then ``propose`` / ``observe``
   per step, and ``close(output)`` when the sequence ends (finished, stopped
   or cancelled): where a drafter learns across requests (the suffix drafter's
   store of earlier outputs), ``close`` puts what this sequence taught into the
@@ -187,8 +187,9 @@ class Drafter:
             after the final norm; an EAGLE-3 drafter asks for a low, a middle and a high layer). The engine
             fetches only these, and ``DraftState.hidden_states`` holds them side by side: [K, L·H].
         vocab_size: the vocabulary the drafter was built for (None: any).
-        shared_state: names of attributes that every :meth:`spawn` shares as they are (read-only
-            resources such as a datastore); tensors, modules and the Target are always shared.
+        shared_state: names of attributes that sessions may change for every later session (the suffix
+            drafter's store learns in ``close``); everything else a session inherits it only reads, and
+            everything it changes it first assigns in ``reset`` (see :meth:`spawn`).
         stateless: proposing reads only the step's :class:`DraftState` (and statistics it may skip
             updating): a batch under load may then skip drafting for steps where no tree has paid lately.
         session_options: fields of the drafter's ``config`` dataclass that one request may set for its own
@@ -255,22 +256,16 @@ class Drafter:
         return session
 
     def spawn(self) -> "Drafter":
-        """A fresh drafter of the same kind for another sequence (batch > 1): per-sequence state is
-        copied, large read-only tensors (weights) are shared."""
-        shared = (Tensor, nn.Module, Target, Drafter)
-        kept = {k for k, v in self.__dict__.items() if isinstance(v, shared) or k in self.shared_state}
-        clone = copy.copy(self)
-        # The memo makes every reference to a shared object, or to this drafter, inside the copied state
-        # (a bound method such as a prior in AcceptanceRates, a Target's model) point at the original or the
-        # clone: deep-copying through them would copy the target model with every spawn.
-        memo: dict[int, object] = {id(self): clone}
-        for k in kept:
-            v = self.__dict__[k]
-            memo[id(v)] = v
-            if isinstance(v, Target):
-                memo[id(v.model)] = v.model
-        clone.__dict__ = {k: (v if k in kept else copy.deepcopy(v, memo)) for k, v in self.__dict__.items()}
-        return clone
+        """A session of this drafter for another sequence: a shallow copy, so everything the drafter holds
+        (weights, the Target, its config, ``shared_state``, statistics learned across requests) is shared as it
+        is and nothing is copied; the session's own state is what :meth:`reset` builds when the sequence joins.
+
+        The contract this relies on: ``reset`` (and ``propose`` / ``observe`` after it) *assign* per-sequence
+        state (``self.rates = AcceptanceRates(...)``), never change in place an object the drafter held before
+        ``reset`` (``self._keys.clear()`` would reach every session). A drafter holding a per-sequence resource
+        it must release in ``reset`` (a draft model's runner) clears it here. ``tests/test_batch.py`` checks the
+        contract for every drafter."""
+        return copy.copy(self)
 
 
 class NoDrafter(Drafter):

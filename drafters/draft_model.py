@@ -113,6 +113,7 @@ class DraftModelDrafter(Drafter):
         if self.runner is not None:
             self.runner.close()
         self.runner = TreeRunner(self.model, fast=self._fast, route=self.config.fast)
+        self.rates = AcceptanceRates(self.config.prior, self.config.decay)
         self._held: list[int] = []  # the tokens whose KV the draft cache holds, in order
         self._keys = {}
 
@@ -198,6 +199,13 @@ class DraftModelDrafter(Drafter):
     def observe(self, result: StepResult) -> None:
         if self._keys:
             learn(self.rates, self._keys, result.tree, result.path)
+
+    def spawn(self) -> "DraftModelDrafter":
+        """A session (see :meth:`Drafter.spawn`) with no runner yet: its ``reset`` opens its own (closing a
+        runner it shared with the drafter it came from would take that sequence's cache away)."""
+        session = super().spawn()
+        session.runner = None
+        return session
 
     def close(self, output_ids: list[int]) -> None:
         """The sequence ended: give the draft model back its own attention (its runner routed it to tree attention;

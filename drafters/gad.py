@@ -209,6 +209,7 @@ class GADDrafter(Drafter):
     def reset(self, prompt_ids: Tensor) -> None:
         self._context: Tensor | None = None  # [<= W, H] the last committed positions' hidden states
         self._keys: dict = {}
+        self.rates = AcceptanceRates(frequency_prior, self.options.decay)
 
     @torch.inference_mode()
     def propose(self, state: DraftState) -> TokenTree:

@@ -60,7 +60,6 @@ class RestDrafter(Drafter):
     """Drafts the most frequent continuations of the longest context suffix found in a datastore."""
 
     name = "rest"
-    shared_state = ("store",)  # the datastore is read-only: every row of a batch reads the same one
 
     def __init__(self, datastore, config: RestConfig | None = None) -> None:
         self.store, self.config = datastore, config or RestConfig()

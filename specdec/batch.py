@@ -14,11 +14,12 @@ amount; rollback is a length. A finished sequence leaves the batch (its row is
 dropped from the cache, the one time its KV is copied).
 
 Prefill runs prompt by prompt (a long prompt is compute-bound on its own;
-batching it saves little on a CPU) into single-row caches that are then
-stacked once.
+batching it saves little on a CPU) into single-row caches that then join the
+batch. While rows decode, a joining prompt is prefilled in chunks, each packed
+into the rows' decode forward (:meth:`BatchRunner.forward_fused`).
 
-Drafting stays per sequence (each row keeps its own drafter, spawned from the
-one given); a drafter class that can work on all rows at once implements
+Drafting stays per sequence (each row keeps its own session of a drafter,
+``Drafter.open``); a drafter class that can work on all rows at once implements
 ``propose_batch(drafters, states)`` (Medusa's heads do: one call for every row).
 """
 
@@ -51,7 +52,7 @@ class _BatchLayer(_TreeLayer):
 
     Rows leave (:meth:`keep_rows`) and join (:meth:`add_rows`) between steps without reallocating: a leaving
     row's slot is refilled by moving only the live entries of the rows that change place, and a joining row is
-    written into a free slot. Entries past a row's own length are stale but finite (buffers start zeroed), which
+    written into a free slot. Entries past a row's own length are stale but finite (zeroed as the longest row grows), which
     the mask hides.
     """
 
@@ -59,31 +60,46 @@ class _BatchLayer(_TreeLayer):
         """Stack single-row layers ([1, H, L_b, D] each), with room for ``rows`` rows (at least as many as given)."""
         self.lengths = []
         self.length = 0
-        self._kb = keys[0].new_zeros(max(rows, len(keys)), keys[0].shape[1], _MIN_CAPACITY, keys[0].shape[-1])
-        self._vb = values[0].new_zeros(max(rows, len(keys)), values[0].shape[1], _MIN_CAPACITY, values[0].shape[-1])
+        self._finite = 0  # entries 0 .. _finite - 1 of every live row hold finite values (see _clear_to)
+        self._kb = keys[0].new_empty(max(rows, len(keys)), keys[0].shape[1], _MIN_CAPACITY, keys[0].shape[-1])
+        self._vb = values[0].new_empty(max(rows, len(keys)), values[0].shape[1], _MIN_CAPACITY, values[0].shape[-1])
         self._k, self._v = self._kb[:0], self._vb[:0]
         self.device, self.is_initialized = keys[0].device, True
         self.add_rows(keys, values)
 
     def _reserve(self, key_states: Tensor, value_states: Tensor, needed: int, rows: int | None = None) -> None:
-        """Room for ``needed`` positions and ``rows`` rows; growing copies only the live entries."""
+        """Room for ``needed`` positions and ``rows`` rows. Growing allocates without touching the new memory and
+        copies only the live rows' finite entries: the buffers are [R, H, capacity, D] for every row the batch may
+        hold, and zero-filling all of them up front cost seconds on a long prompt's join (2,000 tokens, 16 rows,
+        a 30-layer model: 3 GB first touched at once, measured 1.5-8 s on this project's AMD host)."""
         rows = len(self.lengths) if rows is None else rows
         cap, room = self._kb.shape[-2], self._kb.shape[0]
         if needed > cap or rows > room:
-            cap, room = (max(2 * cap, needed) if needed > cap else cap), max(room, rows)
-            kb = self._kb.new_zeros(room, self._kb.shape[1], cap, self._kb.shape[-1])
-            vb = self._vb.new_zeros(room, self._vb.shape[1], cap, self._vb.shape[-1])
+            cap, room = (max(2 * cap, needed + _MIN_CAPACITY) if needed > cap else cap), max(room, rows)
+            kb = self._kb.new_empty(room, self._kb.shape[1], cap, self._kb.shape[-1])
+            vb = self._vb.new_empty(room, self._vb.shape[1], cap, self._vb.shape[-1])
             live = len(self.lengths)
-            kb[:live, :, : self.length] = self._kb[:live, :, : self.length]
-            vb[:live, :, : self.length] = self._vb[:live, :, : self.length]
+            kb[:live, :, : self._finite] = self._kb[:live, :, : self._finite]
+            vb[:live, :, : self._finite] = self._vb[:live, :, : self._finite]
             self._kb, self._vb = kb, vb
         self._k, self._v = self._kb[: len(self.lengths)], self._vb[: len(self.lengths)]
+
+    def _clear_to(self, end: int) -> None:
+        """Make entries up to ``end`` of every live row finite (zero the ones never written). A row reads every
+        entry up to the longest row's end, masked past its own length, and an uninitialised NaN would survive an
+        additive -inf mask; zeroing as the batch's longest row grows touches memory only as it is used."""
+        if end > self._finite:
+            live = len(self.lengths)
+            self._kb[:live, :, self._finite : end].zero_()
+            self._vb[:live, :, self._finite : end].zero_()
+            self._finite = end
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Write row b's n new entries right after its own prefix; return keys/values up to the longest row's end."""
         n = key_states.shape[-2]
-        self.length = max(self.lengths)  # what _reserve keeps when it grows the buffers
+        self.length = max(self.lengths)
         self._reserve(key_states, value_states, self.length + n)
+        self._clear_to(self.length + n)
         for b, start in enumerate(self.lengths):
             self._k[b, :, start : start + n] = key_states[b]
             self._v[b, :, start : start + n] = value_states[b]
@@ -121,9 +137,13 @@ class _BatchLayer(_TreeLayer):
         new = [int(k.shape[-2]) for k in keys]
         first = len(self.lengths)
         self._reserve(keys[0], values[0], max([self.length, *new]), first + len(keys))
+        self._clear_to(max([self.length, *new]))  # the rows already live
         for i, (k, v) in enumerate(zip(keys, values)):
-            self._kb[first + i, :, : k.shape[-2]] = k[0]
-            self._vb[first + i, :, : v.shape[-2]] = v[0]
+            n = k.shape[-2]
+            self._kb[first + i, :, :n] = k[0]
+            self._vb[first + i, :, :n] = v[0]
+            self._kb[first + i, :, n : self._finite].zero_()  # a slot's old or never-written entries
+            self._vb[first + i, :, n : self._finite].zero_()
         self.lengths = self.lengths + new
         self.length = max(self.lengths)
         self._k, self._v = self._kb[: len(self.lengths)], self._vb[: len(self.lengths)]
@@ -164,6 +184,28 @@ class BatchKVCache(Cache):
     def add_rows(self, caches: list[TreeKVCache]) -> None:
         for i, layer in enumerate(self.layers):
             layer.add_rows([c.layers[i].keys for c in caches], [c.layers[i].values for c in caches])
+
+
+class _FusedCache(Cache):
+    """The cache of one fused forward (:meth:`BatchRunner.forward_fused`): the model sees one packed sequence of
+    B·N tree nodes then C chunk tokens; each layer's new keys/values split the same way, the rows' into the batch
+    cache (as [B, H, N, D]) and the chunk's into its own cache. The attention layer then finds the chunk's keys in
+    :attr:`chunk_kv` (the layer's ``update`` runs just before its attention)."""
+
+    def __init__(self, batch: BatchKVCache, chunk: TreeKVCache, rows: int, nodes: int, tree: "TreeAttention | None",
+                 chunk_tree: "TreeAttention | None") -> None:
+        super().__init__(layers=batch.layers)
+        self.batch, self.chunk, self.rows, self.nodes = batch, chunk, rows, nodes
+        self.chunk_kv: tuple[Tensor, Tensor] | None = None
+        self.attention = TreeAttention(tree.backend if tree is not None else "torch", torch.empty(0, 0, dtype=torch.bool),
+                                       fused=(rows * nodes, tree, chunk_tree, self))
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        m = self.rows * self.nodes
+        rows_k = key_states[0, :, :m].unflatten(1, (self.rows, self.nodes)).transpose(0, 1)
+        rows_v = value_states[0, :, :m].unflatten(1, (self.rows, self.nodes)).transpose(0, 1)
+        self.chunk_kv = self.chunk.update(key_states[:, :, m:], value_states[:, :, m:], layer_idx, *args, **kwargs)
+        return self.batch.update(rows_k, rows_v, layer_idx, *args, **kwargs)
 
 
 def pad_trees(trees: list[TokenTree]) -> tuple[Tensor, Tensor, Tensor]:
@@ -239,6 +281,51 @@ class BatchRunner:
 
     def forward(self, trees: list[TokenTree], *, hidden: bool = False) -> ForwardOutput:
         """One forward over every row's tree: logits [B, N, V] (rows past a tree's own size are padding)."""
+        kwargs, positions = self._tree_inputs(trees)
+        with self._single._kernels():
+            out, h = tapped_forward(self.model, hidden_layers(hidden), position_ids=positions.to(self.device), cache=self.cache,
+                                    use_cache=True, **kwargs)
+        return ForwardOutput(_upcast(out.logits), h)
+
+    def can_fuse(self) -> bool:
+        """Whether a prompt's chunk can ride in the batch's decode forward (:meth:`forward_fused`): the attention
+        must be routed (the split happens inside it)."""
+        return self.route and self.cache is not None
+
+    def forward_fused(self, trees: list[TokenTree], cache: TreeKVCache, ids: Tensor, *, hidden=False) -> tuple[ForwardOutput, ForwardOutput]:
+        """One forward over every row's tree *and* a chunk of a joining prompt (``ids``, [C] long, appended to its
+        own single-row ``cache`` after what it holds): the chunk's tokens are packed after the batch's B·N nodes
+        into one sequence, so every linear layer streams its weights once for both (SARATHI's piggybacking,
+        DeepSpeed-FastGen's SplitFuse); inside each attention layer the queries split again, the rows' against
+        the batch cache with their tree masks, the chunk's causally against its own cache, each exactly as its
+        own forward would compute it. Returns the batch's output (as :meth:`forward`) and the chunk's (its last
+        position's logits [1, V]; with ``hidden``, the hidden states of its C positions)."""
+        kwargs, positions = self._tree_inputs(trees)
+        b, n = positions.shape
+        done, c = cache.get_seq_length(), ids.numel()
+        chain = torch.ones(c, c, dtype=torch.bool).tril_()
+        dtype = getattr(self.model, "dtype", torch.float32)
+        chunk_tree = TreeAttention.build(self.backend, done, chain.to(self.device), dtype) if done else None
+        fused = _FusedCache(self.cache, cache, b, n, kwargs.pop("specdec_tree", None), chunk_tree)
+        kwargs["specdec_tree"] = fused.attention
+        ids = ids.to(self.device)
+        if "inputs_embeds" in kwargs:
+            chunk = self.model.get_input_embeddings()(ids[None])
+            kwargs["inputs_embeds"] = torch.cat([kwargs["inputs_embeds"].flatten(0, 1)[None], chunk], dim=1)
+        else:
+            kwargs["input_ids"] = torch.cat([kwargs["input_ids"].flatten(), ids])[None]
+        positions = torch.cat([positions.flatten(), torch.arange(done, done + c)])[None].to(self.device)
+        keep = torch.cat([torch.arange(b * n), torch.tensor([b * n + c - 1])]).to(self.device)
+        with self._single._kernels():
+            out, h = tapped_forward(self.model, hidden_layers(hidden), position_ids=positions, cache=fused, use_cache=True,
+                                    logits_to_keep=keep, **kwargs)
+        logits = _upcast(out.logits[0])
+        rows = ForwardOutput(logits[: b * n].unflatten(0, (b, n)), h[0, : b * n].unflatten(0, (b, n)) if h is not None else None)
+        return rows, ForwardOutput(logits[b * n :], h[0, b * n :] if h is not None else None)
+
+    def _tree_inputs(self, trees: list[TokenTree]) -> tuple[dict, Tensor]:
+        """The keyword arguments of a batch forward over ``trees`` (tokens or embeddings, the tree visibility) and the
+        position ids [B, N]."""
         tokens, depths, anc = pad_trees(trees)
         lengths = torch.tensor(self.cache.lengths)
         total = int(lengths.max()) + tokens.shape[1]
@@ -262,10 +349,7 @@ class BatchRunner:
             kwargs["inputs_embeds"] = embeds
         else:
             kwargs["input_ids"] = ids
-        with self._single._kernels():
-            out, h = tapped_forward(self.model, hidden_layers(hidden), position_ids=(lengths[:, None] + depths).to(self.device),
-                                    cache=self.cache, use_cache=True, **kwargs)
-        return ForwardOutput(_upcast(out.logits), h)
+        return kwargs, lengths[:, None] + depths
 
     def commit(self, paths: list[Tensor]) -> None:
         self.cache.commit_rows(paths)
@@ -333,7 +417,9 @@ class BatchEngine:
 
     **Chunked prefill** (SARATHI's idea): while rows are decoding, a joining prompt is prefilled a chunk per step
     (into its own cache, which joins the batch when the prompt is done), so the running rows are never stalled
-    for a whole long prompt; with no row decoding, prompts are prefilled whole (the fastest first token).
+    for a whole long prompt; with no row decoding, prompts are prefilled whole (the fastest first token). With
+    ``fuse_prefill`` (the default, where the attention is routed) the chunk rides in the step's decode forward,
+    one chunk per step; otherwise each chunk is a forward of its own.
 
     Args:
         eos_ids: token ids that end a sequence.
@@ -353,16 +439,20 @@ class BatchEngine:
             yielded fewer tokens per second than plain steps at this batch size (B over a plain step's measured
             time), it verifies roots only, letting trees through every 16th step; a profile measured on a
             quieter machine, or drafts accepted less often than they were scored, cannot slow it down for long.
+        fuse_prefill: pack a prefilling prompt's chunk into the step's decode forward (False: a forward of its own;
+            the outputs are the same either way).
     """
 
     def __init__(self, model, *, eos_ids: set[int], max_rows: int = 0, attn: str = "torch", fast: FastLinears | None = None,
                  route: bool | None = None, cost: Callable[[int], float] | None = None, max_nodes: int = 64,
-                 prefill_chunk: int | None = 0, batch_cost: Callable[[int, int], float] | None = None) -> None:
+                 prefill_chunk: int | None = 0, batch_cost: Callable[[int, int], float] | None = None,
+                 fuse_prefill: bool = True) -> None:
         if prefill_chunk is not None and prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0 (0: whole prompts) or None (sized from the cost), got {prefill_chunk}")
         self.runner = BatchRunner(model, attn=attn, fast=fast, route=route)
         self.eos_ids, self.max_rows, self.cost, self.max_nodes = eos_ids, max_rows, cost, max_nodes
-        self.prefill_chunk, self.batch_cost = prefill_chunk, batch_cost
+        self.prefill_chunk, self.batch_cost, self.fuse_prefill = prefill_chunk, batch_cost, fuse_prefill
+        self._chunk: tuple[_Prefill, int] | None = None  # the prompt chunk that rides in this step's decode forward
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: list[_Prefill] = []
         self.rows: list[_Row] = []
@@ -393,9 +483,15 @@ class BatchEngine:
     def admit(self) -> list[tuple[object, object]]:
         """Let waiting requests join (prefilling them, in chunks while other rows decode) and emit what every row
         has pending (a joined row's first token); finished and cancelled rows leave. Returns the events."""
+        return self._admit(fuse=False)
+
+    def _admit(self, fuse: bool) -> list[tuple[object, object]]:
+        """:meth:`admit`; with ``fuse``, the chunk a prefilling prompt takes in this step is left for the decode
+        forward that follows (:attr:`_chunk`) instead of running a forward of its own."""
         from specdec.engine import StepEvent
 
         events: list[tuple[object, object]] = []
+        self._chunk = None
         while self.waiting and (self.max_rows <= 0 or len(self.rows) + len(self.prefilling) < self.max_rows):
             req = self.waiting.popleft()
             if req.cancelled:
@@ -403,6 +499,7 @@ class BatchEngine:
                 continue
             self.prefilling.append(_Prefill(req, TreeKVCache()))
         budget = self.chunk_tokens() if self.rows else None
+        fuse = fuse and budget is not None and self.fuse_prefill and self.runner.can_fuse()
         still = []
         for pf in self.prefilling:
             if pf.req.cancelled:
@@ -411,8 +508,14 @@ class BatchEngine:
             left = pf.req.ids.numel() - pf.done
             if budget is None or budget > 0:
                 n = left if budget is None else min(left, budget)
-                self._prefill(pf, n)
-                budget = None if budget is None else budget - n
+                if fuse and self._chunk is None:
+                    self._chunk = (pf, n)  # rides in this step's decode forward; joins after it when it ends the prompt
+                    budget -= n
+                    still.append(pf)
+                    continue
+                if not fuse:
+                    self._prefill(pf, n)
+                    budget = None if budget is None else budget - n
             if pf.done == pf.req.ids.numel():
                 self.rows.append(self._join(pf))
             else:
@@ -425,7 +528,7 @@ class BatchEngine:
     def step(self) -> list[tuple[object, object]]:
         """One iteration: :meth:`admit`, then one draft-verify-commit step over every running row, whose accepted
         tokens are emitted at once. Returns the ``(key, StepEvent)`` pairs of both."""
-        events = self.admit()
+        events = self._admit(fuse=True)
         if self.rows:
             self._decode()
             self._emit_all(events)
@@ -531,10 +634,19 @@ class BatchEngine:
             trees = [TokenTree.root_only(s.root) for s in states]
         trees = [cap(t, self.max_nodes) for t in trees]  # a hard cap, also for trees that carry no scores
         clock.lap("draft")
-        union = _layer_union([r.layers for r in rows])
+        chunk, self._chunk = self._chunk, None
+        chunk_layers = hidden_layers(chunk[0].req.drafter.hidden_request()) if chunk is not None else None
+        union = _layer_union([r.layers for r in rows] + [chunk_layers])
         lengths = self.runner.lengths
         self._last_forward = (len(trees), max(len(t) for t in trees))
-        out = self.runner.forward(trees, hidden=union or False)
+        if chunk is None:
+            out = self.runner.forward(trees, hidden=union or False)
+        else:  # a joining prompt's chunk rides in this forward (see BatchRunner.forward_fused)
+            pf, n = chunk
+            t0 = time.perf_counter()
+            out, chunk_out = self.runner.forward_fused(trees, pf.cache, pf.req.ids[pf.done : pf.done + n], hidden=union or False)
+            if pf.req.stats is not None:  # the prompt waited for the whole forward
+                pf.req.stats.prefill_time_s += time.perf_counter() - t0
         clock.lap("forward")
         accepted = [r.req.verifier.accept(t, out.logits[b, : len(t)], r.req.generator, r.ids[:-1])
                     for b, (t, r) in enumerate(zip(trees, rows))]
@@ -551,8 +663,17 @@ class BatchEngine:
                 r.req.stats.target_forwards += 1
                 r.req.stats.drafted_tokens += t.num_drafts
                 r.req.stats.tokens_per_step.append(len(r.pending))
+        if chunk is not None:
+            h = _row_layers(chunk_out.hidden_states, union, chunk_layers) if chunk_layers else None
+            pf.last = ForwardOutput(chunk_out.logits, h)
+            if h is not None:
+                pf.hidden.append(h)
+            pf.done += n
+            if pf.done == pf.req.ids.numel():  # the prompt is in: it joins the batch, its first token pending
+                self.prefilling.remove(pf)
+                self.rows.append(self._join(pf))
         clock.lap("other")
-        if paid is not None:
+        if paid is not None and chunk is None:  # a step carrying a prompt's chunk says nothing clean about trees' yield
             paid.record(any(len(t) > 1 for t in trees), sum(len(r.pending) for r in rows), b, self.clock() - started)
 
 

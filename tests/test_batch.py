@@ -1,5 +1,6 @@
 """Batch > 1: each row of a batch equals that prompt alone, for every drafter; ragged commits; sampling at batch 3."""
 
+import collections
 import itertools
 
 import pytest
@@ -22,6 +23,7 @@ def prompts_of_many_lengths(vocab, seed=0):
 def drafter_specs(model, tmp_path):
     """Every kind of drafter, small and random where it is trained."""
     from test_clover import random_heads as clover_heads
+    from test_eagle import random_eagle
     from test_gad import random_block
     from test_medusa import random_heads as medusa_heads
     from test_ppd import random_tokens
@@ -29,6 +31,7 @@ def drafter_specs(model, tmp_path):
     from specdec.datastore import Datastore
     from specdec.drafters.clover import CloverDrafter
     from specdec.drafters.draft_model import DraftModelConfig, DraftModelDrafter
+    from specdec.drafters.eagle import EagleDrafter, EagleDrafterConfig
     from specdec.drafters.gad import GADDrafter
     from specdec.drafters.medusa import MedusaDrafter
     from specdec.drafters.ppd import PPDDrafter
@@ -43,6 +46,7 @@ def drafter_specs(model, tmp_path):
         "medusa": lambda: MedusaDrafter(medusa_heads(model)),
         "clover": lambda: CloverDrafter.from_heads(clover_heads(model)),
         "ppd": lambda: PPDDrafter(random_tokens(model)),
+        "eagle": lambda: EagleDrafter(random_eagle(model), EagleDrafterConfig(depth=3, beam=3, topk=2)),
         "gad": lambda: GADDrafter.from_block(random_block(model)),
         "rest": lambda: RestDrafter(store, RestConfig(min_span=1)),
         "suffix": lambda: "suffix",
@@ -210,33 +214,77 @@ def test_fill_holes_moves_only_the_last_rows():
     assert _fill_holes([], 3) == []
 
 
-def test_spawned_drafters_share_the_target_and_own_their_state(tiny):
-    """A row's drafter is a copy of the state only: the target model is shared (never deep-copied through a
-    bound method the state holds), and learning in one row does not move another's estimates."""
-    from specdec.drafters import build_drafter
-    from specdec.drafters.base import Target
+def _leaves(drafter):
+    """A drafter, or the drafters a fused one is made of."""
+    return [leaf for d in getattr(drafter, "drafters", [drafter]) for leaf in _leaves(d)] if hasattr(drafter, "drafters") else [drafter]
 
-    drafter = build_drafter("prompt-lookup")
+
+def _fingerprint(value, depth=0):
+    """What changes when an object is changed in place: a tensor's version counter, a container's members, a
+    plain object's attributes (one level down)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_inference():  # no version counter: its storage and contents
+            return ("tensor", value.data_ptr(), tuple(value.shape), float(value.double().abs().sum()) if value.numel() else 0.0)
+        return ("tensor", value._version)
+    if isinstance(value, dict):
+        return ("dict", tuple(map(id, value)), tuple(map(id, value.values())))
+    if isinstance(value, (list, set, collections.deque)):
+        return (type(value).__name__, tuple(map(id, value)))
+    if hasattr(value, "__dict__") and depth == 0 and not isinstance(value, (torch.nn.Module, type)) and not callable(value):
+        return ("object", tuple((k, _fingerprint(v, 1)) for k, v in vars(value).items()))
+    return None
+
+
+def _private(value) -> bool:
+    """A value a session could change in place (so two sessions must not hold the same one)."""
+    return _fingerprint(value) is not None and not isinstance(value, torch.nn.Module)
+
+
+@pytest.mark.parametrize("kind", ["prompt-lookup", "medusa", "clover", "eagle", "ppd", "gad", "rest", "suffix", "iad", "draft-model",
+                                  "rapid", "medusa+prompt-lookup"])
+def test_sessions_copy_nothing_and_share_no_per_sequence_state(tiny, kind, tmp_path, monkeypatch):
+    """``Drafter.open`` copies nothing (a deep copy fails the test), the drafter a session came from is left
+    unchanged by the sessions' whole lives (only its ``shared_state`` may learn), and no two sessions running
+    side by side hold the same per-sequence object."""
+    import copy
+
+    from specdec.batch import BatchEngine, Request
+    from specdec.drafters.base import Target, build_drafter
+    from specdec.drafters.fused import FusedDrafter
+    from specdec.drafters.prompt_lookup import PromptLookupDrafter
+    from specdec.verifiers import GreedyVerifier
+
+    specs = drafter_specs(tiny, tmp_path)
+    drafter = FusedDrafter([specs["medusa"](), PromptLookupDrafter()]) if kind == "medusa+prompt-lookup" else build_drafter(specs[kind]())
     drafter.bind(Target.of(tiny))
-    clone = drafter.spawn()
-    assert clone.target is drafter.target and clone.target.model is tiny
-    assert clone.rates is not drafter.rates
-    assert clone.rates.prior.__self__ is clone  # the prior the copied estimates use is the clone's own
-    key = (2, 1, 0)
-    before = drafter.rates[key]
-    clone.rates.update(key, accepted=False)
-    assert drafter.rates[key] == before != clone.rates[key]
+    before = [{k: (id(v), _fingerprint(v)) for k, v in vars(d).items()} for d in _leaves(drafter)]
 
+    def no_deep_copy(*args, **kwargs):
+        raise AssertionError("a drafter session deep-copied its drafter's state")
 
-def test_spawned_rest_drafters_share_one_datastore(tiny):
-    from specdec.datastore import Datastore
-    from specdec.drafters.base import Target
-    from specdec.drafters.rest import RestDrafter
-
-    drafter = RestDrafter(Datastore.from_documents([[1, 2, 3, 4], [2, 3, 5]], vocab_size=96))
-    drafter.bind(Target.of(tiny))
-    clone = drafter.spawn()
-    assert clone.store is drafter.store and clone.rates is not drafter.rates
+    monkeypatch.setattr(copy, "deepcopy", no_deep_copy)
+    sessions = [drafter.open() for _ in range(3)]
+    monkeypatch.undo()
+    prompts = prompts_of_many_lengths(tiny.config.vocab_size)[1:]
+    with BatchEngine(tiny, eos_ids=set()) as engine:
+        for i, (p, s) in enumerate(zip(prompts, sessions)):
+            engine.add(Request(p, s, GreedyVerifier(), 12, key=i))
+        steps = 0
+        while not engine.idle:
+            engine.step()
+            steps += 1
+            if steps == 3:  # mid-run, every session has built its own state
+                leaves = [_leaves(s) for s in sessions]
+                for j, shared in enumerate(_leaves(drafter)):
+                    for name, value in vars(leaves[0][j]).items():
+                        held = [vars(ls[j]).get(name) for ls in leaves]
+                        if value is vars(shared).get(name) or name in shared.shared_state or not _private(value):
+                            continue
+                        assert len({id(h) for h in held}) == len(held), f"{kind}: sessions share their {name!r}"
+    after = [{k: (id(v), _fingerprint(v)) for k, v in vars(d).items()} for d in _leaves(drafter)]
+    for d, b, a in zip(_leaves(drafter), before, after):
+        changed = sorted(k for k in b if b[k] != a.get(k) and k not in d.shared_state)
+        assert not changed, f"{kind}: sessions changed the drafter they came from: {changed}"
 
 
 def test_cache_memory_never_written_stays_harmless():
@@ -381,38 +429,49 @@ def test_generation_never_verifies_more_than_max_tree_nodes(tiny):
     assert two[0].token_ids == one.token_ids == specdec.generate(tiny, None, ids, drafter="none", max_new_tokens=6).token_ids
 
 
-@pytest.mark.parametrize("kind", ["prompt-lookup", "medusa", "clover", "ppd"])
-def test_chunked_prefill_never_stalls_running_rows_and_changes_no_output(tiny, kind, tmp_path):
+@pytest.mark.parametrize("kind,fuse", [("prompt-lookup", True), ("medusa", True), ("clover", True), ("ppd", True), ("eagle/prompt-lookup", True),
+                                       ("prompt-lookup/eagle", True), ("clover", False), ("ppd", False)])
+def test_chunked_prefill_never_stalls_running_rows_and_changes_no_output(tiny, kind, fuse, tmp_path):
     """A long prompt joins while rows decode: it is prefilled 7 tokens a step, the running rows emit tokens at
     every one of those steps, and every output (the long one's too, and its drafter's hidden states) equals
-    its prompt alone."""
+    its prompt alone. Fused (the default), each chunk rides in the rows' decode forward: one model forward per
+    step. ``a/b``: the running rows draft with ``a``, the long prompt with ``b`` (other hidden layers)."""
     from specdec.batch import BatchEngine, Request
     from specdec.drafters.base import Target, build_drafter
     from specdec.verifiers import GreedyVerifier
 
     specs = drafter_specs(tiny, tmp_path)
+    kinds = kind.split("/") if "/" in kind else [kind, kind]
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, tiny.config.vocab_size, (n,), generator=g) for n in (4, 6, 60)]
-    alone = [specdec.generate(tiny, None, p, drafter=specs[kind](), max_new_tokens=30, size_trees=False).token_ids for p in prompts]
+    make = [specs[kinds[0]], specs[kinds[0]], specs[kinds[1]]]
+    alone = [specdec.generate(tiny, None, p, drafter=m(), max_new_tokens=30, size_trees=False).token_ids for p, m in zip(prompts, make)]
     got = {i: [] for i in range(3)}
     log = []
-    with BatchEngine(tiny, eos_ids=set(), prefill_chunk=7) as engine:
-        for step in range(200):
-            if step in (0, 2):
-                for i in ((0, 1) if step == 0 else (2,)):
-                    d = build_drafter(specs[kind]())
-                    d.bind(Target.of(tiny))
-                    engine.add(Request(prompts[i], d, GreedyVerifier(), 30, key=i))
-            events = engine.step()
-            log.append(({k for k, e in events if e.new_tokens}, [pf.done for pf in engine.prefilling]))
-            for key, event in events:
-                got[key] += event.new_tokens
-            if engine.idle and step > 2:
-                break
+    forwards = []
+    handle = tiny.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        with BatchEngine(tiny, eos_ids=set(), prefill_chunk=7, fuse_prefill=fuse) as engine:
+            for step in range(200):
+                if step in (0, 2):
+                    for i in ((0, 1) if step == 0 else (2,)):
+                        d = build_drafter(make[i]())
+                        d.bind(Target.of(tiny))
+                        engine.add(Request(prompts[i], d, GreedyVerifier(), 30, key=i))
+                forwards.clear()
+                events = engine.step()
+                log.append(({k for k, e in events if e.new_tokens}, [pf.done for pf in engine.prefilling], len(forwards)))
+                for key, event in events:
+                    got[key] += event.new_tokens
+                if engine.idle and step > 2:
+                    break
+    finally:
+        handle.remove()
     assert [got[i] for i in range(3)] == alone
-    chunked = [emitters for emitters, pending in log if pending]
+    chunked = [(emitters, calls) for emitters, pending, calls in log if pending]
     assert len(chunked) >= 60 // 7 - 1  # the long prompt took several steps
-    assert all({0, 1} & emitters for emitters in chunked)  # and the running rows emitted in each of them
+    assert all({0, 1} & emitters for emitters, _ in chunked)  # and the running rows emitted in each of them
+    assert all(calls == (1 if fuse else 2) for _, calls in chunked), [c for _, c in chunked]  # target forwards per step
 
 
 def test_chunk_size_follows_the_cost():

@@ -55,6 +55,7 @@ class TreeAttention:
     mask: Tensor | None = None
     bits: Tensor | None = None
     prefix_lens: Tensor | None = None  # [B] per-row prefixes of a ragged batch (None: one prefix, S - N)
+    fused: tuple | None = None  # a batch forward with a prompt's chunk packed after its rows (specdec.batch._FusedCache)
 
     @classmethod
     def build(cls, backend: str, prefix_len: int, ancestor_mask: Tensor, dtype: torch.dtype) -> "TreeAttention":
@@ -83,6 +84,15 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     """query [B, Hq, N, D], key/value [B, Hkv, P + N, D] → ([B, N, Hq, D], None)."""
     from specdec.tree_attention.own import own_attention, own_attention_available
 
+    if specdec_tree is not None and specdec_tree.fused is not None:
+        # one packed sequence: the batch's B·N tree nodes, then a prompt's chunk; each part attends to its own cache
+        m, rows_tree, chunk_tree, cache = specdec_tree.fused
+        q_rows = query[0, :, :m].unflatten(1, (cache.rows, cache.nodes)).transpose(0, 1).contiguous()
+        out_rows, _ = _attention(module, q_rows, key, value, None, scaling, dropout, specdec_tree=rows_tree, **kwargs)
+        chunk_k, chunk_v = cache.chunk_kv
+        out_chunk, _ = _attention(module, query[:, :, m:].contiguous(), chunk_k, chunk_v, None, scaling, dropout,
+                                  specdec_tree=chunk_tree, **kwargs)
+        return torch.cat([out_rows.reshape(1, m, *out_rows.shape[2:]), out_chunk], dim=1), None
     if specdec_tree is None:
         if query.shape[2] == 1 and attention_mask is None and own_attention_available(query):  # a plain step
             return own_attention(query, key, value, None, scaling), None
