@@ -90,6 +90,7 @@ class _BatchLayer(_TreeLayer):
         additive -inf mask; zeroing as the batch's longest row grows touches memory only as it is used."""
         if end > self._finite:
             live = len(self.lengths)
+            end = min(self._kb.shape[-2], max(end, self._finite + _CLEAR_AHEAD))  # a block at a time, not a call per step
             self._kb[:live, :, self._finite : end].zero_()
             self._vb[:live, :, self._finite : end].zero_()
             self._finite = end
@@ -106,10 +107,12 @@ class _BatchLayer(_TreeLayer):
         self.keys, self.values = self._k[:, :, : self.length + n], self._v[:, :, : self.length + n]
         return self.keys, self.values
 
-    def commit_rows(self, paths: list[Tensor]) -> None:
-        """Row b keeps its tree nodes ``paths[b]`` (relative to its prefix, in path order) and drops the rest."""
+    def commit_rows(self, paths: list[Tensor], chains: list[bool] | None = None) -> None:
+        """Row b keeps its tree nodes ``paths[b]`` (relative to its prefix, in path order) and drops the rest
+        (``chains[b]``: the path is 0, 1, 2, ...: a chain from the root, which needs no copy)."""
+        chains = chains if chains is not None else [_is_chain(p) for p in paths]
         for b, (start, path) in enumerate(zip(self.lengths, paths)):
-            if not torch.equal(path, torch.arange(path.numel())):  # a chain from the root needs no copy
+            if not chains[b]:
                 idx = path.to(self._k.device) + start
                 self._k[b, :, start : start + path.numel()] = self._k[b].index_select(1, idx)
                 self._v[b, :, start : start + path.numel()] = self._v[b].index_select(1, idx)
@@ -174,8 +177,10 @@ class BatchKVCache(Cache):
         return list(self.layers[0].lengths)
 
     def commit_rows(self, paths: list[Tensor]) -> None:
+        paths = [p.cpu() for p in paths]
+        chains = [_is_chain(p) for p in paths]  # once for every layer
         for layer in self.layers:
-            layer.commit_rows([p.cpu() for p in paths])
+            layer.commit_rows(paths, chains)
 
     def keep_rows(self, rows: list[int]) -> None:
         for layer in self.layers:
@@ -206,6 +211,15 @@ class _FusedCache(Cache):
         rows_v = value_states[0, :, :m].unflatten(1, (self.rows, self.nodes)).transpose(0, 1)
         self.chunk_kv = self.chunk.update(key_states[:, :, m:], value_states[:, :, m:], layer_idx, *args, **kwargs)
         return self.batch.update(rows_k, rows_v, layer_idx, *args, **kwargs)
+
+
+def _is_chain(path: Tensor) -> bool:
+    """Whether ``path`` is 0, 1, ..., A - 1 (the accepted nodes already sit in place)."""
+    n = path.numel()
+    return n <= 1 and (n == 0 or int(path[0]) == 0) or bool(torch.equal(path, torch.arange(n)))
+
+
+_CLEAR_AHEAD = 128  # KV entries zeroed ahead of the longest row at a time
 
 
 def pad_trees(trees: list[TokenTree]) -> tuple[Tensor, Tensor, Tensor]:

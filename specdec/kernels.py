@@ -195,13 +195,18 @@ class _Rows(_Kernel):
     def run(self, x, weight, bias, state, rows):
         fn, w, b = state
         n, k = w.shape
-        x2 = x.reshape(rows, k)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.float().contiguous()
-        out = torch.empty(rows, n, dtype=torch.float32)
+        x2, out = _rows_io(x, torch.float32, n)
         fn(x2.data_ptr(), w.data_ptr(), b.data_ptr() if b is not None else None, out.data_ptr(), rows, n, k,
            torch.get_num_threads())
-        return out.reshape(*x.shape[:-1], n)
+        return out
+
+
+def _rows_io(x: Tensor, dtype: torch.dtype, n: int) -> tuple[Tensor, Tensor]:
+    """The input of a native row kernel (``x`` itself when it is already one contiguous block of ``dtype``: its
+    rows are then [rows, K] in memory, no reshape needed) and its fp32 output, shaped as the linear's output."""
+    if x.dtype != dtype or not x.is_contiguous():
+        x = x.to(dtype).contiguous()
+    return x, torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
 
 
 class _RowsHalf(_Kernel):
@@ -228,13 +233,10 @@ class _RowsHalf(_Kernel):
     def run(self, x, weight, bias, state, rows):
         fn, w, b, kind = state
         n, k = w.shape
-        x2 = x.reshape(rows, k)
-        if x2.dtype != w.dtype or not x2.is_contiguous():
-            x2 = x2.to(w.dtype).contiguous()
-        out = torch.empty(rows, n, dtype=torch.float32)
+        x2, out = _rows_io(x, w.dtype, n)
         fn(kind, x2.data_ptr(), w.data_ptr(), b.data_ptr() if b is not None else None, out.data_ptr(), rows, n, k,
            torch.get_num_threads())
-        return out.to(x.dtype).reshape(*x.shape[:-1], n)
+        return out.to(x.dtype)
 
 
 class _Quant(_Kernel):
@@ -269,15 +271,12 @@ class _Quant(_Kernel):
         if q is None:
             return _Rows().run(x, weight, bias, inner, rows)
         fn, b = inner
-        x2 = x.reshape(rows, q.k)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.float().contiguous()
-        out = torch.empty(rows, q.n, dtype=torch.float32)
+        x2, out = _rows_io(x, torch.float32, q.n)
         rc = fn(q.fmt, x2.data_ptr(), q.blocks.data_ptr(), b.data_ptr() if b is not None else None, out.data_ptr(), rows,
                 q.n, q.k, torch.get_num_threads())
         if rc:
             raise RuntimeError(f"the quantized kernel failed ({'out of memory' if rc == -2 else 'unsupported shape'}, code {rc})")
-        return out.reshape(*x.shape[:-1], q.n)
+        return out
 
 
 KERNELS: dict[str, _Kernel] = {k.name: k for k in (_Torch(), _MklPacked(), _MklPackedUpcast(), _OneDnnPacked(), _WxT(), _Rows(),
@@ -343,6 +342,9 @@ class FastLinears:
         table = [plan.for_rows(r) for r in range(max(ROW_BUCKETS) + 1)]
         self._routes: list[tuple[nn.Linear, Callable]] = []
         self._open, self._lock = 0, threading.Lock()  # scopes open at once (threads sharing one model)
+        from specdec.fastops import fast_ops_for
+
+        self._ops = fast_ops_for(model)  # fused norms and rotary embedding (fp32), switched in with the linears
         if plan.is_trivial:
             return
         for mod in _linears(model):
@@ -350,7 +352,7 @@ class FastLinears:
 
     @property
     def active(self) -> bool:
-        return bool(self._routes)
+        return bool(self._routes) or self._ops is not None
 
     @contextmanager
     def scope(self) -> Iterator[None]:
@@ -362,7 +364,11 @@ class FastLinears:
                     mod.__dict__["forward"] = fn
             self._open += 1
         try:
-            yield
+            if self._ops is not None:
+                with self._ops.scope():
+                    yield
+            else:
+                yield
         finally:
             with self._lock:
                 self._open -= 1
