@@ -21,14 +21,13 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import threading
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
+
+from specdec.kernels import CountedSwitch, set_forwards
 
 __all__ = ["FastOps", "fast_ops_for", "ops_lib"]
 
@@ -103,7 +102,7 @@ class FastOps:
     def __init__(self, model) -> None:
         self._norms: list[tuple[nn.Module, callable]] = []
         self._rotary: list[tuple[object, object, object]] = []  # (modeling module, its function, ours)
-        self._open, self._lock = 0, threading.Lock()
+        self._switch = CountedSwitch(self._apply)
         lib = ops_lib() if os.environ.get("SPECDEC_FAST_OPS", "1") != "0" else None
         if lib is None or not isinstance(model, nn.Module) or getattr(model, "dtype", None) != torch.float32:
             return
@@ -128,26 +127,14 @@ class FastOps:
     def active(self) -> bool:
         return bool(self._norms or self._rotary)
 
-    @contextmanager
-    def scope(self) -> Iterator[None]:
+    def scope(self):
         """Switch the fused ops in for the block (counted across threads: they stay until the last block closes)."""
-        with self._lock:
-            if self._open == 0:
-                for mod, fn in self._norms:
-                    mod.__dict__["forward"] = fn
-                for module, _, ours in self._rotary:
-                    module.apply_rotary_pos_emb = ours
-            self._open += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._open -= 1
-                if self._open == 0:
-                    for mod, _ in self._norms:
-                        mod.__dict__.pop("forward", None)
-                    for module, theirs, _ in self._rotary:
-                        module.apply_rotary_pos_emb = theirs
+        return self._switch.scope()
+
+    def _apply(self, on: bool) -> None:
+        set_forwards(self._norms, on)
+        for module, theirs, ours in self._rotary:
+            module.apply_rotary_pos_emb = ours if on else theirs
 
 
 def _rotary_routes(model, fn, g: torch.Generator) -> list:

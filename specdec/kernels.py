@@ -341,7 +341,7 @@ class FastLinears:
         self.plan = plan
         table = [plan.for_rows(r) for r in range(max(ROW_BUCKETS) + 1)]
         self._routes: list[tuple[nn.Linear, Callable]] = []
-        self._open, self._lock = 0, threading.Lock()  # scopes open at once (threads sharing one model)
+        self._switch = CountedSwitch(self._route)  # scopes open at once (threads sharing one model)
         from specdec.fastops import fast_ops_for
 
         self._ops = fast_ops_for(model)  # fused norms and rotary embedding (fp32), switched in with the linears
@@ -354,18 +354,41 @@ class FastLinears:
     def active(self) -> bool:
         return bool(self._routes) or self._ops is not None
 
+    def scope(self):
+        """Route the model's linear layers through the fast kernels (and switch in the fused ops) for the duration of
+        the block (counted: with blocks open on several threads, the routes stay until the last one closes)."""
+        return self._switch.scope(self._ops.scope() if self._ops is not None else None)
+
+    def _route(self, on: bool) -> None:
+        set_forwards(self._routes, on)
+
+
+def set_forwards(routes: "list[tuple[nn.Module, Callable]]", on: bool) -> None:
+    """Give each module its replacement forward (an instance attribute, so only that module), or take it away."""
+    for mod, fn in routes:
+        if on:
+            mod.__dict__["forward"] = fn
+        else:
+            mod.__dict__.pop("forward", None)
+
+
+class CountedSwitch:
+    """Something switched in while at least one block is open, across threads (several generations sharing one
+    model): ``switch(True)`` when the first block opens, ``switch(False)`` when the last one closes."""
+
+    def __init__(self, switch: Callable[[bool], None]) -> None:
+        self.switch, self._open, self._lock = switch, 0, threading.Lock()
+
     @contextmanager
-    def scope(self) -> Iterator[None]:
-        """Route the model's linear layers through the fast kernels for the duration of the block (counted: with
-        blocks open on several threads, the routes stay until the last one closes)."""
+    def scope(self, inner=None) -> Iterator[None]:
+        """The block, with ``inner`` (another context manager, or None) entered inside it."""
         with self._lock:
             if self._open == 0:
-                for mod, fn in self._routes:
-                    mod.__dict__["forward"] = fn
+                self.switch(True)
             self._open += 1
         try:
-            if self._ops is not None:
-                with self._ops.scope():
+            if inner is not None:
+                with inner:
                     yield
             else:
                 yield
@@ -373,8 +396,7 @@ class FastLinears:
             with self._lock:
                 self._open -= 1
                 if self._open == 0:
-                    for mod, _ in self._routes:
-                        mod.__dict__.pop("forward", None)
+                    self.switch(False)
 
 
 _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (plan, weights' fingerprint, FastLinears)
