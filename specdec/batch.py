@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache
 
 from specdec.cache import _MIN_CAPACITY, TreeKVCache, _TreeLayer
 from specdec.drafters.base import DraftState, Drafter
-from specdec.kernels import FastLinears
+from specdec.kernels import ROW_BUCKETS, FastLinears
 from specdec.runner import ForwardOutput, TreeRunner, _upcast, hidden_layers, tapped_forward
 from specdec.sizing import cap, trim_batch
 from specdec.tree import TokenTree
@@ -220,6 +220,7 @@ def _is_chain(path: Tensor) -> bool:
 
 
 _CLEAR_AHEAD = 128  # KV entries zeroed ahead of the longest row at a time
+_MIN_FUSED = 8  # the smallest prompt chunk worth fusing into a decode forward
 
 
 def pad_trees(trees: list[TokenTree]) -> tuple[Tensor, Tensor, Tensor]:
@@ -300,6 +301,15 @@ class BatchRunner:
             out, h = tapped_forward(self.model, hidden_layers(hidden), position_ids=positions.to(self.device), cache=self.cache,
                                     use_cache=True, **kwargs)
         return ForwardOutput(_upcast(out.logits), h)
+
+    def fused_room(self, trees: list[TokenTree]) -> int | None:
+        """Chunk tokens that fit in a forward beside these trees while every row stays on the fast kernels'
+        row-count table (past it, ``F.linear`` would compute the rows, not the measured kernel a plain step
+        uses); None: no limit (no fast kernels)."""
+        fast = self._single.fast
+        if fast is None or not fast.routed:
+            return None
+        return max(ROW_BUCKETS) - len(trees) * max(len(t) for t in trees)
 
     def can_fuse(self) -> bool:
         """Whether a prompt's chunk can ride in the batch's decode forward (:meth:`forward_fused`): the attention
@@ -467,6 +477,7 @@ class BatchEngine:
         self.eos_ids, self.max_rows, self.cost, self.max_nodes = eos_ids, max_rows, cost, max_nodes
         self.prefill_chunk, self.batch_cost, self.fuse_prefill = prefill_chunk, batch_cost, fuse_prefill
         self._chunk: tuple[_Prefill, int] | None = None  # the prompt chunk that rides in this step's decode forward
+        self._chunk_of: _Prefill | None = None  # the prompt whose chunk this step prefilled (fused or not)
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: list[_Prefill] = []
         self.rows: list[_Row] = []
@@ -649,14 +660,25 @@ class BatchEngine:
         trees = [cap(t, self.max_nodes) for t in trees]  # a hard cap, also for trees that carry no scores
         clock.lap("draft")
         chunk, self._chunk = self._chunk, None
+        self._chunk_of = chunk[0] if chunk is not None else None
         chunk_layers = hidden_layers(chunk[0].req.drafter.hidden_request()) if chunk is not None else None
         union = _layer_union([r.layers for r in rows] + [chunk_layers])
         lengths = self.runner.lengths
         self._last_forward = (len(trees), max(len(t) for t in trees))
-        if chunk is None:
+        fused = False
+        if chunk is not None:
+            pf, n = chunk
+            room = self.runner.fused_room(trees)
+            if room is not None and n > room:  # past the kernels' row table the rows would change kernel: shrink it,
+                if room >= _MIN_FUSED:  # or run it as a forward of its own when little room is left
+                    n = room
+                else:
+                    self._prefill(pf, n)
+                    chunk = None
+            fused = chunk is not None
+        if not fused:
             out = self.runner.forward(trees, hidden=union or False)
         else:  # a joining prompt's chunk rides in this forward (see BatchRunner.forward_fused)
-            pf, n = chunk
             t0 = time.perf_counter()
             out, chunk_out = self.runner.forward_fused(trees, pf.cache, pf.req.ids[pf.done : pf.done + n], hidden=union or False)
             if pf.req.stats is not None:  # the prompt waited for the whole forward
@@ -677,17 +699,19 @@ class BatchEngine:
                 r.req.stats.target_forwards += 1
                 r.req.stats.drafted_tokens += t.num_drafts
                 r.req.stats.tokens_per_step.append(len(r.pending))
-        if chunk is not None:
+        if fused:
             h = _row_layers(chunk_out.hidden_states, union, chunk_layers) if chunk_layers else None
             pf.last = ForwardOutput(chunk_out.logits, h)
             if h is not None:
                 pf.hidden.append(h)
             pf.done += n
+        if self._chunk_of is not None:
+            pf = self._chunk_of
             if pf.done == pf.req.ids.numel():  # the prompt is in: it joins the batch, its first token pending
                 self.prefilling.remove(pf)
                 self.rows.append(self._join(pf))
         clock.lap("other")
-        if paid is not None and chunk is None:  # a step carrying a prompt's chunk says nothing clean about trees' yield
+        if paid is not None and self._chunk_of is None:  # a step carrying a prompt's chunk says nothing clean about trees' yield
             paid.record(any(len(t) > 1 for t in trees), sum(len(r.pending) for r in rows), b, self.clock() - started)
 
 

@@ -354,6 +354,11 @@ class FastLinears:
     def active(self) -> bool:
         return bool(self._routes) or self._ops is not None
 
+    @property
+    def routed(self) -> bool:
+        """Whether some linear layer runs a kernel of the plan (rows up to ``max(ROW_BUCKETS)``; past that F.linear)."""
+        return bool(self._routes)
+
     def scope(self):
         """Route the model's linear layers through the fast kernels (and switch in the fused ops) for the duration of
         the block (counted: with blocks open on several threads, the routes stay until the last one closes)."""

@@ -474,6 +474,51 @@ def test_chunked_prefill_never_stalls_running_rows_and_changes_no_output(tiny, k
     assert all(calls == (1 if fuse else 2) for _, calls in chunked), [c for _, c in chunked]  # target forwards per step
 
 
+def test_a_fused_chunk_keeps_every_row_on_the_kernels_row_table(tiny):
+    """With fast kernels routed, a fused forward holds at most max(ROW_BUCKETS) rows (past it F.linear would compute
+    the decode rows, not the kernel their plain steps use): a 100-token chunk budget is cut to the room left beside
+    the trees, still fused (one forward a step), and every output equals its prompt alone."""
+    from specdec.batch import BatchEngine, Request
+    from specdec.drafters.base import Target, build_drafter
+    from specdec.kernels import ROW_BUCKETS, FastLinears, LinearPlan
+    from specdec.verifiers import GreedyVerifier
+
+    fast = FastLinears(tiny, LinearPlan({b: "wxt" for b in ROW_BUCKETS}))  # float64: each route runs F.linear itself
+    assert fast.routed
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, tiny.config.vocab_size, (n,), generator=g) for n in (4, 6, 150)]
+    alone = [specdec.generate(tiny, None, p, drafter="prompt-lookup:adaptive=false", max_new_tokens=24, size_trees=False).token_ids
+             for p in prompts]
+    rows, forwards = [], []
+    hooks = [tiny.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: rows.append(a[0].numel() // a[0].shape[-1])),
+             tiny.register_forward_hook(lambda *a: forwards.append(1))]
+    got = {i: [] for i in range(3)}
+    log = []
+    try:
+        with BatchEngine(tiny, eos_ids=set(), prefill_chunk=100, fast=fast) as engine:
+            for step in range(200):
+                if step in (0, 2):
+                    for i in ((0, 1) if step == 0 else (2,)):
+                        d = build_drafter("prompt-lookup:adaptive=false")
+                        d.bind(Target.of(tiny))
+                        engine.add(Request(prompts[i], d, GreedyVerifier(), 24, key=i))
+                rows.clear()
+                forwards.clear()
+                prefilling = step == 2 or bool(engine.prefilling)
+                for key, event in engine.step():
+                    got[key] += event.new_tokens
+                log.append((prefilling, max(rows), len(forwards)))
+                if engine.idle and step > 2:
+                    break
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [got[i] for i in range(3)] == alone
+    chunked = [(r, f) for p, r, f in log if p]
+    assert len(chunked) >= 3 and all(r <= max(ROW_BUCKETS) for r, _ in chunked), chunked
+    assert sum(f == 1 for _, f in chunked) >= 2  # fused: the chunk rode in the decode forward
+
+
 def test_chunk_size_follows_the_cost():
     from specdec.batch import BatchEngine
 
