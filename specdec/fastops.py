@@ -77,13 +77,16 @@ def _eps(mod: nn.Module):
 def _rotary(fn, theirs):
     """The native rotary embedding, with the modeling module's own (``theirs``) for what it does not serve."""
 
-    def apply(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
-        if (unsqueeze_dim != 1 or q.dtype != torch.float32 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3
+    def apply(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args, **kwargs):
+        if args or kwargs:  # another signature or setting (unsqueeze_dim, a position_ids argument): the model's own
+            return theirs(q, k, cos, sin, *args, **kwargs)
+        if (q.dtype != torch.float32 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3
                 or q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride() != sin.stride() or cos.stride(-1) != 1
                 or cos.shape[0] != q.shape[0] or cos.shape[1] != q.shape[2] or cos.shape[-1] != q.shape[-1]
-                or k.dtype != q.dtype or cos.dtype != q.dtype or sin.dtype != q.dtype
+                or k.dtype != q.dtype or cos.dtype != q.dtype or sin.dtype != q.dtype or sin.shape != cos.shape
+                or q.device.type != "cpu" or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]
                 or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or cos.requires_grad)):
-            return theirs(q, k, cos, sin, unsqueeze_dim)
+            return theirs(q, k, cos, sin)
         b, hq, t, d = q.shape
         qo = torch.empty(b, hq, t, d, dtype=torch.float32)
         ko = torch.empty(b, k.shape[1], t, d, dtype=torch.float32)

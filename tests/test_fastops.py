@@ -51,6 +51,8 @@ def test_the_fused_rotary_embedding_is_bit_identical_to_hf(arch):
         cos, sin = angles.cos(), angles.sin()
         for a, r in zip(ours(q, k, cos, sin), theirs(q, k, cos, sin)):
             assert torch.equal(a, r), (b, t)
+    kw = ours(q, k, cos, sin, unsqueeze_dim=1)  # an explicit setting or another signature: the model's own
+    assert all(torch.equal(a, r) for a, r in zip(kw, theirs(q, k, cos, sin)))
     q64 = torch.randn(1, hq, 2, d, dtype=torch.float64)  # what it does not serve goes to the model's own
     k64 = torch.randn(1, hk, 2, d, dtype=torch.float64)
     c64 = torch.randn(1, 2, d, dtype=torch.float64)
