@@ -95,9 +95,24 @@ def test_auto_feature_dtype_is_timed_and_recorded(target):
     from specdec.training.features import fastest_forward_dtype
 
     _, (model, _) = target
-    assert fastest_forward_dtype(model, tokens=256, repeats=1) in ("", "bfloat16")
+    first = fastest_forward_dtype(model, tokens=256, repeats=1)
+    assert first in ("", "bfloat16")
     assert fastest_forward_dtype(copy.deepcopy(model).to(torch.bfloat16)) == ""  # not float32: kept as it is
     assert model.dtype == torch.float32
+    # decided once per model and machine: the cached choice is what later calls get (so repeated runs agree)
+    from specdec.profile import _profile_dir, profile_key
+
+    key = {**profile_key(model, fast=False), "measure": "bulk forward dtype", "tokens": 256}
+    files = [f for f in _profile_dir().glob("forward-dtype-*.json") if json.loads(f.read_text()).get("key") == key]
+    assert len(files) == 1
+    record = json.loads(files[0].read_text())
+    assert record["choice"] == first
+    record["choice"] = "" if first else "bfloat16"
+    files[0].write_text(json.dumps(record))
+    assert fastest_forward_dtype(model, tokens=256, repeats=1) == record["choice"]
+    files[0].write_text("{damaged")  # a damaged file is timed again and rewritten
+    assert fastest_forward_dtype(model, tokens=256, repeats=1) in ("", "bfloat16")
+    assert json.loads(files[0].read_text())["key"] == record["key"]
 
 
 def test_answer_mask_marks_the_assistant_text(default_tokenizer):

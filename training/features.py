@@ -86,9 +86,26 @@ def fastest_forward_dtype(model, tokens: int = 1024, repeats: int = 2) -> str:
     """``"bfloat16"`` or ``""`` (as loaded: float32): whichever runs a bulk forward of a float32 ``model`` faster here,
     timed (a few seconds) on random tokens in batches like extraction's. bf16 wins where the CPU has bf16
     matrix units (5.1x on a Sapphire Rapids host with AMX) and loses on an AVX2-only CPU; a model that is
-    not float32 keeps its dtype (``""``)."""
+    not float32 keeps its dtype (``""``).
+
+    Decided once per model and machine and cached beside the cost profiles (``$SPECDEC_CACHE/profiles``,
+    ``forward-dtype-*.json``): where the two dtypes run about as fast, timing in every process made two runs of
+    the same recipe extract in different dtypes (and train on different features); delete the file to time again."""
     if getattr(model, "dtype", None) != torch.float32:
         return ""
+    import hashlib
+    import json
+
+    from specdec.profile import _profile_dir, _write_atomic, profile_key
+
+    key = {**profile_key(model, fast=False), "measure": "bulk forward dtype", "tokens": tokens}
+    path = _profile_dir() / f"forward-dtype-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key and cached.get("choice") in ("", "bfloat16"):
+            return cached["choice"]
+    except (OSError, ValueError, AttributeError):
+        pass
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (max(1, tokens // 256), 256), generator=torch.Generator().manual_seed(0))
     times = {}
@@ -104,7 +121,9 @@ def fastest_forward_dtype(model, tokens: int = 1024, repeats: int = 2) -> str:
         except RuntimeError:  # no bf16 kernels on this CPU
             times[name] = float("inf")
     best = min(times, key=times.get)
-    return "" if best == "float32" else best
+    choice = "" if best == "float32" else best
+    _write_atomic(path, {"key": key, "choice": choice, "seconds": {k: (v if v != float("inf") else None) for k, v in times.items()}})
+    return choice
 
 
 def answer_mask(tokenizer, messages: list[dict], ids: Tensor) -> Tensor:
