@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from specdec.cache import _MIN_CAPACITY, TreeKVCache, _TreeLayer
+from specdec.cache import _MIN_CAPACITY, TreeKVCache, _TreeLayer, is_chain
 from specdec.drafters.base import DraftState, Drafter
 from specdec.kernels import ROW_BUCKETS, FastLinears
 from specdec.runner import ForwardOutput, TreeRunner, _upcast, hidden_layers, tapped_forward
@@ -113,10 +113,9 @@ class _BatchLayer(_TreeLayer):
         self.keys, self.values = self._k[:, :, : self.length + n], self._v[:, :, : self.length + n]
         return self.keys, self.values
 
-    def commit_rows(self, paths: list[Tensor], chains: list[bool] | None = None) -> None:
+    def commit_rows(self, paths: list[Tensor], chains: list[bool]) -> None:
         """Row b keeps its tree nodes ``paths[b]`` (relative to its prefix, in path order) and drops the rest
-        (``chains[b]``: the path is 0, 1, 2, ...: a chain from the root, which needs no copy)."""
-        chains = chains if chains is not None else [_is_chain(p) for p in paths]
+        (``chains[b]``: the path is a chain from the root, which needs no copy; decided once for all layers)."""
         for b, (start, path) in enumerate(zip(self.lengths, paths)):
             if not chains[b]:
                 idx = path.to(self._k.device) + start
@@ -184,7 +183,7 @@ class BatchKVCache(Cache):
 
     def commit_rows(self, paths: list[Tensor]) -> None:
         paths = [p.cpu() for p in paths]
-        chains = [_is_chain(p) for p in paths]  # once for every layer
+        chains = [is_chain(p) for p in paths]  # once for every layer
         for layer in self.layers:
             layer.commit_rows(paths, chains)
 
@@ -236,12 +235,6 @@ def _write_index(lengths: list[int], shape: torch.Size, device) -> Tensor:
     index = pos[:, None, :, None].expand(b, h, n, d)
     _WRITE_INDEX = (key, index)
     return index
-
-
-def _is_chain(path: Tensor) -> bool:
-    """Whether ``path`` is 0, 1, ..., A - 1 (the accepted nodes already sit in place)."""
-    n = path.numel()
-    return n <= 1 and (n == 0 or int(path[0]) == 0) or bool(torch.equal(path, torch.arange(n)))
 
 
 _CLEAR_AHEAD = 128  # KV entries zeroed ahead of the longest row at a time
@@ -502,7 +495,6 @@ class BatchEngine:
         self.eos_ids, self.max_rows, self.cost, self.max_nodes = eos_ids, max_rows, cost, max_nodes
         self.prefill_chunk, self.batch_cost, self.fuse_prefill = prefill_chunk, batch_cost, fuse_prefill
         self._chunk: tuple[_Prefill, int] | None = None  # the prompt chunk that rides in this step's decode forward
-        self._chunk_of: _Prefill | None = None  # the prompt whose chunk this step prefilled (fused or not)
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: list[_Prefill] = []
         self.rows: list[_Row] = []
@@ -684,30 +676,29 @@ class BatchEngine:
             trees = [TokenTree.root_only(s.root) for s in states]
         trees = [cap(t, self.max_nodes) for t in trees]  # a hard cap, also for trees that carry no scores
         clock.lap("draft")
-        chunk, self._chunk = self._chunk, None
-        self._chunk_of = chunk[0] if chunk is not None else None
-        chunk_layers = hidden_layers(chunk[0].req.drafter.hidden_request()) if chunk is not None else None
-        union = _layer_union([r.layers for r in rows] + [chunk_layers])
-        lengths = self.runner.lengths
-        self._last_forward = (len(trees), max(len(t) for t in trees))
-        fused = False
-        if chunk is not None:
-            pf, n = chunk
+        joining, n = self._chunk if self._chunk is not None else (None, 0)  # the prompt prefilled in this step
+        self._chunk = None
+        fused = joining is not None
+        if fused:
             room = self.runner.fused_room(trees)
             if room is not None and n > room:  # past the kernels' row table the rows would change kernel: shrink it,
                 if room >= _MIN_FUSED:  # or run it as a forward of its own when little room is left
                     n = room
                 else:
-                    self._prefill(pf, n)
-                    chunk = None
-            fused = chunk is not None
+                    self._prefill(joining, n)
+                    fused = False
+        chunk_layers = hidden_layers(joining.req.drafter.hidden_request()) if fused else None
+        union = _layer_union([r.layers for r in rows] + [chunk_layers])
+        lengths = self.runner.lengths
+        self._last_forward = (len(trees), max(len(t) for t in trees))
         if not fused:
             out = self.runner.forward(trees, hidden=union or False)
         else:  # a joining prompt's chunk rides in this forward (see BatchRunner.forward_fused)
             t0 = time.perf_counter()
-            out, chunk_out = self.runner.forward_fused(trees, pf.cache, pf.req.ids[pf.done : pf.done + n], hidden=union or False)
-            if pf.req.stats is not None:  # the prompt waited for the whole forward
-                pf.req.stats.prefill_time_s += time.perf_counter() - t0
+            out, chunk_out = self.runner.forward_fused(trees, joining.cache, joining.req.ids[joining.done : joining.done + n],
+                                                       hidden=union or False)
+            if joining.req.stats is not None:  # the prompt waited for the whole forward
+                joining.req.stats.prefill_time_s += time.perf_counter() - t0
         clock.lap("forward")
         accepted = [r.req.verifier.accept(t, out.logits[b, : len(t)], r.req.generator, r.ids[:-1])
                     for b, (t, r) in enumerate(zip(trees, rows))]
@@ -726,17 +717,15 @@ class BatchEngine:
                 r.req.stats.tokens_per_step.append(len(r.pending))
         if fused:
             h = _row_layers(chunk_out.hidden_states, union, chunk_layers) if chunk_layers else None
-            pf.last = ForwardOutput(chunk_out.logits, h)
+            joining.last = ForwardOutput(chunk_out.logits, h)
             if h is not None:
-                pf.hidden.append(h)
-            pf.done += n
-        if self._chunk_of is not None:
-            pf = self._chunk_of
-            if pf.done == pf.req.ids.numel():  # the prompt is in: it joins the batch, its first token pending
-                self.prefilling.remove(pf)
-                self.rows.append(self._join(pf))
+                joining.hidden.append(h)
+            joining.done += n
+        if joining is not None and joining.done == joining.req.ids.numel():  # the prompt is in: it joins, first token pending
+            self.prefilling.remove(joining)
+            self.rows.append(self._join(joining))
         clock.lap("other")
-        if paid is not None and self._chunk_of is None:  # a step carrying a prompt's chunk says nothing clean about trees' yield
+        if paid is not None and joining is None:  # a step carrying a prompt's chunk says nothing clean about trees' yield
             paid.record(any(len(t) > 1 for t in trees), sum(len(r.pending) for r in rows), b, self.clock() - started)
 
 

@@ -19,9 +19,15 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["TreeKVCache"]
+__all__ = ["TreeKVCache", "is_chain"]
 
 _MIN_CAPACITY = 256
+
+
+def is_chain(path: Tensor) -> bool:
+    """Whether the accepted nodes ``path`` are 0, 1, ..., A - 1 (a chain from the root): their entries already sit
+    in place, and committing them moves only a length."""
+    return bool(torch.equal(path, torch.arange(path.numel())))
 
 
 class _TreeLayer(DynamicLayer):
@@ -112,7 +118,7 @@ class TreeKVCache(Cache):
         e.g. a chain fully accepted) needs no copy: only the length moves.
         """
         keep = keep.cpu()  # a few indices: deciding on the host costs no device synchronisation later
-        contiguous = bool(torch.equal(keep, torch.arange(keep.numel())))
+        contiguous = is_chain(keep)
         for layer in self.layers:
             if contiguous:
                 layer.truncate(prefix_len + keep.numel())

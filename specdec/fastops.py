@@ -50,11 +50,13 @@ def ops_lib():
 
 
 def _norm_forward(mod: nn.Module, fn) -> callable:
-    weight, eps = mod.weight, float(_eps(mod))
-    h = weight.shape[0]
+    eps = float(_eps(mod))
 
     def forward(x: Tensor) -> Tensor:
-        if (x.dtype != torch.float32 or x.shape[-1] != h or x.stride(-1) != 1
+        weight = mod.weight  # read at each call: a weight the user replaces is the one used
+        h = x.shape[-1]
+        if (x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != (h,) or not weight.is_contiguous()
+                or x.stride(-1) != 1 or x.device.type != "cpu" or weight.device.type != "cpu"
                 or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):  # autograd needs torch's ops
             return type(mod).forward(mod, x)
         rows = x.numel() // h

@@ -413,8 +413,9 @@ def _fingerprint(model) -> tuple:
 
 
 def fast_linears(model, plan: LinearPlan) -> FastLinears:
-    """:class:`FastLinears` for ``model`` and ``plan``, prepared once and reused while the weights are unchanged."""
-    if not isinstance(model, nn.Module) or plan.is_trivial:
+    """:class:`FastLinears` for ``model`` and ``plan``, prepared once and reused while the weights are unchanged
+    (a trivial plan too: it still carries the fused ops, checked when prepared)."""
+    if not isinstance(model, nn.Module):
         return FastLinears(model, plan)
     key = plan.as_dict()
     hit = _PREPARED.get(model)

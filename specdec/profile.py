@@ -348,9 +348,9 @@ def _profile_dir() -> Path:
     return cache_root() / "profiles"
 
 
-def _key_file(key: dict) -> Path:
+def _key_file(key: dict, prefix: str = "") -> Path:
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return _profile_dir() / f"{digest}.json"
+    return _profile_dir() / f"{prefix}{digest}.json"
 
 
 def load_profile(key: dict) -> CostProfile | None:

@@ -93,13 +93,10 @@ def fastest_forward_dtype(model, tokens: int = 1024, repeats: int = 2) -> str:
     the same recipe extract in different dtypes (and train on different features); delete the file to time again."""
     if getattr(model, "dtype", None) != torch.float32:
         return ""
-    import hashlib
-    import json
-
-    from specdec.profile import _profile_dir, _write_atomic, profile_key
+    from specdec.profile import _key_file, _write_atomic, profile_key
 
     key = {**profile_key(model, fast=False), "measure": "bulk forward dtype", "tokens": tokens}
-    path = _profile_dir() / f"forward-dtype-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    path = _key_file(key, prefix="forward-dtype-")
     try:
         cached = json.loads(path.read_text())
         if cached.get("key") == key and cached.get("choice") in ("", "bfloat16"):
