@@ -314,11 +314,23 @@ class BatchRunner:
 
     def forward(self, trees: list[TokenTree], *, hidden: bool = False) -> ForwardOutput:
         """One forward over every row's tree: logits [B, N, V] (rows past a tree's own size are padding)."""
+        lean = self._lean(len(trees) * max(len(t) for t in trees))
+        if lean is not None:
+            tokens, depths, anc = pad_trees(trees)
+            logits, h = lean.forward(self.cache, tokens, depths, anc, embeds=self._aux_embeds(trees, tokens),
+                                     taps=hidden_layers(hidden))
+            return ForwardOutput(logits, h)
         kwargs, positions = self._tree_inputs(trees)
         with self._single._kernels():
             out, h = tapped_forward(self.model, hidden_layers(hidden), position_ids=positions.to(self.device), cache=self.cache,
                                     use_cache=True, **kwargs)
         return ForwardOutput(_upcast(out.logits), h)
+
+    def _lean(self, rows: int):
+        """The lean native forward (:mod:`specdec.lean`) when it serves ``rows`` rows of this model, else None."""
+        fast = self._single.fast
+        lean = getattr(fast, "lean", None) if fast is not None else None
+        return lean if lean is not None and lean.serves(rows) else None
 
     def fused_room(self, trees: list[TokenTree]) -> int | None:
         """Chunk tokens that fit in a forward beside these trees while every row stays on the fast kernels'
@@ -331,8 +343,10 @@ class BatchRunner:
 
     def can_fuse(self) -> bool:
         """Whether a prompt's chunk can ride in the batch's decode forward (:meth:`forward_fused`): the attention
-        must be routed (the split happens inside it)."""
-        return self.route and self.cache is not None
+        must be routed (the split happens inside it). Not where the decode forward is the lean native one
+        (:mod:`specdec.lean`): a fused forward runs HF's modeling code, which rounds differently, and a row's nodes
+        must be computed by one code whatever joins beside them."""
+        return self.route and self.cache is not None and self._lean(1) is None
 
     def forward_fused(self, trees: list[TokenTree], cache: TreeKVCache, ids: Tensor, *, hidden=False) -> tuple[ForwardOutput, ForwardOutput]:
         """One forward over every row's tree *and* a chunk of a joining prompt (``ids``, [C] long, appended to its
@@ -381,17 +395,25 @@ class BatchRunner:
             visible = ragged_tree_mask(lengths, anc, total).to(self.device)
             mask = torch.zeros(visible.shape, dtype=getattr(self.model, "dtype", torch.float32), device=self.device)
             kwargs["attention_mask"] = mask.masked_fill_(~visible, torch.finfo(mask.dtype).min)[:, None]
-        ids = tokens.to(self.device)
-        if any(t.input_embeds is not None for t in trees):  # auxiliary nodes (PPD) take the drafter's embeddings
-            embeds = self.model.get_input_embeddings()(ids)
-            for b, t in enumerate(trees):
-                if t.input_embeds is not None:
-                    aux = torch.nonzero(t.auxiliary).flatten().to(self.device)
-                    embeds[b, aux] = t.input_embeds[aux.cpu()].to(self.device, embeds.dtype)
+        embeds = self._aux_embeds(trees, tokens)
+        if embeds is not None:
             kwargs["inputs_embeds"] = embeds
         else:
-            kwargs["input_ids"] = ids
+            kwargs["input_ids"] = tokens.to(self.device)
         return kwargs, lengths[:, None] + depths
+
+    def _aux_embeds(self, trees: list[TokenTree], tokens: Tensor) -> Tensor | None:
+        """The input embeddings [B, N, H] when some tree has auxiliary nodes (PPD: they take the drafter's embeddings
+        instead of a token's), else None."""
+        if all(t.input_embeds is None for t in trees):
+            return None
+        with torch.no_grad():
+            embeds = self.model.get_input_embeddings()(tokens.to(self.device))
+        for b, t in enumerate(trees):
+            if t.input_embeds is not None:
+                aux = torch.nonzero(t.auxiliary).flatten().to(self.device)
+                embeds[b, aux] = t.input_embeds[aux.cpu()].to(self.device, embeds.dtype)
+        return embeds
 
     def commit(self, paths: list[Tensor]) -> None:
         self.cache.commit_rows(paths)

@@ -329,6 +329,9 @@ def _linears(model) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
+_UNSET = object()
+
+
 class FastLinears:
     """A model's ``nn.Linear`` layers routed to the plan's kernels inside :meth:`scope`.
 
@@ -345,6 +348,9 @@ class FastLinears:
         from specdec.fastops import fast_ops_for
 
         self._ops = fast_ops_for(model)  # fused norms and rotary embedding (fp32), switched in with the linears
+        self._model = weakref.ref(model) if isinstance(model, nn.Module) else None
+        self._table = table
+        self._lean: object = _UNSET
         if plan.is_trivial:
             return
         for mod in _linears(model):
@@ -358,6 +364,17 @@ class FastLinears:
     def routed(self) -> bool:
         """Whether some linear layer runs a kernel of the plan (rows up to ``max(ROW_BUCKETS)``; past that F.linear)."""
         return bool(self._routes)
+
+    @property
+    def lean(self):
+        """The lean native decode forward for this model and plan (:mod:`specdec.lean`), or None where it does not
+        apply; prepared (and checked against the model's own forward) on first use."""
+        if self._lean is _UNSET:
+            from specdec.lean import lean_forward_for
+
+            model = self._model() if self._model is not None else None
+            self._lean = lean_forward_for(model, self._table) if model is not None and self.routed else None
+        return self._lean
 
     def scope(self):
         """Route the model's linear layers through the fast kernels (and switch in the fused ops) for the duration of

@@ -84,7 +84,7 @@ def _build(source: Path):
     if cc is None:
         _reason = "no C compiler found (set CC, or install gcc)"
         return None
-    code = source.read_bytes()
+    code = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # headers it may include
     key = hashlib.sha256(code + " ".join([cc, *_FLAGS]).encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
     target = native_dir() / f"{source.stem}-{key}.so"
     if not target.exists():

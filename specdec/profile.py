@@ -57,7 +57,8 @@ __all__ = ["BatchCostProfile", "CostProfile", "ContextCost", "add_prefix_curves"
 # memory-bound regime at 3-4 rows), which an interpolation between 2 and 4 misses by a third of the step.
 NODE_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PREFIX = 128
-FORMAT = 4  # 3: NODE_COUNTS with 3, 6, 12, 24, 48; 4: the rows-avx512 kernel among the candidates (older profiles re-measure)
+FORMAT = 5  # 3: NODE_COUNTS with 3, 6, 12, 24, 48; 4: the rows-avx512 kernel among the candidates; 5: measured through
+# the batched runner generation uses (older profiles re-measure)
 
 
 @dataclass
@@ -337,7 +338,7 @@ def _native_sources() -> str:
     """A digest of specdec's own kernel sources: a changed kernel is a changed cost (read once per process: the key
     is built on every generation)."""
     digest = hashlib.sha1()
-    for src in sorted((Path(__file__).with_name("csrc")).glob("*.c")):
+    for src in sorted((Path(__file__).with_name("csrc")).glob("*.[ch]")):
         digest.update(src.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -412,31 +413,23 @@ def measure_profile(model, *, fast: bool = True, attn: str = "torch", repeats: i
     median of ``repeats`` runs counts, so slow drift of the machine spreads
     over all sizes instead of bending the curve.
     """
-    from specdec.runner import TreeRunner
-
     t_start = time.perf_counter()
     if fast and linears is None:
         linears = fast_linears(model, measure_plan(model, repeats=3, progress=progress))
     plan = linears.plan if linears is not None else LinearPlan()
-    vocab = model.get_output_embeddings().weight.shape[0]
-    g = torch.Generator().manual_seed(0)
-    prefix = torch.randint(0, vocab, (PREFIX,), generator=g)
-    trees = {n: TokenTree(torch.randint(0, vocab, (n,), generator=g), _bushy_parents(n)) for n in node_counts}
-    with TreeRunner(model, attn=attn, fast=linears) as runner:
-        runner.prefill(prefix)
-        p = runner.prefix_len
-        times = _interleaved(list(node_counts), repeats, lambda n: runner.forward(trees[n]), lambda n: runner.rollback(p),
-                             runner.device, progress, "forward cost")
-    step, v = _monotone_curve(times)
+    # through the forward generation runs (the batched runner with one row: the lean native forward where it applies)
+    curve = measure_curve(model, PREFIX, attn=attn, linears=linears, repeats=repeats, node_counts=node_counts,
+                          progress=progress, route=fast, label="forward cost")
     return CostProfile(
-        step_ms=step * 1e3, v=v, linear_plan=plan.as_dict(), linear_invariant=plan.invariant,
+        step_ms=curve["step_ms"], v=curve["v"], linear_plan=plan.as_dict(), linear_invariant=plan.invariant,
         key=profile_key(model, fast=fast, attn=attn), measured_s=round(time.perf_counter() - t_start, 2),
     )
 
 
 @torch.inference_mode()
 def measure_curve(model, prefix_len: int, *, attn: str = "torch", linears: FastLinears | None = None, repeats: int = 3,
-                  node_counts=NODE_COUNTS, progress: Callable[[str], None] | None = None, route: bool = True) -> dict:
+                  node_counts=NODE_COUNTS, progress: Callable[[str], None] | None = None, route: bool = True,
+                  label: str | None = None) -> dict:
     """{"step_ms", "v"} measured after a random prefix of ``prefix_len`` tokens through the forward generation runs
     (the batched runner with one row: a lone root runs maskless there, a tree with its mask), its prefill first
     and untimed; rounds interleaved and medians taken as in :func:`measure_profile`."""
@@ -453,7 +446,7 @@ def measure_curve(model, prefix_len: int, *, attn: str = "torch", linears: FastL
         runner.extend(single, torch.randint(0, vocab, (prefix_len,), generator=g))
         runner.cache = BatchKVCache.stack([single])
         times = _interleaved(list(node_counts), repeats, lambda n: runner.forward([trees[n]]),
-                             lambda n: runner.commit([torch.arange(0)]), runner.device, progress, f"after {prefix_len} tokens")
+                             lambda n: runner.commit([torch.arange(0)]), runner.device, progress, label or f"after {prefix_len} tokens")
     step, v = _monotone_curve(times)
     return {"step_ms": step * 1e3, "v": v}
 

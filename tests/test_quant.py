@@ -12,6 +12,7 @@ gguf = pytest.importorskip("gguf")
 
 from specdec import native  # noqa: E402
 from specdec.kernels import KERNELS, ROW_BUCKETS, FastLinears, LinearPlan  # noqa: E402
+from specdec.lean import LeanForward  # noqa: E402
 from specdec.quant import FORMATS, QuantWeight, _blocks_for, attach_gguf, decode_rows, quant_of, quant_summary  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
@@ -178,8 +179,11 @@ def test_greedy_on_a_tiny_gguf_equals_plain_decoding_through_the_quantized_kerne
     attach_gguf(model, path)
     plan = LinearPlan({b: "gguf-avx512" for b in ROW_BUCKETS}, invariant=True)
     monkeypatch.setattr(profile, "measure_plan", lambda *a, **k: plan)
-    calls, run = [], type(KERNEL).run
+    calls, run, lean_forward = [], type(KERNEL).run, LeanForward.forward
     monkeypatch.setattr(type(KERNEL), "run", lambda self, *a: calls.append(a[-1]) or run(self, *a))
+    # where the lean native forward applies it runs the decode forwards, from the same blocks (specdec/lean.py)
+    monkeypatch.setattr(LeanForward, "forward", lambda self, cache, tokens, *a, **k: calls.append(tokens.numel())
+                        or lean_forward(self, cache, tokens, *a, **k))
     fast = FastLinears(model, plan)
     x = torch.randint(0, 96, (1, 9))
     with torch.inference_mode():

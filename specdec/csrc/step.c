@@ -1,0 +1,182 @@
+/* specdec's lean decoder forward: a whole llama-style decoder stack in one native call, for the engine's fp32 CPU
+ * decode forwards (a plain step, or B rows of token trees).
+ *
+ * Why: with the weights streamed by the own kernels (rows.c, quant.c) a plain step of a 30-layer model spent about
+ * half its time outside the multiplies: ~1,500 aten ops and the Python of the modeling code around them, each a few
+ * microseconds whatever its size. Here the layers run back to back in C: RMSNorm, q/k/v, rotary embedding, the new
+ * keys/values written into the engine's KV cache, attention over each row's cache and tree, o, the SiLU MLP and the
+ * residuals. The multiplies and the attention are the same native kernels the engine already uses (their addresses
+ * are handed in), so a row's result never depends on the other rows: a tree node gets bit for bit what a plain step
+ * at its place would get.
+ *
+ * The arithmetic outside the kernels follows HF's modeling code (the rotary embedding with the same products and
+ * sums, no fused multiply-add: this file is compiled without FP contraction); the SiLU uses exp16 (vecmath.h), so
+ * the stack agrees with HF's forward up to float rounding (specdec/lean.py checks it on the model when prepared).
+ *
+ * Built at first use by specdec/native.py and called through ctypes from specdec/lean.py, which describes the model
+ * in one int64 array (layout below) and keeps every tensor it points to alive. */
+#pragma GCC optimize("fp-contract=off")
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vecmath.h"
+
+typedef int (*quant_fn)(int, const float *, const uint8_t *, const float *, float *, int64_t, int64_t, int64_t, int);
+typedef int (*rows_fn)(const float *, const float *, const float *, float *, int64_t, int64_t, int64_t, int);
+typedef int (*attn_fn)(int, const void *, const void *, const void *, const float *, float *, int64_t, int64_t, int64_t,
+                       int64_t, int64_t, int64_t, const int64_t *, const int64_t *, const int64_t *, int64_t, float, int);
+typedef int (*norm_fn)(const float *, const float *, float *, int64_t, int64_t, int64_t, float);
+
+/* The model description (int64 each; pointers as integers, floats as their 32-bit patterns):
+ *   header: layers, hidden, q heads, kv heads, head dim, intermediate, vocab, quant_linear, rows_linear, attention,
+ *           rmsnorm, final norm weight, final norm eps, attention scale, then the LM head as one linear (6 fields)
+ *   per layer: input norm weight, its eps, post-attention norm weight, its eps, then q, k, v, o, gate, up, down
+ *   a linear: kind (0 quantized blocks, 1 fp32 weight), block format, weight or blocks, bias (0: none), N, K */
+enum { D_LAYERS, D_HIDDEN, D_HQ, D_HK, D_HEAD, D_INTER, D_VOCAB, D_QUANT, D_ROWS, D_ATTN, D_NORM, D_FNORM, D_FEPS,
+       D_SCALE, D_LMHEAD, D_FIRST_LAYER = D_LMHEAD + 6 };
+#define LIN 6
+#define PER_LAYER (4 + 7 * LIN)
+enum { L_Q, L_K, L_V, L_O, L_GATE, L_UP, L_DOWN };
+#define MAXD 512
+
+static inline float fbits(int64_t v) {
+    int32_t i = (int32_t)v;
+    float f;
+    memcpy(&f, &i, 4);
+    return f;
+}
+static inline void *ptr(int64_t v) { return (void *)(intptr_t)v; }
+
+static int linear(const int64_t *d, const int64_t *lin, const float *x, float *y, int64_t m, int threads) {
+    const float *bias = (const float *)ptr(lin[3]);
+    if (lin[0] == 0)
+        return ((quant_fn)ptr(d[D_QUANT]))((int)lin[1], x, (const uint8_t *)ptr(lin[2]), bias, y, m, lin[4], lin[5], threads);
+    return ((rows_fn)ptr(d[D_ROWS]))(x, (const float *)ptr(lin[2]), bias, y, m, lin[4], lin[5], threads);
+}
+
+/* HF's x * cos + rotate_half(x) * sin for one head: each product and sum rounded as torch rounds it */
+static inline void rope(const float *x, const float *c, const float *s, float *o, int64_t dh) {
+    int64_t half = dh / 2;
+    for (int64_t e = 0; e < half; e++) {
+        float a = x[e] * c[e];
+        float r = -x[e + half] * s[e];
+        o[e] = a + r;
+    }
+    for (int64_t e = half; e < dh; e++) {
+        float a = x[e] * c[e];
+        float r = x[e - half] * s[e];
+        o[e] = a + r;
+    }
+}
+
+static inline void add_into(float *x, const float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    for (; i < n; i++) x[i] = x[i] + y[i];
+}
+
+/* g = silu(g) * u = g / (1 + exp(-g)) * u */
+static inline void silu_mul(float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    __m512 one = _mm512_set1_ps(1.0f);
+    for (; i < n; i += 16) {
+        __mmask16 mk = i + 16 <= n ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 gv = _mm512_maskz_loadu_ps(mk, g + i);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        __m512 r = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(mk, u + i));
+        _mm512_mask_storeu_ps(g + i, mk, r);
+    }
+}
+
+static void tap(const int64_t *taps, int64_t ntaps, int64_t index, const float *x, float *out, int64_t m, int64_t h) {
+    for (int64_t t = 0; t < ntaps; t++)
+        if (taps[t] == index)
+            for (int64_t r = 0; r < m; r++) memcpy(out + (r * ntaps + t) * h, x + r * h, (size_t)h * sizeof(float));
+}
+
+/* One forward over B rows of N nodes each (M = B * N), written after each row's committed length.
+ *
+ *   x        [M, hidden] the nodes' input embeddings (overwritten)
+ *   lengths  [B] each row's committed cache length; node i of row b sits at cache position lengths[b] + i
+ *   anc      [B, N, N] uint8 tree visibility (node i sees node j), or NULL when N == 1
+ *   pos      [M] the nodes' positions (rows of the cos/sin tables [*, head dim])
+ *   kc, vc   per layer, the cache buffers [R, kv heads, cap, head dim] (row b at b * kv heads * cap * head dim)
+ *   taps     [ntaps] HF hidden-state indices (0 the embeddings, i the output of layer i - 1, layers: after the final
+ *            norm) copied into tap_out [M, ntaps * hidden]
+ *   logits   [M, vocab]
+ * Returns 0, or the first non-zero code of a kernel, or -3 when scratch memory could not be allocated. */
+int specdec_lean_forward(const int64_t *d, float *x, int64_t B, int64_t N, const int64_t *lengths, const uint8_t *anc,
+                         const int64_t *pos, const float *cos_t, const float *sin_t, const int64_t *kc, const int64_t *vc,
+                         int64_t cap, const int64_t *taps, int64_t ntaps, float *tap_out, float *logits, int threads) {
+    int64_t L = d[D_LAYERS], H = d[D_HIDDEN], hq = d[D_HQ], hk = d[D_HK], dh = d[D_HEAD], I = d[D_INTER];
+    int64_t M = B * N, qw = hq * dh, kw = hk * dh, smax = 0;
+    if (dh > MAXD || dh % 2 || hk < 1 || hq % hk) return -1;
+    for (int64_t b = 0; b < B; b++)
+        if (lengths[b] + N > smax) smax = lengths[b] + N;
+    size_t floats = (size_t)(M * H + M * qw + 2 * M * kw + M * qw + M * H + 2 * M * I + N * smax + dh);
+    float *scratch = (float *)malloc(floats * sizeof(float));
+    if (!scratch) return -3;
+    float *xn = scratch, *q = xn + M * H, *k = q + M * qw, *v = k + M * kw, *att = v + M * kw, *o = att + M * qw;
+    float *g = o + M * H, *u = g + M * I, *mask = u + M * I, *tmp = mask + N * smax;
+    norm_fn norm = (norm_fn)ptr(d[D_NORM]);
+    attn_fn attend = (attn_fn)ptr(d[D_ATTN]);
+    float scale = fbits(d[D_SCALE]);
+    int rc = 0;
+    tap(taps, ntaps, 0, x, tap_out, M, H);
+    for (int64_t l = 0; l < L && !rc; l++) {
+        const int64_t *ld = d + D_FIRST_LAYER + l * PER_LAYER, *lin = ld + 4;
+        float *kl = (float *)ptr(kc[l]), *vl = (float *)ptr(vc[l]);
+        norm(x, (const float *)ptr(ld[0]), xn, M, H, H, fbits(ld[1]));
+        if ((rc = linear(d, lin + L_Q * LIN, xn, q, M, threads))) break;
+        if ((rc = linear(d, lin + L_K * LIN, xn, k, M, threads))) break;
+        if ((rc = linear(d, lin + L_V * LIN, xn, v, M, threads))) break;
+        for (int64_t m = 0; m < M; m++) {
+            int64_t b = m / N, i = m % N, at = lengths[b] + i;
+            const float *c = cos_t + pos[m] * dh, *s = sin_t + pos[m] * dh;
+            for (int64_t h = 0; h < hq; h++) {
+                memcpy(tmp, q + m * qw + h * dh, (size_t)dh * sizeof(float));
+                rope(tmp, c, s, q + m * qw + h * dh, dh);
+            }
+            for (int64_t h = 0; h < hk; h++) {
+                int64_t off = ((b * hk + h) * cap + at) * dh;
+                rope(k + m * kw + h * dh, c, s, kl + off, dh);
+                memcpy(vl + off, v + m * kw + h * dh, (size_t)dh * sizeof(float));
+            }
+        }
+        for (int64_t b = 0; b < B && !rc; b++) {
+            int64_t S = lengths[b] + N;
+            const float *mk = 0;
+            if (N > 1) { /* the committed prefix is visible to every node; within the tree, a node's ancestors */
+                for (int64_t i = 0; i < N; i++) {
+                    float *row = mask + i * S;
+                    memset(row, 0, (size_t)lengths[b] * sizeof(float));
+                    for (int64_t j = 0; j < N; j++) row[lengths[b] + j] = anc[(b * N + i) * N + j] ? 0.0f : -INFINITY;
+                }
+                mk = mask;
+            }
+            int64_t qs[3] = {N * qw, dh, qw}, ks[3] = {hk * cap * dh, cap * dh, dh};
+            rc = attend(0, q + b * N * qw, kl + b * hk * cap * dh, vl + b * hk * cap * dh, mk, att + b * N * qw, 1, hq, hk, N,
+                        S, dh, qs, ks, ks, 0, scale, threads);
+        }
+        if (rc) break;
+        if ((rc = linear(d, lin + L_O * LIN, att, o, M, threads))) break;
+        add_into(x, o, M * H);
+        norm(x, (const float *)ptr(ld[2]), xn, M, H, H, fbits(ld[3]));
+        if ((rc = linear(d, lin + L_GATE * LIN, xn, g, M, threads))) break;
+        if ((rc = linear(d, lin + L_UP * LIN, xn, u, M, threads))) break;
+        silu_mul(g, u, M * I);
+        if ((rc = linear(d, lin + L_DOWN * LIN, g, o, M, threads))) break;
+        add_into(x, o, M * H);
+        if (l + 1 < L) tap(taps, ntaps, l + 1, x, tap_out, M, H);
+    }
+    if (!rc) {
+        norm(x, (const float *)ptr(d[D_FNORM]), xn, M, H, H, fbits(d[D_FEPS]));
+        tap(taps, ntaps, L, xn, tap_out, M, H);
+        rc = linear(d, d + D_LMHEAD, xn, logits, M, threads);
+    }
+    free(scratch);
+    return rc;
+}
