@@ -373,7 +373,7 @@ class FastLinears:
             from specdec.lean import lean_forward_for
 
             model = self._model() if self._model is not None else None
-            self._lean = lean_forward_for(model, self._table) if model is not None and self.routed else None
+            self._lean = lean_forward_for(model, self._table, self.scope) if model is not None and self.routed else None
         return self._lean
 
     def scope(self):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -236,14 +237,15 @@ def _spec(model) -> dict | str:
             "norm": dec.norm, "lm_head": head, "decoder": list(layers), "rotary": rotary}
 
 
-def _agrees(model, lean: LeanForward) -> str | None:
+def _agrees(model, lean: LeanForward, scope) -> str | None:
     """Run a random 12-token sequence through the lean forward (as a chain tree over an empty cache, then one plain
-    step) and through the model's own forward: None when the logits agree to float rounding, else the difference."""
+    step) and through the model's own forward (inside ``scope``: with the same linear kernels, so that a GGUF
+    model's fp32 weights stay unread): None when the logits agree to float rounding, else the difference."""
     from specdec.batch import BatchKVCache, _BatchLayer
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, lean.vocab, (13,), generator=g)
-    with torch.no_grad():
+    with torch.no_grad(), scope():
         ref = model(input_ids=ids[None]).logits[0].float()
     layers = []
     for _ in range(lean.layers):
@@ -263,9 +265,10 @@ def _agrees(model, lean: LeanForward) -> str | None:
     return None if err <= 1e-3 * max(scale, 1.0) else f"its logits differ from the model's own forward by {err:.3g} (of {scale:.3g})"
 
 
-def lean_forward_for(model, kernels: list[str]) -> LeanForward | None:
+def lean_forward_for(model, kernels: list[str], scope=nullcontext) -> LeanForward | None:
     """The lean forward for ``model`` with the plan's kernel per row count (``kernels[r]`` for r rows), or None
-    (the reason in :func:`lean_unavailable_reason`)."""
+    (the reason in :func:`lean_unavailable_reason`). ``scope``: the context in which the model's own forward runs
+    with the same kernels (the check when prepared)."""
     global _reason
     if os.environ.get("SPECDEC_LEAN", "1") == "0":
         _reason = "switched off by SPECDEC_LEAN=0"
@@ -284,7 +287,7 @@ def lean_forward_for(model, kernels: list[str]) -> LeanForward | None:
         _reason = unavailable_reason() or "a native library could not be built"
         return None
     lean = LeanForward(model, kernels, spec)
-    problem = _agrees(model, lean)
+    problem = _agrees(model, lean, scope)
     if problem is not None:
         _reason = problem
         return None

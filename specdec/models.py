@@ -84,8 +84,54 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
     if gguf is not None and quantized and os.environ.get("SPECDEC_GGUF_BLOCKS", "1") != "0":
         from specdec.quant import attach_gguf
 
+        _map_linear_weights(model, path / "model.safetensors")
         attach_gguf(model, gguf)
     return model, tokenizer
+
+
+def _random_access(t: torch.Tensor) -> None:
+    """Tell the kernel that ``t``'s mapped pages are read here and there (MADV_RANDOM): a fault then maps the one
+    page it needs, not the 64 KB around it (reading a few sampled rows of every weight, as the GGUF check does,
+    would otherwise map a third of the file). Best effort: nothing happens where madvise is not available."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = t.data_ptr() & ~4095
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(t.data_ptr() + t.numel() * t.element_size() - start), 1)
+    except (OSError, AttributeError):
+        pass
+
+
+def _map_linear_weights(model, file: Path) -> int:
+    """Point a GGUF model's fp32 linear weights at the pages of its converted safetensors file (a private,
+    copy-on-write mapping) instead of memory of their own; returns how many moved. The engine's forwards multiply
+    the quantized blocks and never read these pages, so they stay on disk (in the page cache) until something
+    else reads them: HF ``generate`` (the bench's baseline), training, a forward of more rows than the kernels'
+    table. Writing to a weight copies only the pages written. Only for an fp32 model on the CPU (the blocks are
+    kept for no other); a file that cannot be mapped leaves the weights as loaded."""
+    if getattr(model, "dtype", None) != torch.float32 or getattr(model, "device", torch.device("cpu")).type != "cpu":
+        return 0
+    try:
+        from safetensors import safe_open
+
+        moved = 0
+        params = dict(model.named_parameters())
+        linear = {id(mod.weight) for mod in model.modules() if isinstance(mod, torch.nn.Linear)}  # tied ones too
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                param = params.get(key)
+                if param is None or id(param) not in linear:
+                    continue
+                mapped = f.get_tensor(key)
+                if mapped.shape == param.shape and mapped.dtype == param.dtype:
+                    param.data = mapped
+                    _random_access(mapped)
+                    moved += 1
+        return moved
+    except (OSError, RuntimeError, ValueError) as err:
+        log.warning("could not map %s (%s): the fp32 weights stay in memory", file, err)
+        return 0
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):

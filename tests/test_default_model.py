@@ -210,3 +210,37 @@ def test_rapid_on_a_long_prompt_equals_plain_decoding_and_retrieves_the_answer(d
     assert out.stats.mean_accepted_length > 1.5, out.stats.as_dict()
     # a draft token's measured cost leaves out the draft cache's one-off prefill of the short context
     assert d._draft_ms < out.stats.prefill_time_s * 1e3 / 4, (d._draft_ms, out.stats.prefill_time_s)
+
+
+def test_gguf_linear_weights_stay_on_disk_and_the_lean_forward_runs(default_model):
+    """The default model (a GGUF) multiplies its quantized blocks; its fp32 linear weights are pages of the
+    converted file (mapped, read only where something reads them), not memory of the process's own; where the
+    native kernels exist, the engine's decode forward is the lean one."""
+    import re
+    from pathlib import Path
+
+    from specdec.quant import quant_of
+
+    model, _ = default_model
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps on this system")
+    ranges = []
+    for line in maps.read_text().splitlines():
+        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s+(\S+)", line)
+        if m and m.group(3).endswith("model.safetensors"):
+            ranges.append((int(m.group(1), 16), int(m.group(2), 16)))
+    linears = [mod for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
+    blocked = [mod for mod in linears if quant_of(mod.weight) is not None]
+    if not blocked:
+        pytest.skip("no quantized blocks kept on this machine (no quantized kernel)")
+    for mod in linears:
+        ptr = mod.weight.data_ptr()
+        assert any(lo <= ptr < hi for lo, hi in ranges), "a linear weight is not a mapped page of the model file"
+    from specdec.profile import fast_linears_for, get_profile
+
+    fast = fast_linears_for(model, get_profile(model, fast=True, progress=False))
+    if fast.plan.for_rows(1) == "gguf-avx512":
+        from specdec.lean import lean_unavailable_reason
+
+        assert fast.lean is not None and fast.lean.serves(1), lean_unavailable_reason()

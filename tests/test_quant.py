@@ -199,3 +199,16 @@ def test_greedy_on_a_tiny_gguf_equals_plain_decoding_through_the_quantized_kerne
             out = specdec.generate(model, None, ids, drafter=drafter, max_new_tokens=20, size_trees=False)
             assert out.token_ids == plain.token_ids, (i, drafter)
     assert 1 in calls and max(calls) > 1  # plain steps and tree forwards both ran through the quantized kernel
+    # a prompt longer than the kernels' row table is prefilled in pieces the kernel runs: no forward falls back to
+    # F.linear over the dequantized weights
+    from types import SimpleNamespace
+
+    from specdec import kernels
+
+    dense = []
+    monkeypatch.setattr(kernels, "F", SimpleNamespace(linear=lambda x, w, b=None: dense.append(x.shape) or F.linear(x, w, b)))
+    long = torch.randint(0, 96, (150,), generator=g)
+    calls.clear()
+    plain = specdec.generate(model, None, long, drafter="none", max_new_tokens=8, size_trees=False)
+    assert dense == [] and max(calls) == max(ROW_BUCKETS)
+    assert specdec.generate(model, None, long, drafter="prompt-lookup", max_new_tokens=8, size_trees=False).token_ids == plain.token_ids
