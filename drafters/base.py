@@ -192,6 +192,12 @@ class Drafter:
             everything it changes it first assigns in ``reset`` (see :meth:`spawn`).
         stateless: proposing reads only the step's :class:`DraftState` (and statistics it may skip
             updating): a batch under load may then skip drafting for steps where no tree has paid lately.
+        skippable: a step left out (no ``propose``, no ``observe``) costs the drafter only that step's drafts: its
+            next ``propose`` catches up from the :class:`DraftState`, whose hidden states then cover every
+            position committed since its last one (the engine keeps them). The engine skips drafting for such
+            drafters while their drafted steps have yielded fewer tokens per second than plain steps, drafting
+            included (trained heads and EAGLE, whose own forwards cost a share of the step), and drafts again
+            every few steps to see whether that has changed.
         session_options: fields of the drafter's ``config`` dataclass that one request may set for its own
             session (:meth:`open`; the server's ``drafter_options``): settings read while proposing, never
             the shared part's (weights, a store's file or size).
@@ -201,6 +207,7 @@ class Drafter:
     shared_state: tuple[str, ...] = ()
     session_options: tuple[str, ...] = ()
     stateless: bool = False  # a step without propose/observe loses this drafter nothing (the batch may skip drafting)
+    skippable: bool = False  # a skipped step loses it only that step's drafts (it catches up at its next propose)
     needs_hidden_states: bool = False
     hidden_layers: tuple[int, ...] = (-1,)
     vocab_size: int | None = None

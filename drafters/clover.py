@@ -338,6 +338,7 @@ class CloverDrafter(Drafter):
 
     name = "clover"
     needs_hidden_states = True
+    skippable = True  # its next propose encodes every position committed since its last (see Drafter.skippable)
 
     def __init__(self, config: CloverConfig, state: dict, options: CloverDrafterConfig | None = None, source: str = "") -> None:
         self.clover_config, self._state, self.source = config, state, source

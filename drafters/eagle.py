@@ -273,6 +273,7 @@ class EagleDrafter(Drafter):
 
     name = "eagle"
     needs_hidden_states = True
+    skippable = True  # its next propose encodes every position committed since its last (see Drafter.skippable)
 
     def __init__(self, model: EagleModel, options: EagleDrafterConfig | None = None, source: str = "") -> None:
         self.model, self.options = model, options or EagleDrafterConfig()

@@ -30,6 +30,7 @@ class FusedDrafter(Drafter):
             raise ValueError("fusing needs at least two drafters, e.g. 'medusa+prompt-lookup'")
         self.drafters = drafters
         self.needs_hidden_states = any(d.needs_hidden_states for d in drafters)
+        self.skippable = all(type(d).stateless or d.skippable for d in drafters)  # every part may miss a step
         layers: list[int] = []  # every layer some drafter reads, once; each drafter gets its own slice
         for d in drafters:
             if d.needs_hidden_states:

@@ -209,6 +209,7 @@ class MedusaDrafter(Drafter):
 
     name = "medusa"
     needs_hidden_states = True
+    skippable = True  # it reads only the last committed position's state (see Drafter.skippable)
 
     def __init__(self, heads: MedusaHeads, *, paths: list[tuple[int, ...]] | None = None, budget: int = 0, topk: int = 8,
                  decay: float = 0.9) -> None:

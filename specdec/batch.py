@@ -503,6 +503,10 @@ class BatchEngine:
             yielded fewer tokens per second than plain steps at this batch size (B over a plain step's measured
             time), it verifies roots only, letting trees through every 16th step; a profile measured on a
             quieter machine, or drafts accepted less often than they were scored, cannot slow it down for long.
+            Drafters whose own forwards cost a share of the step (``Drafter.skippable``: EAGLE, Clover, Medusa)
+            are checked the same way at every batch size, one row included, with their drafting counted: while
+            their drafted steps lose to plain ones the batch does not ask them (roots only, a probe every 16th
+            step), and keeps the skipped steps' hidden states for their next propose.
         fuse_prefill: pack a prefilling prompt's chunk into the step's decode forward (False: a forward of its own;
             the outputs are the same either way).
     """
@@ -679,23 +683,38 @@ class BatchEngine:
         if hasattr(self.cost, "prefix"):  # a context-aware cost (specdec.profile.ContextCost): this step's prefix length
             self.cost.prefix = max(r.ids.numel() for r in rows)
         self._steps += 1
-        b = len(rows)
+        b = size = len(rows)  # size: the rows of this step (``b`` is reused as a row index below, rows may grow)
         gate = self.cost is not None and all(type(r.drafter).stateless for r in rows)
+        # Drafters whose own forwards cost something (trained heads, EAGLE) are also judged by what their steps
+        # really return, drafting included, at any batch size: the cost profile prices tree nodes, not drafting.
+        costly = not gate
+        skippable = all(_can_skip(r.drafter) for r in rows)
+        paid = (self._paid.setdefault(b, _Paid()) if self.cost is not None and (b > 1 or (costly and skippable))
+                else None)
+        unpaid = paid is not None and not paid.trees_pay() and bool(self._steps % _GATE_PROBE)
+        proposed = None
         if gate and self._plain_streak.get(b, 0) >= _GATE_AFTER and self._steps % _GATE_PROBE:
             # Under this load no tree has paid for a while: skip drafting too (stateless drafters lose nothing),
             # and look again every _GATE_PROBE steps.
+            trees = [TokenTree.root_only(s.root) for s in states]
+        elif unpaid and costly and skippable:
+            # Drafted steps have yielded fewer tokens per second than plain ones: skip drafting (these drafters
+            # catch up on the positions they missed at their next propose), and draft again every _GATE_PROBE steps.
             trees = [TokenTree.root_only(s.root) for s in states]
         else:
             proposed = _propose(rows, states)
             trees = trim_batch(proposed, self.cost, self.max_nodes, self.batch_cost) if self.cost is not None else proposed
             if gate and any(len(t) > 1 for t in proposed):  # steps with nothing proposed say nothing about the cost
                 self._plain_streak[b] = self._plain_streak.get(b, 0) + 1 if all(len(t) == 1 for t in trees) else 0
-        paid = self._paid.setdefault(b, _Paid()) if b > 1 and self.cost is not None else None
-        if paid is not None and not paid.trees_pay() and self._steps % _GATE_PROBE:
+        if unpaid and proposed is not None:
             # Trees kept by the cost model have yielded fewer tokens per second than plain steps at this batch size
             # (a profile measured on a quieter machine, drafts accepted less often than scored): verify roots only,
             # and let trees through every _GATE_PROBE steps to see whether that has changed.
             trees = [TokenTree.root_only(s.root) for s in states]
+        skipped = proposed is None and not gate  # drafters that did not see this step (their hidden states accumulate)
+        # a step that verified trees; for costly drafters also one whose drafts the cost model cut to the root (its
+        # drafting was paid for): what _Paid weighs against plain steps
+        drafted = proposed is not None and not unpaid and any(len(t) > 1 for t in (proposed if costly else trees))
         trees = [cap(t, self.max_nodes) for t in trees]  # a hard cap, also for trees that carry no scores
         clock.lap("draft")
         joining, n = self._chunk if self._chunk is not None else (None, 0)  # the prompt prefilled in this step
@@ -730,9 +749,12 @@ class BatchEngine:
         for b, (r, t, a) in enumerate(zip(rows, trees, accepted)):
             r.pending = a.new_tokens(t)
             h = _row_layers(out.hidden_states[b, : len(t)], union, r.layers) if r.layers else None
-            r.hidden = h[a.path.to(h.device)] if h is not None else None
-            r.hidden_start = lengths[b]
-            r.drafter.observe(_step_result(t, a, r.pending, ForwardOutput(out.logits[b, : len(t)], h)))
+            kept = h[a.path.to(h.device)] if h is not None else None
+            if skipped:  # the drafter did not propose: it reads this step's positions with the next ones
+                r.hidden = torch.cat([r.hidden, kept]) if r.hidden is not None and kept is not None else kept
+            else:
+                r.hidden, r.hidden_start = kept, lengths[b]
+                r.drafter.observe(_step_result(t, a, r.pending, ForwardOutput(out.logits[b, : len(t)], h)))
             if r.req.stats is not None:
                 r.req.stats.target_forwards += 1
                 r.req.stats.drafted_tokens += t.num_drafts
@@ -748,7 +770,7 @@ class BatchEngine:
             self.rows.append(self._join(joining))
         clock.lap("other")
         if paid is not None and joining is None:  # a step carrying a prompt's chunk says nothing clean about trees' yield
-            paid.record(any(len(t) > 1 for t in trees), sum(len(r.pending) for r in rows), b, self.clock() - started)
+            paid.record(drafted, sum(len(r.pending) for r in rows[:size]), size, self.clock() - started)
 
 
 class _Paid:
@@ -844,6 +866,11 @@ def _fill_holes(live: list[int], n: int) -> list[int]:
     for hole, src in zip((p for p in range(m) if p not in stay), movers):
         order[hole] = src
     return order
+
+
+def _can_skip(drafter: Drafter) -> bool:
+    """Whether the engine may leave this drafter out of some steps (see ``Drafter.skippable``)."""
+    return type(drafter).stateless or bool(getattr(drafter, "skippable", False))
 
 
 def _propose(rows: list[_Row], states: list[DraftState]) -> list[TokenTree]:

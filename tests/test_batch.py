@@ -2,12 +2,14 @@
 
 import collections
 import itertools
+import time
 
 import pytest
 import torch
 
 import specdec
 from conftest import tiny_model
+from drafters_for_tests import RandomDrafter
 from specdec.batch import BatchRunner
 from specdec.runner import TreeRunner
 from specdec.tree import TokenTree
@@ -622,3 +624,39 @@ def _answers(engine, requests) -> list[list[int]]:
         for key, event in engine.step():
             got[key] += event.new_tokens
     return [got[r.key] for r in requests]
+
+
+class _CostlySkippable(RandomDrafter):
+    """A drafter whose drafting is slow and never accepted, reading hidden states: it checks that every propose's
+    hidden states start where the last ones ended (the engine keeps the positions of steps it skipped)."""
+
+    name = "costly"
+    needs_hidden_states = True
+    skippable = True
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__(vocab, seed=1)
+        self.log: list[tuple[int, int]] = []  # (hidden_start, rows) of each propose
+
+    def propose(self, state):
+        if self.log:
+            start, rows = self.log[-1]
+            assert state.hidden_start == start + rows, (state.hidden_start, self.log[-3:])
+        self.log.append((state.hidden_start, state.hidden_states.shape[0]))
+        time.sleep(0.004)
+        return super().propose(state)
+
+
+def test_drafting_that_does_not_pay_is_skipped_and_the_drafter_catches_up(tiny):
+    """A skippable drafter whose drafted steps yield fewer tokens per second than plain ones (drafting included)
+    stops being asked, except every few steps; when asked again its hidden states cover every position since its
+    last propose; the output equals plain decoding."""
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 96, (12,), generator=g)
+    plain = specdec.generate(tiny, None, ids, drafter="none", max_new_tokens=96)
+    drafter = _CostlySkippable(96)
+    out = specdec.generate(tiny, None, ids, drafter=drafter, max_new_tokens=96)
+    assert out.token_ids == plain.token_ids
+    steps = out.stats.target_forwards
+    assert steps >= 90 and len(drafter.log) < steps // 2, (len(drafter.log), steps)
+    assert drafter.log[0][0] == 0 and len(drafter.log) > 2  # asked from the prompt on, and again after skipped steps

@@ -15,6 +15,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "rope.h"
+
 /* out[r, :] = w * (x[r, :] * (1 / sqrt(sum(x[r, :]^2) / H + eps))); x rows at x_stride, out contiguous [rows, H]. */
 int specdec_rmsnorm(const float *x, const float *w, float *out, int64_t rows, int64_t h, int64_t x_stride, float eps) {
     for (int64_t r = 0; r < rows; r++) {
@@ -49,24 +51,11 @@ int specdec_rmsnorm(const float *x, const float *w, float *out, int64_t rows, in
  * contiguous: out = x * cos + rotate_half(x) * sin, cos/sin [B, T, D] at strides cb, ct. */
 static void rotate(const float *x, const float *cs, const float *sn, float *out, int64_t b, int64_t nh, int64_t t,
                    int64_t d, int64_t sb, int64_t sh, int64_t st, int64_t cb, int64_t ct) {
-    int64_t half = d / 2;
     for (int64_t i = 0; i < b; i++)
         for (int64_t h = 0; h < nh; h++)
-            for (int64_t p = 0; p < t; p++) {
-                const float *xr = x + i * sb + h * sh + p * st;
-                const float *c = cs + i * cb + p * ct, *s = sn + i * cb + p * ct;
-                float *o = out + ((i * nh + h) * t + p) * d;
-                for (int64_t e = 0; e < half; e++) {
-                    float a = xr[e] * c[e];
-                    float r = -xr[e + half] * s[e];
-                    o[e] = a + r;
-                }
-                for (int64_t e = half; e < d; e++) {
-                    float a = xr[e] * c[e];
-                    float r = xr[e - half] * s[e];
-                    o[e] = a + r;
-                }
-            }
+            for (int64_t p = 0; p < t; p++)
+                rope_head(x + i * sb + h * sh + p * st, cs + i * cb + p * ct, sn + i * cb + p * ct,
+                          out + ((i * nh + h) * t + p) * d, d);
 }
 
 int specdec_rotary(const float *q, const float *k, const float *cs, const float *sn, float *qo, float *ko, int64_t b,

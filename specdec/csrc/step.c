@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "rope.h"
 #include "vecmath.h"
 
 typedef int (*quant_fn)(int, const float *, const uint8_t *, const float *, float *, int64_t, int64_t, int64_t, int);
@@ -55,21 +56,6 @@ static int linear(const int64_t *d, const int64_t *lin, const float *x, float *y
     if (lin[0] == 0)
         return ((quant_fn)ptr(d[D_QUANT]))((int)lin[1], x, (const uint8_t *)ptr(lin[2]), bias, y, m, lin[4], lin[5], threads);
     return ((rows_fn)ptr(d[D_ROWS]))(x, (const float *)ptr(lin[2]), bias, y, m, lin[4], lin[5], threads);
-}
-
-/* HF's x * cos + rotate_half(x) * sin for one head: each product and sum rounded as torch rounds it */
-static inline void rope(const float *x, const float *c, const float *s, float *o, int64_t dh) {
-    int64_t half = dh / 2;
-    for (int64_t e = 0; e < half; e++) {
-        float a = x[e] * c[e];
-        float r = -x[e + half] * s[e];
-        o[e] = a + r;
-    }
-    for (int64_t e = half; e < dh; e++) {
-        float a = x[e] * c[e];
-        float r = x[e - half] * s[e];
-        o[e] = a + r;
-    }
 }
 
 static inline void add_into(float *x, const float *y, int64_t n) {
@@ -138,11 +124,11 @@ int specdec_lean_forward(const int64_t *d, float *x, int64_t B, int64_t N, const
             const float *c = cos_t + pos[m] * dh, *s = sin_t + pos[m] * dh;
             for (int64_t h = 0; h < hq; h++) {
                 memcpy(tmp, q + m * qw + h * dh, (size_t)dh * sizeof(float));
-                rope(tmp, c, s, q + m * qw + h * dh, dh);
+                rope_head(tmp, c, s, q + m * qw + h * dh, dh);
             }
             for (int64_t h = 0; h < hk; h++) {
                 int64_t off = ((b * hk + h) * cap + at) * dh;
-                rope(k + m * kw + h * dh, c, s, kl + off, dh);
+                rope_head(k + m * kw + h * dh, c, s, kl + off, dh);
                 memcpy(vl + off, v + m * kw + h * dh, (size_t)dh * sizeof(float));
             }
         }
