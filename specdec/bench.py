@@ -264,7 +264,7 @@ def _metrics(runs: list[_Run], base: dict[str, dict[tuple, _Run]], keys: list[tu
         "identical_to_greedy": sum(1 for r, k in zip(runs, keys) if r.token_ids == hf[k].token_ids),
         "identical_to_plain": sum(1 for r, k in zip(runs, keys) if r.token_ids == plain[k].token_ids) if plain else None,
         "tokens_per_step_histogram": histogram([n for r in runs for n in r.tokens_per_step]),
-        "wall_time_s": round(wall, 4),
+        "wall_time_s": round(wall, 6),  # a tiny model's run takes ~10 ms: 4 decimals would be 1% of it
         # prefill and decoding apart: time to first token, and the tokens after it over the time after it
         "ttft_s_median": round(ttfts[len(ttfts) // 2], 4) if ttfts else 0.0,
         "prefill_tokens_per_s": round(sum(r.prompt_tokens for r in runs) / ttft, 1) if ttft else 0.0,
