@@ -77,9 +77,9 @@ class LeanForward:
     :func:`lean_forward_for`; ``kernels`` is the linear kernel name per row count (0 .. 64) of the engine's plan."""
 
     def __init__(self, model, kernels: list[str], spec: dict) -> None:
-        self.model = model
-        self.rows = [i for i, name in enumerate(kernels) if name in _NATIVE]  # row counts the lean forward serves
-        self._max_rows = max(self.rows, default=0)
+        # no reference to the model itself: the prepared kernels that hold this object are cached per model in a
+        # weak-keyed table, which a strong reference back to the model would keep alive forever
+        self.rows = frozenset(i for i, name in enumerate(kernels) if name in _NATIVE)  # row counts served here
         self._keep: list = []  # every tensor the description points to
         self._fn = step_lib()
         self._embed = model.get_input_embeddings()
@@ -129,7 +129,7 @@ class LeanForward:
     # ------------------------------------------------------------------ running
     def serves(self, rows: int) -> bool:
         """Whether a forward over ``rows`` rows (B·N) runs here."""
-        return rows <= self._max_rows and rows in self.rows
+        return rows in self.rows
 
     def _tables(self, end: int) -> tuple[Tensor, Tensor]:
         """cos/sin [positions, head dim] for positions 0 .. end - 1 at least (HF's rotary module, computed once for a
@@ -149,14 +149,14 @@ class LeanForward:
         compared: a new buffer can land where a freed one was)."""
         layers = cache.layers
         ptrs = [layer._kb.data_ptr() for layer in layers] + [layer._vb.data_ptr() for layer in layers]
-        shape = layers[0]._kb.shape
-        if any(layer._kb.shape != shape or layer._vb.shape != shape for layer in layers):
-            raise RuntimeError("the lean forward needs every layer's cache in one shape")
         held = getattr(cache, "_lean_buffers", None)
-        if held is None or held[0] != ptrs:
+        if held is None or held[0] != ptrs:  # a buffer moved (its shape can change only then)
+            shape = layers[0]._kb.shape
+            if any(layer._kb.shape != shape or layer._vb.shape != shape for layer in layers):
+                raise RuntimeError("the lean forward needs every layer's cache in one shape")
             n = len(layers)
-            held = cache._lean_buffers = (ptrs, (ctypes.c_int64 * n)(*ptrs[:n]), (ctypes.c_int64 * n)(*ptrs[n:]))
-        return held[1], held[2], shape[-2]
+            held = cache._lean_buffers = (ptrs, (ctypes.c_int64 * n)(*ptrs[:n]), (ctypes.c_int64 * n)(*ptrs[n:]), shape[-2])
+        return held[1], held[2], held[3]
 
     def forward(self, cache, tokens: Tensor, depths: Tensor, anc: Tensor, *, embeds: Tensor | None = None,
                 taps: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor | None]:

@@ -89,20 +89,6 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
     return model, tokenizer
 
 
-def _random_access(t: torch.Tensor) -> None:
-    """Tell the kernel that ``t``'s mapped pages are read here and there (MADV_RANDOM): a fault then maps the one
-    page it needs, not the 64 KB around it (reading a few sampled rows of every weight, as the GGUF check does,
-    would otherwise map a third of the file). Best effort: nothing happens where madvise is not available."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        start = t.data_ptr() & ~4095
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(t.data_ptr() + t.numel() * t.element_size() - start), 1)
-    except (OSError, AttributeError):
-        pass
-
-
 def _map_linear_weights(model, file: Path) -> int:
     """Point a GGUF model's fp32 linear weights at the pages of its converted safetensors file (a private,
     copy-on-write mapping) instead of memory of their own; returns how many moved. The engine's forwards multiply
@@ -126,7 +112,6 @@ def _map_linear_weights(model, file: Path) -> int:
                 mapped = f.get_tensor(key)
                 if mapped.shape == param.shape and mapped.dtype == param.dtype:
                     param.data = mapped
-                    _random_access(mapped)
                     moved += 1
         return moved
     except (OSError, RuntimeError, ValueError) as err:
