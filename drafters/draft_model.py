@@ -112,7 +112,7 @@ class DraftModelDrafter(Drafter):
 
         if self.runner is not None:
             self.runner.close()
-        self.runner = TreeRunner(self.model, fast=self._fast, route=self.config.fast)
+        self.runner = TreeRunner(self.model, fast=self._fast, route=self.config.fast, lean=self.config.fast)
         self.rates = AcceptanceRates(self.config.prior, self.config.decay)
         self._held: list[int] = []  # the tokens whose KV the draft cache holds, in order
         self._keys = {}
@@ -158,10 +158,9 @@ class DraftModelDrafter(Drafter):
         self.runner.rollback(keep)
         feed = ids[keep:]
         t0 = time.perf_counter()
-        if keep == 0:  # the prompt: a causal prefill
-            out = self.runner.prefill(torch.tensor(feed))
-        else:  # the committed tokens it lacks, as a chain (their KV stays: a forward appends it)
-            out = self.runner.forward(TokenTree(torch.tensor(feed), torch.arange(-1, len(feed) - 1)))
+        # the prompt (a prefill), or the committed tokens the cache lacks (appended causally), in the pieces the
+        # runner's kernels run fastest
+        out = self.runner.extend(torch.tensor(feed))
         self._held = ids[:]
         catch_up = time.perf_counter() - t0
         t0 = time.perf_counter()

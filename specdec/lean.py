@@ -143,18 +143,17 @@ class LeanForward:
         return self._cos, self._sin
 
     @staticmethod
-    def _buffers(cache) -> tuple:
-        """The cache layers' key/value buffer addresses as C arrays, kept on the cache (each engine's own: threads
-        sharing one model never see another's) and rebuilt when any buffer moved (every layer's address is
+    def _buffers(cache, keys: list[Tensor], values: list[Tensor]) -> tuple:
+        """The key/value buffer addresses of the cache's layers as C arrays, kept on the cache (each engine's own:
+        threads sharing one model never see another's) and rebuilt when any buffer moved (every layer's address is
         compared: a new buffer can land where a freed one was)."""
-        layers = cache.layers
-        ptrs = [layer._kb.data_ptr() for layer in layers] + [layer._vb.data_ptr() for layer in layers]
+        ptrs = [k.data_ptr() for k in keys] + [v.data_ptr() for v in values]
         held = getattr(cache, "_lean_buffers", None)
         if held is None or held[0] != ptrs:  # a buffer moved (its shape can change only then)
-            shape = layers[0]._kb.shape
-            if any(layer._kb.shape != shape or layer._vb.shape != shape for layer in layers):
-                raise RuntimeError("the lean forward needs every layer's cache in one shape")
-            n = len(layers)
+            shape = keys[0].shape
+            if any(k.shape != shape or v.shape != shape or not k.is_contiguous() or not v.is_contiguous() for k, v in zip(keys, values)):
+                raise RuntimeError("the lean forward needs every layer's cache in one contiguous shape")
+            n = len(keys)
             held = cache._lean_buffers = (ptrs, (ctypes.c_int64 * n)(*ptrs[:n]), (ctypes.c_int64 * n)(*ptrs[n:]), shape[-2])
         return held[1], held[2], held[3]
 
@@ -164,7 +163,7 @@ class LeanForward:
         [B, N, H] in place of the tokens' embeddings), appended to each row of ``cache`` (a
         :class:`~specdec.batch.BatchKVCache`) after its committed length. Returns logits [B, N, V] and, with
         ``taps`` (HF hidden-state indices), their hidden states side by side [B, N, len(taps)·H]."""
-        b, n = tokens.shape
+        n = tokens.shape[1]
         layers = cache.layers
         first = layers[0]
         lengths = list(first.lengths)
@@ -173,7 +172,35 @@ class LeanForward:
             for layer in layers:
                 layer._reserve(None, None, end)
                 layer._clear_to(end)
-        kc, vc, cap = self._buffers(cache)
+        buffers = self._buffers(cache, [layer._kb for layer in layers], [layer._vb for layer in layers])
+        out = self._run(buffers, lengths, tokens, depths, anc, embeds, taps)
+        for layer in layers:  # what the cache's own update would leave: the length it was written to
+            layer.length = end
+        return out
+
+    def forward_single(self, cache, tokens: Tensor, anc: Tensor, depths: Tensor, *, taps: tuple[int, ...] | None = None
+                       ) -> tuple[Tensor, Tensor | None]:
+        """One forward over a tree of N nodes (``tokens``/``depths`` [N], ``anc`` [N, N] bool) appended to a
+        single-sequence :class:`~specdec.cache.TreeKVCache` that holds a prefix (a :class:`~specdec.runner.TreeRunner`'s):
+        its layers grow by N entries, as the model's own forward would leave them. Returns logits [N, V] and, with
+        ``taps``, the hidden states [N, len(taps)·H]."""
+        n = tokens.numel()
+        layers = cache.layers
+        start = layers[0].length
+        for layer in layers:
+            if layer._k.shape[-2] < start + n:  # room (zero-filled: every entry the kernel reads is finite)
+                layer._reserve(layer._k[:, :, :0], layer._v[:, :, :0], start + n)
+        buffers = self._buffers(cache, [layer._k for layer in layers], [layer._v for layer in layers])
+        logits, h = self._run(buffers, [start], tokens[None], depths[None], anc[None], None, taps)
+        for layer in layers:
+            layer.length = start + n
+            layer._refresh_views()
+        return logits[0], h[0] if h is not None else None
+
+    def _run(self, buffers: tuple, lengths: list[int], tokens: Tensor, depths: Tensor, anc: Tensor, embeds: Tensor | None,
+             taps: tuple[int, ...] | None) -> tuple[Tensor, Tensor | None]:
+        kc, vc, cap = buffers
+        b, n = tokens.shape
         with torch.no_grad():
             x = embeds.reshape(b * n, -1) if embeds is not None else self._embed(tokens.reshape(-1))
             x = x.float().clone() if embeds is not None or x.dtype != torch.float32 else x.contiguous()
@@ -190,8 +217,6 @@ class LeanForward:
                       tap_out.data_ptr() if tap_out is not None else None, logits.data_ptr(), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"the lean forward failed (code {rc}: {'out of memory' if rc in (-2, -3) else 'unsupported shape'})")
-        for layer in layers:  # what the cache's own update would leave: the length it was written to
-            layer.length = end
         return logits.view(b, n, -1), tap_out.view(b, n, -1) if tap_out is not None else None
 
 

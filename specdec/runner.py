@@ -151,12 +151,18 @@ class TreeRunner:
         fast: the fast kernels to use inside the forwards (None: the model's own).
         route: send tree attention through transformers' attention interface
             (default: whenever the model supports it, and always for triton).
+        lean: run :meth:`forward` through the lean native decode forward (:mod:`specdec.lean`) wherever it
+            serves the model and the tree's size (prefills keep the model's own forward). For a drafter's own
+            model (a draft model, RAPID's short context): its forwards are what drafting costs, and their
+            rounding against HF's forward does not matter (the target verifies every draft). The target's own
+            runner keeps the model's forward, so its prompt's KV is what HF computes.
 
     Use as a context manager, or call :meth:`close` when done: routing sets
     the model's attention implementation and ``close`` restores it.
     """
 
-    def __init__(self, model, *, attn: str = "auto", fast: FastLinears | None = None, route: bool | None = None) -> None:
+    def __init__(self, model, *, attn: str = "auto", fast: FastLinears | None = None, route: bool | None = None,
+                 lean: bool = False) -> None:
         self.model = model
         self.device = torch.device(getattr(model, "device", "cpu"))
         self.backend = resolve_backend(attn, self.device)
@@ -170,6 +176,7 @@ class TreeRunner:
         self.fast = fast if fast is not None and fast.active else None
         self.cache = TreeKVCache()
         self._routing = Routing(model) if self.route else None
+        self.lean = lean
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -211,6 +218,10 @@ class TreeRunner:
         :meth:`rollback` (keep none).
         """
         prefix_len = self.prefix_len
+        lean = self._lean(tree)
+        if lean is not None:
+            logits, h = lean.forward_single(self.cache, tree.tokens, tree.ancestor_mask, tree.depths, taps=hidden_layers(hidden))
+            return ForwardOutput(logits[-1:] if last_logits_only else logits, h)
         kwargs = {}
         if len(tree) > 1:  # a lone root is a plain causal step: no mask needed
             mask = tree.ancestor_mask.to(self.device)
@@ -254,9 +265,11 @@ class TreeRunner:
         ``F.linear``: pages of them that the fast path otherwise never reads (:func:`specdec.models.load_model`
         maps them lazily), and measured slower than 64-row pieces through the quantized kernel (default model,
         AMD EPYC Zen 5: prefill ~900 against ~770 tokens/s)."""
-        if self.fast is None or not self.fast.routed or self.fast.plan.for_rows(max(ROW_BUCKETS)) != "gguf-avx512":
+        if self.fast is None or not self.fast.routed:
             return 0
-        return max(ROW_BUCKETS)
+        if self.fast.plan.for_rows(max(ROW_BUCKETS)) != "gguf-avx512" and not (self.lean and self.fast.lean is not None):
+            return 0
+        return max(ROW_BUCKETS)  # (with ``lean``: the pieces after the first run the lean forward)
 
     def commit(self, prefix_len: int, path: Tensor) -> None:
         """Keep the KV of tree nodes ``path`` ([A] long, root first, relative to ``prefix_len``) right after the prefix."""
@@ -267,6 +280,14 @@ class TreeRunner:
         self.cache.truncate(length)
 
     # ------------------------------------------------------------------ helpers
+    def _lean(self, tree: TokenTree):
+        """The lean forward for this tree when asked for and it applies (a prefilled cache, no auxiliary nodes, a
+        size the plan runs on own kernels), else None."""
+        if not self.lean or self.fast is None or tree.input_embeds is not None or not self.prefix_len:
+            return None
+        lean = self.fast.lean
+        return lean if lean is not None and lean.serves(len(tree)) else None
+
     @property
     def _dtype(self) -> torch.dtype:
         return getattr(self.model, "dtype", torch.float32)

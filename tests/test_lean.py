@@ -97,6 +97,44 @@ def test_batch_rows_are_computed_as_if_alone():
         assert torch.equal(out[b, : len(t)], alone[b]), b
 
 
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_drafters_single_sequence_runner_through_the_lean_forward(arch):
+    """TreeRunner(lean=True), what a draft model runs: a prompt longer than a piece is appended in pieces (the first
+    a prefill by the model's own forward, the rest lean), a tree's nodes get the model's own logits to float
+    rounding, the cache grows by the tree and commits/rolls back as with the model's forward."""
+    from specdec.runner import TreeRunner
+
+    model = tiny_model(arch, vocab_size=96, seed=7, dtype=torch.float32)
+    fast = _fast(model)
+    g = torch.Generator().manual_seed(8)
+    prompt = torch.randint(0, 96, (150,), generator=g)
+    tree = TokenTree(torch.randint(0, 96, (len(PARENTS),), generator=g), torch.tensor(PARENTS))
+    calls, forward = [], LeanForward.forward_single
+    with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
+        mp.setattr(LeanForward, "forward_single", lambda self, cache, tokens, *a, **k: calls.append(tokens.numel()) or forward(self, cache, tokens, *a, **k))
+        with TreeRunner(model, fast=fast, lean=True) as runner:
+            first = runner.extend(prompt)
+            assert calls == [64, 22] and runner.prefix_len == 150  # pieces of 64 after the first
+            ref = model(input_ids=prompt[None]).logits[0, -1]
+            torch.testing.assert_close(first.logits[-1], ref, rtol=1e-4, atol=1e-4)
+            out = runner.forward(tree)
+            assert calls[-1] == len(PARENTS) and runner.prefix_len == 150 + len(PARENTS)
+            for i in range(len(PARENTS)):
+                seq = torch.cat([prompt, tree.tokens[_path(PARENTS, i)]])
+                torch.testing.assert_close(out.logits[i], model(input_ids=seq[None]).logits[0, -1], rtol=1e-4, atol=1e-4)
+            path = torch.tensor(_path(PARENTS, 7))
+            runner.commit(150, path)
+            assert runner.prefix_len == 150 + path.numel()
+            step = runner.forward(TokenTree.root_only(5))
+            seq = torch.cat([prompt, tree.tokens[path], torch.tensor([5])])
+            torch.testing.assert_close(step.logits[0], model(input_ids=seq[None]).logits[0, -1], rtol=1e-4, atol=1e-4)
+        with TreeRunner(model, fast=fast) as runner:  # not asked for: the model's own forward
+            n = len(calls)
+            runner.extend(prompt)
+            runner.forward(tree)
+            assert len(calls) == n
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_speculation_through_the_lean_forward_equals_plain_decoding(arch, monkeypatch):
     from specdec import profile

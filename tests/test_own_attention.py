@@ -34,7 +34,7 @@ def _needs_kernel():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [64, 40])  # 40: a head dimension with a tail
+@pytest.mark.parametrize("d", [64, 40, 128])  # 40: a head dimension with a tail; 64 and 128: the unrolled tiles
 def test_own_attention_equals_sdpa_and_tree_nodes_equal_their_plain_step(dtype, d):
     g = torch.Generator().manual_seed(d)
     prefix, parents = 29, [-1, 0, 0, 1, 2, 3, 3, 5, 1, 8]
@@ -56,6 +56,28 @@ def test_own_attention_equals_sdpa_and_tree_nodes_equal_their_plain_step(dtype, 
         alone = own_attention(q[:, :, i:i + 1], k[:, :, keys], v[:, :, keys], None, 0.17)
         assert torch.equal(alone[:, 0], out[:, i]), (dtype, i)
 
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_queries_computed_together_give_each_query_its_result_alone(threads):
+    """The kernel computes a key/value head's queries (GQA heads x tree nodes) in tiles and splits them between
+    threads by their number: whatever the tiling and split, each query's output is the one it gets alone."""
+    g = torch.Generator().manual_seed(threads)
+    s, d = 300, 64
+    k, v = torch.randn(2, 1, 3, s, d, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for hq, n in ((9, 1), (9, 5), (3, 7), (12, 11)):
+            q = torch.randn(1, hq, n, d, generator=g)
+            out = own_attention(q, k, v, None, 0.125)
+            for h in range(hq):
+                for i in range(n):
+                    alone = own_attention(q[:, h : h + 1, i : i + 1], k[:, (h * 3) // hq : (h * 3) // hq + 1],
+                                          v[:, (h * 3) // hq : (h * 3) // hq + 1], None, 0.125)
+                    assert torch.equal(alone[0, 0, 0], out[0, i, h]), (hq, n, h, i)
+    finally:
+        torch.set_num_threads(before)
 
 def test_a_ragged_batch_mask_is_per_row():
     g = torch.Generator().manual_seed(3)
