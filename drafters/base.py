@@ -143,12 +143,17 @@ class DraftState:
             the last row predicted the root. None unless the drafter sets
             ``needs_hidden_states``.
         hidden_start: the position of ``hidden_states``' first row.
+        target_kv: ``target_kv(start, stop)`` returns the target's cached keys and values of the committed
+            positions ``start .. stop - 1`` (every position before the root), one ``[1, H, n, D]`` view per layer
+            (keys, values); valid during this ``propose`` only (copy what you keep). None where the engine does
+            not offer it.
     """
 
     token_ids: Tensor
     prompt_len: int
     hidden_states: Tensor | None = None
     hidden_start: int = 0
+    target_kv: Callable[[int, int], tuple[list[Tensor], list[Tensor]]] | None = None
 
     @property
     def root(self) -> int:
@@ -198,6 +203,10 @@ class Drafter:
             drafters while their drafted steps have yielded fewer tokens per second than plain steps, drafting
             included (trained heads and EAGLE, whose own forwards cost a share of the step), and drafts again
             every few steps to see whether that has changed.
+        defers: in a fusion, this drafter proposes only on steps where the others proposed nothing (after them,
+            whatever its place in the spec), and hears only the steps it proposed for: a drafter whose own
+            forwards cost a large share of a step (a draft model, RAPID) then adds its drafts where the cheap
+            ones have none instead of paying for them on every step.
         session_options: fields of the drafter's ``config`` dataclass that one request may set for its own
             session (:meth:`open`; the server's ``drafter_options``): settings read while proposing, never
             the shared part's (weights, a store's file or size).
@@ -208,6 +217,7 @@ class Drafter:
     session_options: tuple[str, ...] = ()
     stateless: bool = False  # a step without propose/observe loses this drafter nothing (the batch may skip drafting)
     skippable: bool = False  # a skipped step loses it only that step's drafts (it catches up at its next propose)
+    defers: bool = False  # in a fusion: proposes only where the other drafters proposed nothing
     needs_hidden_states: bool = False
     hidden_layers: tuple[int, ...] = (-1,)
     vocab_size: int | None = None
@@ -227,6 +237,12 @@ class Drafter:
 
     def reset(self, prompt_ids: Tensor) -> None:
         """Start a new generation for ``prompt_ids`` ([T] long)."""
+
+    def prompt_cache(self, cache) -> None:
+        """The target's KV cache of the prompt (a :class:`~specdec.cache.TreeKVCache`: positions 0 .. T - 1 in
+        every layer), handed over once after the prefill, before the first :meth:`propose`; the engine no longer
+        writes it. A drafter may read it and keep it for the sequence (RAPID drafts with the target's own KV of
+        the retrieved chunks); the default ignores it."""
 
     def propose(self, state: DraftState) -> TokenTree:
         raise NotImplementedError

@@ -15,7 +15,22 @@ its own fast kernels), kept in step with what the target accepted:
    models: it maximises (1 + expected accepted) / (v(k + 1) + k · draft step /
    target step), with the expected acceptance per depth learnt from the
    target's verdicts; nodes carry those estimates as scores, so the engine may
-   trim further.
+   trim further;
+4. and drafting is judged by what it returns: the wall time from a proposal to
+   the verdict it hears (the drafting, the verifying forward, acceptance and
+   commit) and the tokens the step emitted give tokens per second for the
+   steps it drafted for and for those it did not (decayed sums kept across
+   sequences). While
+   drafted steps return fewer tokens per second, it drafts nothing (one chain
+   every 16 steps keeps that figure fresh), and while they return more, one
+   step in 16 goes without its drafts to keep the other fresh (unsized runs,
+   ``size_trees=False``, draft every step in full). The cost model
+   alone cannot see everything a step costs (the draft cache's bookkeeping,
+   the verify forward's real price at this prefix on a loaded machine), and
+   on a CPU a draft model's token costs a large share of the target's step,
+   so a few percent of error decides whether drafting pays. In a fusion the
+   steps it did not draft for are the other drafters' steps: it drafts only
+   when it adds to what they return.
 """
 
 from __future__ import annotations
@@ -63,10 +78,50 @@ class DraftModelConfig:
 
 
 @register_drafter("draft-model")
+class _Yield:
+    """Tokens per second of the steps a drafter drafted for (index 1) and of those it did not (index 0): the wall
+    time from its proposal to the verdict it hears (drafting, the verifying forward, acceptance and commit) against
+    the tokens the step emitted, as decayed sums. A step that carried one-off work (a draft cache's prefill) does
+    not count. Only steps the drafter proposed for count, so in a fusion it compares its drafts with what the steps
+    it is asked for return without them."""
+
+    def __init__(self, decay: float = 0.85) -> None:
+        self.decay = decay
+        self.tokens = [0.0, 0.0]
+        self.seconds = [0.0, 0.0]
+        self.steps = [0, 0]
+        self.last: tuple | None = None  # (start time, drafted, clean) of the proposal awaiting its verdict
+
+    def begin(self, now: float, drafted: bool, clean: bool = True) -> None:
+        self.last = (now, drafted, clean)
+
+    def end(self, now: float, tokens: int) -> None:
+        if self.last is not None:
+            t0, drafted, clean = self.last
+            if clean and now > t0:
+                i = int(drafted)
+                self.tokens[i] = self.decay * self.tokens[i] + tokens
+                self.seconds[i] = self.decay * self.seconds[i] + (now - t0)
+                self.steps[i] += 1
+        self.last = None
+
+    def rate(self, drafted: bool) -> float | None:
+        i = int(drafted)
+        return self.tokens[i] / self.seconds[i] if self.seconds[i] > 0 else None
+
+    def loses(self) -> bool:
+        """Whether drafted steps have returned fewer tokens per second than the others (False until both are known)."""
+        with_drafts, without = self.rate(True), self.rate(False)
+        return with_drafts is not None and without is not None and with_drafts < without
+
+
 class DraftModelDrafter(Drafter):
-    """Drafts a chain with a small model of the same tokenizer, in its own KV cache."""
+    """Drafts a chain with a small model of the same tokenizer, in its own KV cache. In a fusion it defers to the
+    other drafters (:attr:`Drafter.defers`): its forwards cost a share of every step it drafts for."""
 
     name = "draft-model"
+    defers = True
+    shared_state = ("_yield",)  # what drafting returns on this machine: learnt across sequences
 
     def __init__(self, model, tokenizer=None, config: DraftModelConfig | None = None) -> None:
         self.model, self.tokenizer = (model.eval() if model is not None else None), tokenizer  # None: set at bind (RAPID's self)
@@ -79,6 +134,9 @@ class DraftModelDrafter(Drafter):
         self._keys: dict = {}
         self._drafted = 0
         self._idle = 0
+        self._streak = 0  # drafted steps since the last step without drafts
+        self._probing = False
+        self._yield = _Yield()
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "DraftModelDrafter":
@@ -116,6 +174,8 @@ class DraftModelDrafter(Drafter):
         self.rates = AcceptanceRates(self.config.prior, self.config.decay)
         self._held: list[int] = []  # the tokens whose KV the draft cache holds, in order
         self._keys = {}
+        self._streak = 0
+        self._probing = False
 
     # ------------------------------------------------------------------ drafting
     def _chain_length(self) -> int:
@@ -141,26 +201,41 @@ class DraftModelDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, state: DraftState) -> TokenTree:
+        now = time.perf_counter()
+        self._yield.last = None
         ids = self._context(state)
         self._keys = {}
         k = self._chain_length()
+        gated = getattr(getattr(self, "target", None), "cost", None) is not None  # unsized runs draft every step in full
+        if not gated:
+            pass
+        elif self._probing:  # the second step of a probe: the first caught up on what the cache missed
+            self._probing, k = False, max(k, 1)
+        elif k and self._yield.loses():
+            k = 0  # drafted steps have returned less than the others: the cost model misses something here
+        elif k:
+            self._streak += 1
+            fresh = self._yield.steps[0] == 0 and self._yield.steps[1] >= 2  # nothing known yet of steps without
+            if fresh or self._streak > _PROBE_EVERY:  # a step without drafts, to keep their figure fresh
+                self._streak = 0
+                self._drafted = 0
+                self._yield.begin(now, False)
+                return TokenTree.root_only(state.root)
         if k == 0:
             self._idle += 1
             if self._idle < _PROBE_EVERY or not self._held:  # (a probe never pays for the draft cache's first prefill)
                 self._drafted = 0
+                self._yield.begin(now, False)
                 return TokenTree.root_only(state.root)
             k = 1  # now and then one draft anyway: the costs and rates it measures may have changed
+            self._probing = True  # and the next step too: this one's catch-up is not what a drafted step costs
         self._idle = 0
         # 1. catch up: keep the held prefix that is still committed, feed the rest (the root last)
         keep = 0
         while keep < len(self._held) and keep < len(ids) - 1 and self._held[keep] == ids[keep]:
             keep += 1
-        self.runner.rollback(keep)
-        feed = ids[keep:]
         t0 = time.perf_counter()
-        # the prompt (a prefill), or the committed tokens the cache lacks (appended causally), in the pieces the
-        # runner's kernels run fastest
-        out = self.runner.extend(torch.tensor(feed))
+        out, added = self._catch_up(ids, keep, state)
         self._held = ids[:]
         catch_up = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -178,7 +253,8 @@ class DraftModelDrafter(Drafter):
                 logits = self.runner.forward(TokenTree.root_only(tok)).logits[-1]
                 self._held.append(tok)
         chain = time.perf_counter() - t0
-        if len(feed) <= _SMALL_FEED:  # a step's usual catch-up (the accepted tokens) counts about half a draft forward
+        self._yield.begin(now, True, added <= _SMALL_FEED)
+        if added <= _SMALL_FEED:  # a step's usual catch-up (the accepted tokens) counts about half a draft forward
             elapsed = (catch_up + chain) * 1e3 / (k + 0.5)
         else:  # a prefill (the prompt, or a re-fed context): a one-off, not what a draft token costs
             elapsed = chain * 1e3 / (k - 1) if k > 1 else None
@@ -195,7 +271,17 @@ class DraftModelDrafter(Drafter):
             tree.draft_probs = torch.stack([probs[0]] + probs).cpu()
         return tree
 
+    def _catch_up(self, ids: list[int], keep: int, state: DraftState | None = None):
+        """Bring the draft cache up to ``ids``, of which it holds the first ``keep`` (it is rolled back to them here):
+        the prompt (a prefill) or the committed tokens it lacks, appended causally in the pieces the runner's
+        kernels run fastest. Returns the forward's output (the last position's logits predict the first draft) and
+        the number of entries added."""
+        self.runner.rollback(keep)
+        feed = ids[keep:]
+        return self.runner.extend(torch.tensor(feed)), len(feed)
+
     def observe(self, result: StepResult) -> None:
+        self._yield.end(time.perf_counter(), len(result.new_tokens))
         if self._keys:
             learn(self.rates, self._keys, result.tree, result.path)
 

@@ -46,12 +46,22 @@ class FusedDrafter(Drafter):
         for d in self.drafters:
             d.reset(prompt_ids)
 
+    def prompt_cache(self, cache) -> None:
+        for d in self.drafters:
+            d.prompt_cache(cache)
+
     def propose(self, state: DraftState) -> TokenTree:
         fused = None
-        for i, d in enumerate(self.drafters):
+        self._heard = []  # the drafters that proposed this step (a deferring one may not)
+        order = [i for i, d in enumerate(self.drafters) if not d.defers] + [i for i, d in enumerate(self.drafters) if d.defers]
+        for i in order:
+            d = self.drafters[i]
+            if d.defers and fused is not None and len(fused) > 1:
+                continue  # the others have drafts for this step: a deferring drafter keeps its cost
             tree = d.propose(self._state_for(d, state))
             tree.sources = torch.full_like(tree.tokens, i)
             fused = tree if fused is None else fused.merge(tree)
+            self._heard.append(d)
         return fused
 
     def _state_for(self, d: Drafter, state: DraftState) -> DraftState:
@@ -63,7 +73,7 @@ class FusedDrafter(Drafter):
         return dataclasses.replace(state, hidden_states=state.hidden_states[..., cols])
 
     def observe(self, result: StepResult) -> None:
-        for d in self.drafters:
+        for d in getattr(self, "_heard", self.drafters):
             d.observe(result)
 
     def close(self, output_ids: list[int]) -> None:

@@ -65,6 +65,11 @@ class RapidConfig(DraftModelConfig):
         recent: generated tokens added to the retrieval query.
         period: steps between re-retrievals (0: retrieve once, at the start).
         min_accept: re-retrieve sooner when the running acceptance of the first draft falls below this.
+        kv: where the short context's keys/values come from. ``recompute``: the draft model runs over the short
+            context (RAPID as published; the only choice for a separate draft model). ``target``: with the
+            target's own weights (``self``), the drafts attend to the target's own KV of the kept positions,
+            gathered from its prompt cache (no draft prefill, a re-retrieval is a gather). ``auto`` (default):
+            ``target`` for ``self``, else ``recompute``.
     """
 
     k: int = 4
@@ -75,9 +80,12 @@ class RapidConfig(DraftModelConfig):
     recent: int = 64
     period: int = 32
     min_accept: float = 0.3
+    kv: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.kv not in ("auto", "target", "recompute"):
+            raise ValueError(f"kv must be auto, target or recompute, got {self.kv!r}")
         if self.chunk < 1 or self.top_chunks < 1 or self.head < 0 or self.tail < 1 or self.recent < 0 or self.period < 0:
             raise ValueError("rapid needs chunk, top_chunks, tail >= 1 and head, recent, period >= 0")
         if not 0.0 <= self.min_accept <= 1.0:
@@ -163,6 +171,11 @@ class RapidDrafter(DraftModelDrafter):
         self._prompt_len = 0
         self._since = 0
         self.retrievals = 0
+        self._self = model is None  # the target's own weights draft (set at bind)
+        self._prompt_kv = None
+        self._positions: list[int] = []
+        self._held_n = 0  # with the target's KV: how many of the draft cache's entries are prompt positions
+        self._copied = 0  # and how many output entries after them are copies of the target's
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "RapidDrafter":
@@ -174,6 +187,9 @@ class RapidDrafter(DraftModelDrafter):
         config = config_from_options(RapidConfig, kwargs, cls.name)
         if not args or args[0] == "self":
             return cls(None, None, config)
+        if config.kv == "target":
+            raise ValueError("kv=target drafts with the target's own keys/values, which only the target's own weights "
+                             "can read: use rapid (or rapid:self) with it, or kv=recompute with a draft model")
         model, tokenizer = load_model(args[0])
         return cls(model, tokenizer, config)
 
@@ -184,6 +200,8 @@ class RapidDrafter(DraftModelDrafter):
 
     def reset(self, prompt_ids: Tensor) -> None:
         super().reset(prompt_ids)
+        self._prompt_kv = None
+        self._held_n = self._copied = 0
         prompt = prompt_ids.tolist()
         self._prompt_len = len(prompt)
         tokenizer = getattr(getattr(self, "target", None), "tokenizer", None)
@@ -199,6 +217,11 @@ class RapidDrafter(DraftModelDrafter):
         query = tail + output[-self.config.recent :] if self.config.recent else tail
         self._chosen = self._ranker.top(query, self.config.top_chunks)
         self._short = head + [t for i in self._chosen for t in chunks[i]] + tail  # rebuilt only when retrieved
+        starts = [len(head)]
+        for c in chunks:
+            starts.append(starts[-1] + len(c))
+        self._positions = (list(range(len(head))) + [p for i in self._chosen for p in range(starts[i], starts[i + 1])]
+                           + list(range(self._prompt_len - len(tail), self._prompt_len)))
         self.retrievals += 1
         self._since = 0
 
@@ -216,3 +239,66 @@ class RapidDrafter(DraftModelDrafter):
             self._retrieve(output[:-1])
         self._since += 1
         return self.short_context() + output
+
+    # ------------------------------------------------------------------ the target's own KV (kv=target)
+    def prompt_cache(self, cache) -> None:
+        """Keep the target's prompt cache when drafting with its own KV (``kv=target`` or ``auto`` with ``self``)."""
+        use = self.config.kv == "target" or (self.config.kv == "auto" and self._self)
+        self._prompt_kv = cache if use and self._self and len(getattr(cache, "layers", ())) else None
+
+    def _catch_up(self, ids: list[int], keep: int, state: DraftState | None = None):
+        """With the target's own KV: the kept prompt positions are gathered from its prompt cache and the output's
+        committed positions copied from its live cache (``DraftState.target_kv``): entries keep the rotary positions
+        they were computed at, and only the root is fed, at its true position (then the chain)."""
+        if self._prompt_kv is None:
+            return super()._catch_up(ids, keep, state)
+        positions = self._positions if self._parts is not None else list(range(self._prompt_len))
+        n, added, saved = len(positions), 0, None
+        read = state.target_kv if state is not None else None
+        if keep < n:  # the first proposal, or a re-retrieval changed the kept prompt positions
+            if read is None:
+                # Without the target's live cache, the output's entries the draft cache holds stay: they were
+                # computed over the old chunks, which is as good a context for drafting; they go back after the
+                # re-gathered prompt part (the slot order of entries does not matter to attention).
+                old_n, fresh = self._held_n, ids[n:]
+                m = 0
+                while m < len(fresh) - 1 and old_n + m < len(self._held) and self._held[old_n + m] == fresh[m]:
+                    m += 1
+                if m:
+                    cache = self.runner.cache.layers
+                    saved = ([layer._k[:, :, old_n : old_n + m].clone() for layer in cache],
+                             [layer._v[:, :, old_n : old_n + m].clone() for layer in cache])
+            self.runner.rollback(keep)
+            self.runner.cache.append_from(self._prompt_kv, _ranges(positions[keep:n]))
+            added, keep, self._copied = n - keep, n, 0
+            if saved is not None:
+                self.runner.append_kv(*saved)
+                keep += saved[0][0].shape[-2]
+        if read is not None:  # the committed output before the root: the target's own entries, copied
+            committed = len(ids) - 1 - n
+            have = min(self._copied, committed)
+            self.runner.rollback(n + have)  # (drops the last chain's own entries)
+            if have < committed:
+                self.runner.append_kv(*read(self._prompt_len + have, self._prompt_len + committed))
+            self._copied, keep = committed, n + committed
+        else:
+            self.runner.rollback(keep)
+        self._held_n = n
+        self.runner.position_shift = self._prompt_len - n
+        feed = ids[keep:]
+        return self.runner.extend(torch.tensor(feed)), added + len(feed)
+
+    def close(self, output_ids: list[int]) -> None:
+        self._prompt_kv = None
+        super().close(output_ids)
+
+
+def _ranges(positions: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive positions as (start, stop) pairs."""
+    out: list[tuple[int, int]] = []
+    for p in positions:
+        if out and out[-1][1] == p:
+            out[-1] = (out[-1][0], p + 1)
+        else:
+            out.append((p, p + 1))
+    return out

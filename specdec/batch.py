@@ -656,9 +656,22 @@ class BatchEngine:
         req = pf.req
         self.runner.attach(pf.cache, self.max_rows)
         req.drafter.reset(req.ids)
+        req.drafter.prompt_cache(pf.cache)
         first = req.verifier.accept(TokenTree.root_only(int(req.ids[-1])), pf.last.logits[-1:], req.generator, req.ids[:-1]).bonus
         hidden = torch.cat(pf.hidden) if len(pf.hidden) > 1 else (pf.hidden[0] if pf.hidden else None)
         return _Row(req, req.ids.clone(), [], [first], hidden, 0, hidden_layers(req.drafter.hidden_request()))
+
+    def _kv_reader(self, row: int):
+        """``DraftState.target_kv`` for batch row ``row``: views of its committed keys/values in every layer."""
+        layers = self.runner.cache.layers
+
+        def read(start: int, stop: int) -> tuple[list[Tensor], list[Tensor]]:
+            if not 0 <= start <= stop <= layers[0].lengths[row]:
+                raise IndexError(f"positions {start}..{stop - 1} are not committed (row {row} holds {layers[0].lengths[row]})")
+            return ([layer._kb[row : row + 1, :, start:stop] for layer in layers],
+                    [layer._vb[row : row + 1, :, start:stop] for layer in layers])
+
+        return read
 
     def _emit(self, r: _Row):
         """Emit a row's pending tokens, cut at EOS / stop / its length limit."""
@@ -679,7 +692,7 @@ class BatchEngine:
         rows = self.rows
         started = self.clock()
         clock = _Clock(*[r.req.stats.profile for r in rows if r.req.stats is not None])
-        states = [DraftState(r.ids, r.req.ids.numel(), r.hidden, r.hidden_start) for r in rows]
+        states = [DraftState(r.ids, r.req.ids.numel(), r.hidden, r.hidden_start, self._kv_reader(b)) for b, r in enumerate(rows)]
         if hasattr(self.cost, "prefix"):  # a context-aware cost (specdec.profile.ContextCost): this step's prefix length
             self.cost.prefix = max(r.ids.numel() for r in rows)
         self._steps += 1

@@ -178,12 +178,13 @@ class LeanForward:
             layer.length = end
         return out
 
-    def forward_single(self, cache, tokens: Tensor, anc: Tensor, depths: Tensor, *, taps: tuple[int, ...] | None = None
-                       ) -> tuple[Tensor, Tensor | None]:
+    def forward_single(self, cache, tokens: Tensor, anc: Tensor, depths: Tensor, *, taps: tuple[int, ...] | None = None,
+                       shift: int = 0) -> tuple[Tensor, Tensor | None]:
         """One forward over a tree of N nodes (``tokens``/``depths`` [N], ``anc`` [N, N] bool) appended to a
         single-sequence :class:`~specdec.cache.TreeKVCache` that holds a prefix (a :class:`~specdec.runner.TreeRunner`'s):
-        its layers grow by N entries, as the model's own forward would leave them. Returns logits [N, V] and, with
-        ``taps``, the hidden states [N, len(taps)·H]."""
+        its layers grow by N entries, as the model's own forward would leave them. A node's position is its cache
+        slot + ``shift`` (0: the cache holds the whole sequence). Returns logits [N, V] and, with ``taps``, the
+        hidden states [N, len(taps)·H]."""
         n = tokens.numel()
         layers = cache.layers
         start = layers[0].length
@@ -191,7 +192,7 @@ class LeanForward:
             if layer._k.shape[-2] < start + n:  # room (zero-filled: every entry the kernel reads is finite)
                 layer._reserve(layer._k[:, :, :0], layer._v[:, :, :0], start + n)
         buffers = self._buffers(cache, [layer._k for layer in layers], [layer._v for layer in layers])
-        logits, h = self._run(buffers, [start], tokens[None], depths[None], anc[None], None, taps)
+        logits, h = self._run(buffers, [start], tokens[None], depths[None] + shift, anc[None], None, taps)
         for layer in layers:
             layer.length = start + n
             layer._refresh_views()

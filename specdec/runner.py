@@ -177,6 +177,7 @@ class TreeRunner:
         self.cache = TreeKVCache()
         self._routing = Routing(model) if self.route else None
         self.lean = lean
+        self.position_shift = 0  # a node's position minus its cache slot (a cache holding part of the sequence)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -213,14 +214,16 @@ class TreeRunner:
     def forward(self, tree: TokenTree, *, hidden: Hidden = False, last_logits_only: bool = False) -> ForwardOutput:
         """One forward over the tree's N nodes after the committed prefix; their KV is appended to the cache.
 
-        Nodes sit at positions ``prefix_len + depth`` and see the prefix and their
-        ancestors. Follow with :meth:`commit` (keep some nodes) or
+        Nodes sit at positions ``prefix_len + position_shift + depth`` and see the prefix and their
+        ancestors (``position_shift`` is 0 unless the cache holds a part of the sequence: RAPID's drafts
+        over the target's retrieved KV). Follow with :meth:`commit` (keep some nodes) or
         :meth:`rollback` (keep none).
         """
         prefix_len = self.prefix_len
         lean = self._lean(tree)
         if lean is not None:
-            logits, h = lean.forward_single(self.cache, tree.tokens, tree.ancestor_mask, tree.depths, taps=hidden_layers(hidden))
+            logits, h = lean.forward_single(self.cache, tree.tokens, tree.ancestor_mask, tree.depths, taps=hidden_layers(hidden),
+                                            shift=self.position_shift)
             return ForwardOutput(logits[-1:] if last_logits_only else logits, h)
         kwargs = {}
         if len(tree) > 1:  # a lone root is a plain causal step: no mask needed
@@ -238,7 +241,7 @@ class TreeRunner:
         else:
             kwargs["input_ids"] = ids
         with self._kernels():
-            out, h = tapped_forward(self.model, hidden_layers(hidden), position_ids=tree.position_ids(prefix_len)[None].to(self.device),
+            out, h = tapped_forward(self.model, hidden_layers(hidden), position_ids=tree.position_ids(prefix_len + self.position_shift)[None].to(self.device),
                                     cache=self.cache, use_cache=True, **kwargs, **({"logits_to_keep": 1} if last_logits_only else {}))
         return ForwardOutput(_upcast(out.logits[0]), h[0] if h is not None else None)
 
@@ -278,6 +281,13 @@ class TreeRunner:
     def rollback(self, length: int) -> None:
         """Forget every cache entry past ``length`` (a pointer move)."""
         self.cache.truncate(length)
+
+    def append_kv(self, keys: list[Tensor], values: list[Tensor]) -> None:
+        """Append ready-made entries to every layer of the cache (``keys[l]``/``values[l]`` [1, H, n, D]): a
+        drafter that reads the target's own KV at some positions instead of computing it (their rotary
+        positions are the ones they were computed at)."""
+        for i, (k, v) in enumerate(zip(keys, values)):
+            self.cache.update(k, v, i)
 
     # ------------------------------------------------------------------ helpers
     def _lean(self, tree: TokenTree):

@@ -69,15 +69,19 @@ def test_a_short_prompt_is_drafted_over_whole():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("draft", ["self", "separate"])
+@pytest.mark.parametrize("draft", ["self", "self-recompute", "separate"])
 def test_rapid_greedy_equals_hf_greedy(arch, draft):
+    """``self`` drafts with the target's own KV (gathered from its prompt cache, copied from its live cache),
+    ``self-recompute`` runs the target's weights over the short context (RAPID as published), ``separate`` a
+    draft model over it."""
     target = tiny_model(arch)
-    model = None if draft == "self" else tiny_model(arch, seed=1)
+    model = None if draft.startswith("self") else tiny_model(arch, seed=1)
+    kv = "recompute" if draft == "self-recompute" else "auto"
     g = torch.Generator().manual_seed(5)
     for i in range(3):
         ids = torch.randint(0, 96, (int(torch.randint(30, 60, (1,), generator=g)),), generator=g)
         ref = hf_greedy(target, ids, 24, min_new_tokens=24)
-        d = RapidDrafter(model, config=RapidConfig(**SMALL))
+        d = RapidDrafter(model, config=RapidConfig(**SMALL, kv=kv))
         out = specdec.generate(target, None, ids, drafter=d, max_new_tokens=24, size_trees=False)
         assert out.token_ids == ref, (arch, draft, i)
         assert out.stats.drafted_tokens > 0
@@ -85,7 +89,7 @@ def test_rapid_greedy_equals_hf_greedy(arch, draft):
     # fused with prompt lookup, trees sized by the measured cost
     from specdec.drafters.fused import FusedDrafter
 
-    fused = FusedDrafter([RapidDrafter(model, config=RapidConfig(**SMALL)), specdec.drafters.build_drafter("prompt-lookup")])
+    fused = FusedDrafter([RapidDrafter(model, config=RapidConfig(**SMALL, kv=kv)), specdec.drafters.build_drafter("prompt-lookup")])
     out = specdec.generate(target, None, ids, drafter=fused, max_new_tokens=24)
     assert out.token_ids == ref
 
@@ -100,6 +104,40 @@ def test_self_drafting_over_the_whole_prompt_accepts_every_draft():
     assert out.token_ids == hf_greedy(target, ids, 16, min_new_tokens=16)
     accepted = sum(n - 1 for n in out.stats.tokens_per_step)  # each step's tokens past the one it always gives
     assert out.stats.drafted_tokens > 0 and accepted >= out.stats.drafted_tokens - 3  # (the last chain may be cut)
+
+
+def test_drafts_with_the_targets_kv_read_its_prompt_cache_and_its_live_cache():
+    """kv=target on a prompt long enough to cut: the draft cache holds the target's own entries for the kept prompt
+    positions (bit for bit) and for the committed output, then the root and the chain it computes."""
+    target = tiny_model("llama")
+    ids = torch.randint(0, 96, (50,), generator=torch.Generator().manual_seed(9))
+    d = RapidDrafter(None, config=RapidConfig(**{**SMALL, "period": 0}))
+    seen = []
+    catch_up = RapidDrafter._catch_up
+
+    def spy(self, ids_, keep, state=None):
+        out = catch_up(self, ids_, keep, state)
+        n, committed = len(self._positions), len(ids_) - 1 - len(self._positions)
+        assert state is not None and state.target_kv is not None
+        keys, values = state.target_kv(0, self._prompt_len + committed)
+        layer = self.runner.cache.layers[1]
+        want = torch.cat([keys[1][:, :, self._positions], keys[1][:, :, self._prompt_len:]], dim=2)
+        assert torch.equal(layer.keys[:, :, : n + committed], want)
+        seen.append(committed)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RapidDrafter, "_catch_up", spy)
+        out = specdec.generate(target, None, ids, drafter=d, max_new_tokens=20, size_trees=False)
+    assert out.token_ids == hf_greedy(target, ids, 20, min_new_tokens=20)
+    assert d._parts is not None and len(seen) > 3 and seen[-1] > 5  # cut, and the output copied as it grew
+
+
+def test_kv_target_needs_the_targets_own_weights():
+    with pytest.raises(ValueError, match="kv=target"):
+        specdec.drafters.build_drafter("rapid:/some/draft/model,kv=target")
+    with pytest.raises(ValueError, match="kv must be"):
+        specdec.drafters.build_drafter("rapid:kv=both")
 
 
 def test_spec_and_options():
