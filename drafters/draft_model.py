@@ -170,6 +170,7 @@ class DraftModelDrafter(Drafter):
 
         if self.runner is not None:
             self.runner.close()
+            self.runner.cache.release()  # its buffers serve the next cache
         self.runner = TreeRunner(self.model, fast=self._fast, route=self.config.fast, lean=self.config.fast)
         self.rates = AcceptanceRates(self.config.prior, self.config.decay)
         self._held: list[int] = []  # the tokens whose KV the draft cache holds, in order
@@ -297,4 +298,5 @@ class DraftModelDrafter(Drafter):
         with RAPID's ``self`` that model is the target, which the next plain HF call must find as it was)."""
         if self.runner is not None:
             self.runner.close()
+            self.runner.cache.release()
             self.runner = None

@@ -50,3 +50,30 @@ def test_routed_and_masked_tree_forwards_agree_and_the_model_is_restored():
             outs.append(runner.forward(tree).logits)
         assert model.config._attn_implementation == before
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-9)
+
+
+def test_a_released_cache_lends_its_buffers_to_the_next_and_keeps_nothing_of_its_own():
+    from specdec.cache import TreeKVCache
+
+    from specdec import cache as cache_mod
+
+    with cache_mod._spare_lock:
+        cache_mod._spare.clear()
+    a = TreeKVCache()
+    k = torch.randn(1, 2, 300, 8)
+    for i in range(2):
+        a.update(k, k + 1, i)
+    ptrs = {a.layers[0]._k.data_ptr(), a.layers[1]._k.data_ptr()}
+    a.release()
+    assert a.get_seq_length() == 0 and not a.layers[0].is_initialized
+    b = TreeKVCache()
+    small = torch.randn(1, 2, 10, 8)
+    b.update(small, small * 2, 0)
+    assert b.layers[0]._k.data_ptr() in ptrs  # a spare buffer, not a fresh allocation
+    torch.testing.assert_close(b.layers[0].keys, small)
+    torch.testing.assert_close(b.layers[0].values, small * 2)
+    other = TreeKVCache()
+    other.update(torch.randn(1, 3, 10, 8), torch.randn(1, 3, 10, 8), 0)  # another head count: not from the pool
+    assert other.layers[0]._k.data_ptr() not in ptrs
+    a.update(k[:, :, :5], k[:, :, :5], 0)  # the released cache starts over, empty
+    assert a.get_seq_length() == 5
