@@ -466,6 +466,8 @@ def _report(model, model_name, methods, runs, keys, prompts, max_new_tokens, tem
                                 for p in passes}
         if profile and m not in BASELINES and m not in LLAMA_CPP:
             entry["profile"] = _profile(rs)
+            for c, idx in cats.items():  # the draft's share of decoding per category too
+                entry["by_category"][c]["draft_share"] = _profile([rs[i] for i in idx]).get("draft", {}).get("fraction", 0.0)
         entries.append(entry)
     return {
         "model": model_name,
@@ -560,6 +562,15 @@ def _markdown(report: dict, plots: list[str]) -> str:
         for c in cats:
             m = e["by_category"].get(c)
             cells.append(f"{m['mean_accepted_length']:.2f} / {m['speedup_vs_hf_greedy']:.2f}× / {_fmt(m['speedup_vs_none'], '.2f', '×')}" if m else "–")
+        lines.append(f"| {e['drafter']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Decoding by category (decode tokens/s / decode speed-up vs none / draft share of decode time)", "",
+              "| drafter | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+    for e in report["runs"]:
+        cells = []
+        for c in cats:
+            m = e["by_category"].get(c)
+            share = f" / {m['draft_share'] * 100:.0f}%" if m and "draft_share" in m else ""
+            cells.append(f"{m['decode_tokens_per_s']:.1f} / {_fmt(m['decode_speedup_vs_none'], '.2f', '×')}{share}" if m else "–")
         lines.append(f"| {e['drafter']} | " + " | ".join(cells) + " |")
     profiled = [e for e in report["runs"] if "profile" in e]
     if profiled:
