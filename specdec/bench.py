@@ -555,23 +555,18 @@ def _markdown(report: dict, plots: list[str]) -> str:
                      for m in (e["by_pass"][p] for p in ps)]
             lines.append(f"| {e['drafter']} | " + " | ".join(cells) + " |")
     cats = sorted({c for e in report["runs"] for c in e["by_category"]})
-    lines += ["", "## By category (τ / speed-up vs HF greedy / speed-up vs none)", "",
-              "| drafter | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
-    for e in report["runs"]:
-        cells = []
-        for c in cats:
-            m = e["by_category"].get(c)
-            cells.append(f"{m['mean_accepted_length']:.2f} / {m['speedup_vs_hf_greedy']:.2f}× / {_fmt(m['speedup_vs_none'], '.2f', '×')}" if m else "–")
-        lines.append(f"| {e['drafter']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Decoding by category (decode tokens/s / decode speed-up vs none / draft share of decode time)", "",
-              "| drafter | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
-    for e in report["runs"]:
-        cells = []
-        for c in cats:
-            m = e["by_category"].get(c)
-            share = f" / {m['draft_share'] * 100:.0f}%" if m and "draft_share" in m else ""
-            cells.append(f"{m['decode_tokens_per_s']:.1f} / {_fmt(m['decode_speedup_vs_none'], '.2f', '×')}{share}" if m else "–")
-        lines.append(f"| {e['drafter']} | " + " | ".join(cells) + " |")
+
+    def by_category(title: str, cell) -> None:
+        nonlocal lines
+        lines += ["", f"## {title}", "", "| drafter | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+        for e in report["runs"]:
+            lines.append(f"| {e['drafter']} | " + " | ".join(cell(e["by_category"][c]) if c in e["by_category"] else "–" for c in cats) + " |")
+
+    by_category("By category (τ / speed-up vs HF greedy / speed-up vs none)",
+                lambda m: f"{m['mean_accepted_length']:.2f} / {m['speedup_vs_hf_greedy']:.2f}× / {_fmt(m['speedup_vs_none'], '.2f', '×')}")
+    by_category("Decoding by category (decode tokens/s / decode speed-up vs none / draft share of decode time)",
+                lambda m: f"{m['decode_tokens_per_s']:.1f} / {_fmt(m['decode_speedup_vs_none'], '.2f', '×')}"
+                          + (f" / {m['draft_share'] * 100:.0f}%" if "draft_share" in m else ""))
     profiled = [e for e in report["runs"] if "profile" in e]
     if profiled:
         lines += ["", "## Where the decode time goes (share of decode-step time)", "", "| drafter | draft | forward | accept | commit | other |", "|---|---|---|---|---|---|"]
