@@ -77,7 +77,6 @@ class DraftModelConfig:
             raise ValueError("prior must be in (0, 1] and decay in [0, 1)")
 
 
-@register_drafter("draft-model")
 class _Yield:
     """Tokens per second of the steps a drafter drafted for (index 1) and of those it did not (index 0): the wall
     time from its proposal to the verdict it hears (drafting, the verifying forward, acceptance and commit) against
@@ -115,6 +114,7 @@ class _Yield:
         return with_drafts is not None and without is not None and with_drafts < without
 
 
+@register_drafter("draft-model")
 class DraftModelDrafter(Drafter):
     """Drafts a chain with a small model of the same tokenizer, in its own KV cache. In a fusion it defers to the
     other drafters (:attr:`Drafter.defers`): its forwards cost a share of every step it drafts for."""

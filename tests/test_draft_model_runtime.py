@@ -112,3 +112,12 @@ def test_target_kv_gives_each_batch_row_its_own_committed_keys_and_values():
             assert k.shape == rk.shape
             torch.testing.assert_close(k, rk, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(v, rv, rtol=1e-4, atol=1e-5)
+
+
+def test_the_draft_model_spec_builds_a_draft_model(monkeypatch):
+    from specdec import models
+
+    model = tiny_model("llama", dtype=torch.float32)
+    monkeypatch.setattr(models, "load_model", lambda path: (model, None))
+    d = specdec.drafters.build_drafter("draft-model:some/dir,k=2")
+    assert type(d) is DraftModelDrafter and d.model is model and d.config.k == 2
