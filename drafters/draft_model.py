@@ -203,25 +203,22 @@ class DraftModelDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, state: DraftState) -> TokenTree:
         now = time.perf_counter()
-        self._yield.last = None
         ids = self._context(state)
         self._keys = {}
         k = self._chain_length()
-        gated = getattr(getattr(self, "target", None), "cost", None) is not None  # unsized runs draft every step in full
-        if not gated:
-            pass
-        elif self._probing:  # the second step of a probe: the first caught up on what the cache missed
-            self._probing, k = False, max(k, 1)
-        elif k and self._yield.loses():
-            k = 0  # drafted steps have returned less than the others: the cost model misses something here
-        elif k:
-            self._streak += 1
-            fresh = self._yield.steps[0] == 0 and self._yield.steps[1] >= 2  # nothing known yet of steps without
-            if fresh or self._streak > _PROBE_EVERY:  # a step without drafts, to keep their figure fresh
-                self._streak = 0
-                self._drafted = 0
-                self._yield.begin(now, False)
-                return TokenTree.root_only(state.root)
+        if getattr(getattr(self, "target", None), "cost", None) is not None:  # (unsized runs draft every step in full)
+            if self._probing:  # the second step of a probe: the first caught up on what the cache missed
+                self._probing, k = False, max(k, 1)
+            elif k and self._yield.loses():
+                k = 0  # drafted steps have returned less than the others: the cost model misses something here
+            elif k:
+                self._streak += 1
+                fresh = self._yield.steps[0] == 0 and self._yield.steps[1] >= 2  # nothing known yet of steps without
+                if fresh or self._streak > _PROBE_EVERY:  # a step without drafts, to keep their figure fresh
+                    self._streak = 0
+                    self._drafted = 0
+                    self._yield.begin(now, False)
+                    return TokenTree.root_only(state.root)
         if k == 0:
             self._idle += 1
             if self._idle < _PROBE_EVERY or not self._held:  # (a probe never pays for the draft cache's first prefill)

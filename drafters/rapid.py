@@ -174,8 +174,7 @@ class RapidDrafter(DraftModelDrafter):
         self._self = model is None  # the target's own weights draft (set at bind)
         self._prompt_kv = None
         self._positions: list[int] = []
-        self._held_n = 0  # with the target's KV: how many of the draft cache's entries are prompt positions
-        self._copied = 0  # and how many output entries after them are copies of the target's
+        self._copied = 0  # with the target's KV: how many output entries after the prompt part are copies of its
 
     @classmethod
     def from_spec(cls, args: list[str], kwargs: dict[str, str]) -> "RapidDrafter":
@@ -201,7 +200,7 @@ class RapidDrafter(DraftModelDrafter):
     def reset(self, prompt_ids: Tensor) -> None:
         super().reset(prompt_ids)
         self._prompt_kv = None
-        self._held_n = self._copied = 0
+        self._copied = 0
         prompt = prompt_ids.tolist()
         self._prompt_len = len(prompt)
         tokenizer = getattr(getattr(self, "target", None), "tokenizer", None)
@@ -243,8 +242,8 @@ class RapidDrafter(DraftModelDrafter):
     # ------------------------------------------------------------------ the target's own KV (kv=target)
     def prompt_cache(self, cache) -> None:
         """Keep the target's prompt cache when drafting with its own KV (``kv=target`` or ``auto`` with ``self``)."""
-        use = self.config.kv == "target" or (self.config.kv == "auto" and self._self)
-        self._prompt_kv = cache if use and self._self and len(getattr(cache, "layers", ())) else None
+        use = self._self and self.config.kv != "recompute"
+        self._prompt_kv = cache if use and len(getattr(cache, "layers", ())) else None
 
     def _catch_up(self, ids: list[int], keep: int, state: DraftState | None = None):
         """With the target's own KV: the kept prompt positions are gathered from its prompt cache and the output's
@@ -253,27 +252,12 @@ class RapidDrafter(DraftModelDrafter):
         if self._prompt_kv is None:
             return super()._catch_up(ids, keep, state)
         positions = self._positions if self._parts is not None else list(range(self._prompt_len))
-        n, added, saved = len(positions), 0, None
+        n, added = len(positions), 0
         read = state.target_kv if state is not None else None
         if keep < n:  # the first proposal, or a re-retrieval changed the kept prompt positions
-            if read is None:
-                # Without the target's live cache, the output's entries the draft cache holds stay: they were
-                # computed over the old chunks, which is as good a context for drafting; they go back after the
-                # re-gathered prompt part (the slot order of entries does not matter to attention).
-                old_n, fresh = self._held_n, ids[n:]
-                m = 0
-                while m < len(fresh) - 1 and old_n + m < len(self._held) and self._held[old_n + m] == fresh[m]:
-                    m += 1
-                if m:
-                    cache = self.runner.cache.layers
-                    saved = ([layer._k[:, :, old_n : old_n + m].clone() for layer in cache],
-                             [layer._v[:, :, old_n : old_n + m].clone() for layer in cache])
             self.runner.rollback(keep)
             self.runner.cache.append_from(self._prompt_kv, _ranges(positions[keep:n]))
             added, keep, self._copied = n - keep, n, 0
-            if saved is not None:
-                self.runner.append_kv(*saved)
-                keep += saved[0][0].shape[-2]
         if read is not None:  # the committed output before the root: the target's own entries, copied
             committed = len(ids) - 1 - n
             have = min(self._copied, committed)
@@ -281,9 +265,8 @@ class RapidDrafter(DraftModelDrafter):
             if have < committed:
                 self.runner.append_kv(*read(self._prompt_len + have, self._prompt_len + committed))
             self._copied, keep = committed, n + committed
-        else:
+        else:  # (a state built without the engine's reader: the output is fed)
             self.runner.rollback(keep)
-        self._held_n = n
         self.runner.position_shift = self._prompt_len - n
         feed = ids[keep:]
         return self.runner.extend(torch.tensor(feed)), added + len(feed)

@@ -189,7 +189,7 @@ class LeanForward:
         layers = cache.layers
         start = layers[0].length
         for layer in layers:
-            if layer._k.shape[-2] < start + n:  # room (zero-filled: every entry the kernel reads is finite)
+            if layer._k.shape[-2] < start + n:  # room (the kernel reads entries below start + n only: all written)
                 layer._reserve(layer._k[:, :, :0], layer._v[:, :, :0], start + n)
         buffers = self._buffers(cache, [layer._k for layer in layers], [layer._v for layer in layers])
         logits, h = self._run(buffers, [start], tokens[None], depths[None] + shift, anc[None], None, taps)
