@@ -71,6 +71,9 @@ from specdec.drafters.trie import depth_bucket, freq_bucket
 from specdec.sizing import AcceptanceRates, best_of_sorted, descending, learn, nodes_cost
 from specdec.tree import TokenTree
 
+# what a trained drafter's ``dtype=`` option accepts (see :func:`place_heads`)
+DRAFT_PRECISIONS = ("auto", "q8_0", "float32", "bfloat16", "float16", "float64")
+
 __all__ = ["CloverConfig", "CloverHeads", "CloverDrafter", "AttentionDecoder", "decoder_parts"]
 
 FORMAT_VERSION = 2  # 2: gated Augmenting Block, residual heads, normalised token input (format 1 is not read)
@@ -265,7 +268,8 @@ class CloverDrafterConfig:
     decay: float = 0.9
     min_score: float = 0.05  # when nodes cost something (a measured cost, no node budget): stop deepening once every new node's acceptance estimate is below it
     sample: bool = False  # draw drafts from the heads' distribution and carry it (draft_probs) for speculative sampling
-    dtype: str = "auto"  # the heads' compute dtype: "auto" (measured: bfloat16 where it is faster), or a dtype name
+    dtype: str = "auto"  # the heads' precision: "auto" (q8_0 for an fp32 target on a CPU with the native kernel, else
+    # bfloat16 where measured faster), "q8_0" or a dtype name (see place_heads)
     # > 0: draft only over the N most frequent tokens of the draft vocabulary (a cheaper head at every depth;
     # see specdec.drafters.base.most_frequent_rows); 0: the whole draft vocabulary
     vocab: int = 0
@@ -277,8 +281,8 @@ class CloverDrafterConfig:
             raise ValueError(f"vocab must be 0 (the whole draft vocabulary) or a positive count, got {self.vocab}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16, float16 or float64, got {self.dtype!r}")
+        if self.dtype not in DRAFT_PRECISIONS:
+            raise ValueError(f"dtype must be one of {', '.join(DRAFT_PRECISIONS)}, got {self.dtype!r}")
 
 
 # The heads' own probability of a draft, bucketed for the running acceptance estimates (finer than the
@@ -299,6 +303,26 @@ def drafting_cost(target: Target | None) -> Callable[[int], float] | None:
     """The target's cost curve when extra nodes cost it something, else None (nodes are free: draft every depth)."""
     cost = getattr(target, "cost", None)
     return cost if nodes_cost(cost) else None
+
+
+def place_heads(module: nn.Module, target: Target, rows: int, choice: str = "auto") -> str:
+    """Put a drafter's own module on the target's device in the precision it drafts in, and say which.
+
+    ``q8_0`` (``auto``'s first choice for an fp32 target on a CPU where the native kernel builds): the module
+    stays fp32 and its linear layers run from Q8_0 blocks (:func:`specdec.quant.quantize_linears`), reading a
+    quarter of fp32's bytes per draft depth. Otherwise a dtype (:func:`heads_dtype`). Drafts are guesses the
+    target verifies, so the choice never changes an output."""
+    from specdec.quant import dequantize_linears, quantize_linears
+
+    fp32_cpu = target.dtype == torch.float32 and torch.device(target.device).type == "cpu"
+    if choice in ("auto", "q8_0") and fp32_cpu:
+        module.to(device=target.device, dtype=torch.float32)
+        if quantize_linears(module):
+            return "q8_0"
+    dequantize_linears(module)
+    dtype = heads_dtype(target, rows, "auto" if choice == "q8_0" else choice)
+    module.to(device=target.device, dtype=dtype)
+    return str(dtype).removeprefix("torch.")
 
 
 def heads_dtype(target: Target, rows: int, choice: str = "auto") -> torch.dtype:
@@ -374,7 +398,7 @@ class CloverDrafter(Drafter):
                 heads.keep_rows(most_frequent_rows(heads.draft_counts, self.options.vocab, self.name, self.source))
             self.heads = heads.eval()
         rows = self.heads.draft_vocab.numel()
-        self.heads.to(device=target.device, dtype=heads_dtype(target, rows, self.options.dtype))
+        self.precision = place_heads(self.heads, target, rows, self.options.dtype)
         self.heads.attach(target.input_embeddings, target.output_weight, rotary)
 
     def reset(self, prompt_ids: Tensor) -> None:

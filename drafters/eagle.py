@@ -26,7 +26,9 @@ drawn from q and carry it (``draft_probs``), so speculative sampling stays lossl
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from specdec.drafters.base import (DraftState, Drafter, StepResult, Target, config_from_options, drafter_path, keep_draft_rows,
                                    most_frequent_rows, read_drafter_config_versioned, read_drafter_weights, register_drafter,
                                    set_draft_counts, write_drafter)
-from specdec.drafters.clover import drafting_cost, grow_tree, heads_dtype, prob_prior
+from specdec.drafters.clover import DRAFT_PRECISIONS, drafting_cost, grow_tree, place_heads, prob_prior
 from specdec.sizing import AcceptanceRates, learn
 from specdec.tree import TokenTree
 
@@ -136,14 +138,18 @@ class _Entries:
         self.k: Tensor | None = None
         self.v: Tensor | None = None
 
-    def write(self, at: int, k: Tensor, v: Tensor) -> None:
-        need = at + k.shape[2]
+    def reserve(self, at: int, need: int, like: Tensor, heads: int, dim: int) -> None:
+        """Room for entries below ``need``, keeping those below ``at``."""
         if self.k is None or need > self.k.shape[2]:
             cap = max(need, 2 * (0 if self.k is None else self.k.shape[2]), 64)
-            big_k, big_v = k.new_empty(*k.shape[:2], cap, k.shape[3]), v.new_empty(*v.shape[:2], cap, v.shape[3])
+            big_k, big_v = like.new_empty(1, heads, cap, dim), like.new_empty(1, heads, cap, dim)
             if self.k is not None:
                 big_k[:, :, :at], big_v[:, :, :at] = self.k[:, :, :at], self.v[:, :, :at]
             self.k, self.v = big_k, big_v
+
+    def write(self, at: int, k: Tensor, v: Tensor) -> None:
+        need = at + k.shape[2]
+        self.reserve(at, need, k, k.shape[1], k.shape[3])
         self.k[:, :, at:need], self.v[:, :, at:need] = k, v
 
 
@@ -240,6 +246,86 @@ class EagleModel(nn.Module):
         return model.eval()
 
 
+class _NativeLayer:
+    """The draft layer, its norms and head run as one native call (``specdec_eagle_layer`` in ``csrc/step.c``), the
+    linears from Q8_0 blocks: on a CPU a draft depth is then a few hundred microseconds of reading weights instead
+    of ~60 small torch ops. Built from the model's weights when the drafter is bound (a model changed afterwards
+    needs a new bind); :meth:`of` gives None where the native code is unavailable or the shapes do not fit it."""
+
+    def __init__(self, model: EagleModel) -> None:
+        from specdec.fastops import ops_lib
+        from specdec.lean import _addr, _bits, eagle_layer_lib
+        from specdec.native import attention_lib, quant_linear_lib, rows_linear_lib
+        from specdec.quant import q8_0_blocks
+
+        c = model.config
+        self._fn, keep = eagle_layer_lib(), []
+
+        def f32(t: Tensor) -> int:
+            t = t.detach().float().contiguous()
+            keep.append(t)
+            return t.data_ptr()
+
+        def linear(mod: nn.Linear) -> list[int]:
+            blocks = q8_0_blocks(mod.weight)
+            keep.append(blocks)
+            return [0, 2, blocks.data_ptr(), 0, *mod.weight.shape]
+
+        norms = [x for norm in (model.norm_e, model.norm_s, model.norm_mlp, model.norm_out) for x in (f32(norm.weight), _bits(norm.eps))]
+        desc = [c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, model.head.weight.shape[0],
+                _addr(quant_linear_lib()), _addr(rows_linear_lib()), _addr(attention_lib()), _addr(ops_lib().specdec_rmsnorm),
+                *norms, _bits(c.head_dim ** -0.5)]
+        for mod in (model.q_proj, model.k_proj, model.v_proj, model.o_proj, model.gate, model.up, model.down, model.head):
+            desc += linear(mod)
+        self._desc = (ctypes.c_int64 * len(desc))(*desc)
+        self._keep = keep
+        self.config = c
+        self._cos = self._sin = torch.empty(0)
+
+    @classmethod
+    def of(cls, model: EagleModel) -> "_NativeLayer | None":
+        from specdec.fastops import ops_lib
+        from specdec.lean import eagle_layer_lib
+        from specdec.native import attention_lib, quant_linear_lib, rows_linear_lib
+
+        if os.environ.get("SPECDEC_NATIVE_DRAFT", "1") == "0":
+            return None
+        if any(f() is None for f in (eagle_layer_lib, quant_linear_lib, rows_linear_lib, attention_lib, ops_lib)):
+            return None
+        c = model.config
+        if (2 * c.hidden_size) % 32 or c.hidden_size % 32 or c.intermediate_size % 32 or c.head_dim > 512 or c.head_dim % 2:
+            return None
+        return cls(model)
+
+    def _tables(self, end: int) -> tuple[Tensor, Tensor]:
+        """cos/sin [positions, head dim] of the layer's rotary embedding (as :func:`_rotate` computes them), for
+        positions below ``end`` at least; grown by doubling."""
+        if self._cos.shape[0] < end:
+            n, d = max(end, 2 * self._cos.shape[0], 1024), self.config.head_dim
+            inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+            ang = torch.arange(n, dtype=torch.float32)[:, None] * inv
+            self._cos = torch.cat([ang.cos(), ang.cos()], -1).contiguous()
+            self._sin = torch.cat([ang.sin(), ang.sin()], -1).contiguous()
+        return self._cos, self._sin
+
+    def __call__(self, entries: _Entries, emb: Tensor, s: Tensor, pos: Tensor, at: int, shared: int, vis: Tensor,
+                 logit_rows: int) -> tuple[Tensor, Tensor]:
+        c, n = self.config, s.shape[0]
+        emb, s = emb.float().contiguous(), s.float().contiguous()
+        pos = pos.to(torch.int64).contiguous()
+        entries.reserve(at, at + n, s, c.num_kv_heads, c.head_dim)
+        cos, sin = self._tables(int(pos.max()) + 1)
+        vis = vis.to(torch.uint8).contiguous()
+        h = torch.empty(n, c.hidden_size)
+        logits = torch.empty(logit_rows, self._desc[5])
+        rc = self._fn(self._desc, emb.data_ptr(), s.data_ptr(), n, pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                      entries.k.data_ptr(), entries.v.data_ptr(), entries.k.shape[2], at, shared, vis.data_ptr(),
+                      h.data_ptr(), logit_rows, logits.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"the native EAGLE layer failed (code {rc})")
+        return h, logits
+
+
 @dataclass
 class EagleDrafterConfig:
     """Spec options: ``eagle:PATH,depth=6,beam=8,topk=8`` (``sample=true`` for sampling runs: drafts drawn from q)."""
@@ -251,7 +337,8 @@ class EagleDrafterConfig:
     min_score: float = 0.05  # with a measured cost: stop deepening once every new node's acceptance estimate is below it
     # (and once no node of the newest depth would survive the engine's trim: see clover.grow_tree)
     sample: bool = False
-    dtype: str = "auto"  # the drafter's compute dtype: "auto" (bfloat16 where measured faster), or a dtype name
+    dtype: str = "auto"  # the drafter's precision: "auto" (q8_0 for an fp32 target on a CPU with the native kernel,
+    # else bfloat16 where measured faster), "q8_0" or a dtype name (see clover.place_heads)
     # > 0: draft only over the N most frequent tokens of the draft vocabulary (a cheaper head at every depth;
     # see specdec.drafters.base.most_frequent_rows); 0: the whole draft vocabulary
     vocab: int = 0
@@ -263,8 +350,8 @@ class EagleDrafterConfig:
             raise ValueError(f"vocab must be 0 (the whole draft vocabulary) or a positive count, got {self.vocab}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16, float16 or float64, got {self.dtype!r}")
+        if self.dtype not in DRAFT_PRECISIONS:
+            raise ValueError(f"dtype must be one of {', '.join(DRAFT_PRECISIONS)}, got {self.dtype!r}")
 
 
 @register_drafter("eagle")
@@ -277,6 +364,7 @@ class EagleDrafter(Drafter):
 
     def __init__(self, model: EagleModel, options: EagleDrafterConfig | None = None, source: str = "") -> None:
         self.model, self.options = model, options or EagleDrafterConfig()
+        self._native: _NativeLayer | None = None
         if self.options.vocab:
             self.model.keep_rows(most_frequent_rows(model.draft_counts, self.options.vocab, self.name, source))
         self.vocab_size = model.config.vocab_size
@@ -298,8 +386,9 @@ class EagleDrafter(Drafter):
         n = getattr(target.model.config, "num_hidden_layers", None)
         if n is not None and any(not -(n + 1) <= x <= n for x in c.feature_layers):
             raise ValueError(f"the EAGLE drafter reads layers {c.feature_layers}; the target has hidden states 0 .. {n}")
-        self.model.to(device=target.device, dtype=heads_dtype(target, self.model.head.weight.shape[0], self.options.dtype))
+        self.precision = place_heads(self.model, target, self.model.head.weight.shape[0], self.options.dtype)
         self.model.attach(target.input_embeddings)
+        self._native = _NativeLayer.of(self.model) if self.precision == "q8_0" else None
 
     def reset(self, prompt_ids: Tensor) -> None:
         self.entries = _Entries()  # the committed positions' keys and values, then the drafted tree's
@@ -315,15 +404,12 @@ class EagleDrafter(Drafter):
         #    steps committed before hidden_start is kept, the rest (last step's tree) is overwritten.
         n = state.hidden_states.shape[0]
         start = min(state.hidden_start, self.p)
-        g = m.fuse(state.hidden_states.to(dev))[None]  # [1, n, H]
-        tok = state.token_ids[start + 1 : start + 1 + n].to(dev)[None]
-        q, k, v = m.project(g, tok, torch.arange(start, start + n, device=dev)[None])
-        self.entries.write(start, k, v)
+        g = m.fuse(state.hidden_states.to(dev))  # [n, H]
+        tok = state.token_ids[start + 1 : start + 1 + n].to(dev)
         p = self.p = start + n
-        visible = torch.ones(n, p, dtype=torch.bool, device=dev).tril(p - n)[None]
-        e = self.entries
-        h = m.finish(attend(q, e.k[:, :, :p], e.v[:, :, :p], visible), g)[0, -1]  # [H]: index P - 2, predicts the root's child
-        first = torch.log_softmax(m.logits(h).float(), -1)[None]
+        causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+        h, first = self._layer(g, tok, torch.arange(start, p, device=dev), start, start, causal, 1)
+        h = h[-1]  # [H]: index P - 2, predicts the root's child
         # 2. Depth by depth: each frontier node attends to the committed entries and its own ancestors' entries.
         #    Tree node i > 0 has entry p + i - 1; its state, depth and ancestors (as entries) are kept in tensors.
         cap = self.options.beam * self.options.depth + 1
@@ -340,19 +426,32 @@ class EagleDrafter(Drafter):
             depth[idx] = depth[par] + 1
             anc[idx] = anc[par]
             anc[idx, idx - 1] = True
-            s = states[par][None]  # [1, F, H]
-            q, k, v = m.project(s, torch.tensor(tokens, device=dev)[None], (p - 1 + depth[idx])[None])
-            e.write(p + base - 1, k, v)
-            total = p + base - 1 + f
-            vis = torch.cat([torch.ones(f, p, dtype=torch.bool, device=dev), anc[idx, : base - 1 + f]], 1)
-            out = m.finish(attend(q, e.k[:, :, :total], e.v[:, :, :total], vis[None]), s)[0]  # [F, H]
+            out, logits = self._layer(states[par], torch.tensor(tokens, device=dev), p - 1 + depth[idx], p + base - 1, p,
+                                      anc[idx, : base - 1 + f], f)
             states[idx] = out
             made[0] = base + f
-            return torch.log_softmax(m.logits(out).float(), -1)
+            return logits
 
         tree, self._keys = grow_tree(state.root, first, expand, m.draft_vocab, self.options.depth, self.options, self.rates,
                                      self.target.generator, self._cost, self.vocab_size, self.target.max_nodes)
         return tree
+
+    def _layer(self, s: Tensor, tokens: Tensor, pos: Tensor, at: int, shared: int, vis: Tensor,
+               logit_rows: int) -> tuple[Tensor, Tensor]:
+        """The draft layer over n nodes (states ``s`` [n, H], their next tokens and positions [n]): their keys and
+        values are written at entries ``at`` .. ``at + n - 1``; a node attends to the entries below ``shared`` and
+        to those from ``shared`` on where ``vis`` [n, at + n - shared] is true. Returns the outputs h [n, H] and the
+        log-probabilities over the draft vocabulary [logit_rows, V'] of the last ``logit_rows`` nodes."""
+        m, e = self.model, self.entries
+        if self._native is not None:
+            h, logits = self._native(e, m.embed(tokens), s, pos, at, shared, vis, logit_rows)
+            return h, torch.log_softmax(logits, -1)
+        q, k, v = m.project(s[None], tokens[None], pos[None])
+        e.write(at, k, v)
+        total = at + s.shape[0]
+        visible = torch.cat([torch.ones(s.shape[0], shared, dtype=torch.bool, device=s.device), vis], 1)
+        h = m.finish(attend(q, e.k[:, :, :total], e.v[:, :, :total], visible[None]), s[None])[0]
+        return h, torch.log_softmax(m.logits(h[h.shape[0] - logit_rows :]).float(), -1)
 
     def observe(self, result: StepResult) -> None:
         if self._keys:

@@ -45,11 +45,29 @@ _reason: str | None = None
 
 
 @lru_cache(maxsize=1)
-def step_lib():
-    """The loaded ``csrc/step.c`` (``specdec_lean_forward``), or None."""
+def _step_library():
     from specdec.native import _build
 
-    lib = _build(_SOURCE)
+    return _build(_SOURCE)
+
+
+@lru_cache(maxsize=1)
+def eagle_layer_lib():
+    """``specdec_eagle_layer`` of ``csrc/step.c`` (an EAGLE draft layer in one native call), or None."""
+    lib = _step_library()
+    if lib is None:
+        return None
+    fn = lib.specdec_eagle_layer
+    fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+                   + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@lru_cache(maxsize=1)
+def step_lib():
+    """The loaded ``csrc/step.c`` (``specdec_lean_forward``), or None."""
+    lib = _step_library()
     if lib is None:
         return None
     fn = lib.specdec_lean_forward

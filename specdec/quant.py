@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["QuantWeight", "attach_gguf", "quant_of", "quant_summary", "decode_rows", "FORMATS"]
+__all__ = ["QuantWeight", "attach_gguf", "quant_of", "quant_summary", "decode_rows", "FORMATS", "q8_0_blocks", "quantize_linears",
+           "dequantize_linears"]
 
 log = logging.getLogger("specdec")
 
@@ -279,3 +280,91 @@ def attach_gguf(model, path: str | Path) -> dict[str, int]:
     for why, mods in fallbacks.items():
         log.warning("%s: %d linear layer(s) run dequantized in fp32 (%s), e.g. %s", Path(path).name, len(mods), why, mods[0])
     return quant_summary(model)
+
+
+# --------------------------------------------------------------------------- a drafter's own linears in Q8_0
+def q8_0_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0 blocks of a [N, K] weight (K a multiple of 32): per 32 weights an fp16 scale d = max|w| / 127
+    and 32 int8 q = round(w / d), as uint8 [N, K/32 * 34] (the kernel's format 2)."""
+    n, k = weight.shape
+    if k % 32:
+        raise ValueError(f"Q8_0 needs rows of a multiple of 32 weights, got {k}")
+    w = weight.detach().to(torch.float32).reshape(n, k // 32, 32)
+    d = (w.abs().amax(-1) / 127.0).to(torch.float16)
+    scale = d.to(torch.float32)[..., None]
+    q = torch.where(scale > 0, torch.round(w / torch.where(scale > 0, scale, 1.0)), 0.0).clamp(-127, 127).to(torch.int8)
+    out = torch.empty(n, k // 32, 34, dtype=torch.uint8)
+    out[..., :2] = d.contiguous().view(torch.uint8).reshape(n, k // 32, 2)
+    out[..., 2:] = q.view(torch.uint8)
+    return out.reshape(n, -1)
+
+
+class _Q8Linear:
+    """The forward :func:`quantize_linears` gives one ``nn.Linear``: Q8_0 blocks through the native kernel for
+    inference on fp32 CPU inputs, the module's own forward for anything else (autograd, other dtypes, a weight
+    changed since: its blocks are then rebuilt at the next inference call)."""
+
+    def __init__(self, mod: nn.Linear, kernel) -> None:
+        self.mod, self.kernel = mod, kernel
+        self.key: tuple = ()
+        self.blocks: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mod, w = self.mod, self.mod.weight
+        if (x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu"
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return nn.Linear.forward(mod, x)
+        key = (w.data_ptr(), w._version, w.shape)
+        if key != self.key:
+            self.blocks = q8_0_blocks(w)
+            self.bias = None if mod.bias is None else mod.bias.detach().float().contiguous()
+            self.key = key
+        n, k = w.shape
+        x2 = x.reshape(-1, k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        out = torch.empty(x2.shape[0], n, dtype=torch.float32)
+        if x2.shape[0]:
+            rc = self.kernel(2, x2.data_ptr(), self.blocks.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+                             out.data_ptr(), x2.shape[0], n, k, torch.get_num_threads())
+            if rc:
+                raise RuntimeError(f"the Q8_0 kernel failed (code {rc})")
+        return out.reshape(*x.shape[:-1], n)
+
+    def __deepcopy__(self, memo) -> "_Q8Linear":
+        import copy
+
+        return _Q8Linear(copy.deepcopy(self.mod, memo), self.kernel)  # the copy rebuilds its own blocks
+
+
+def quantize_linears(module: nn.Module) -> int:
+    """Run the ``nn.Linear`` layers of a drafter's own module from Q8_0 blocks (``csrc/quant.c``) at inference.
+
+    A drafter's forwards only propose tokens that the target verifies, so their precision never changes an
+    output; what they cost is reading their weights once per draft depth, from memory the target's step has
+    just flushed through the caches. Q8_0 reads 1.06 bytes a weight against bf16's 2 and fp32's 4 (measured in
+    ``docs/eagle.md``). The module keeps its fp32 weights (training, saving and autograd use them unchanged);
+    only inference calls on fp32 CPU inputs take the blocks. Layers whose input width is not a multiple of 32
+    keep their forward. Returns how many layers were routed (0 where the native kernel is unavailable);
+    :func:`dequantize_linears` undoes it. Idempotent."""
+    from specdec.native import quant_linear_lib
+
+    kernel = quant_linear_lib()
+    if kernel is None:
+        return 0
+    routed = 0
+    for mod in module.modules():
+        if type(mod) is not nn.Linear or mod.in_features % 32:
+            continue
+        if not isinstance(mod.__dict__.get("forward"), _Q8Linear):
+            mod.forward = _Q8Linear(mod, kernel)
+        routed += 1
+    return routed
+
+
+def dequantize_linears(module: nn.Module) -> None:
+    """Undo :func:`quantize_linears`: every layer runs its own forward again."""
+    for mod in module.modules():
+        if isinstance(mod.__dict__.get("forward"), _Q8Linear):
+            del mod.forward

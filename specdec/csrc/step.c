@@ -166,3 +166,83 @@ int specdec_lean_forward(const int64_t *d, float *x, int64_t B, int64_t N, const
     free(scratch);
     return rc;
 }
+
+/* One EAGLE draft layer (specdec/drafters/eagle.py) over M nodes, for a drafter's own forwards: the input pairs
+ * each node's token embedding with its state, u = [RMSNorm(e); RMSNorm(s)] (2H wide), q/k/v from u with the rotary
+ * embedding at pos, the new keys/values written into the drafter's cache [kv heads, cap, head dim] at entries
+ * at .. at + M - 1, attention over entries 0 .. at + M - 1 (entries below `shared` visible to every node, the
+ * others where vis [M, at + M - shared] is non-zero), o, the residual from s, the SiLU MLP; h [M, H] the layer's
+ * output and logits [M, V'] over the draft vocabulary for the last `logit_rows` nodes (written from logits' start).
+ * Drafts are only proposals the target verifies, so nothing here has to match another code bit for bit.
+ *
+ * The description (int64 each): hidden, q heads, kv heads, head dim, intermediate, draft vocab, quant_linear,
+ * rows_linear, attention, rmsnorm, then norm weight and eps for the embedding, the state, the MLP and the output,
+ * the attention scale, and the linears q, k, v, o, gate, up, down, head (LIN fields each, as above). */
+enum { E_HIDDEN, E_HQ, E_HK, E_HEAD, E_INTER, E_VOCAB, E_QUANT, E_ROWS, E_ATTN, E_NORM, E_NORM_E, E_EPS_E, E_NORM_S,
+       E_EPS_S, E_NORM_MLP, E_EPS_MLP, E_NORM_OUT, E_EPS_OUT, E_SCALE, E_LINEARS };
+enum { EL_Q, EL_K, EL_V, EL_O, EL_GATE, EL_UP, EL_DOWN, EL_HEAD };
+
+int specdec_eagle_layer(const int64_t *d, const float *e, const float *s, int64_t M, const int64_t *pos,
+                        const float *cos_t, const float *sin_t, float *kc, float *vc, int64_t cap, int64_t at,
+                        int64_t shared, const uint8_t *vis, float *h, int64_t logit_rows, float *logits, int threads) {
+    int64_t H = d[E_HIDDEN], hq = d[E_HQ], hk = d[E_HK], dh = d[E_HEAD], I = d[E_INTER];
+    int64_t qw = hq * dh, kw = hk * dh, S = at + M, E = S - shared;
+    const int64_t *lin = d + E_LINEARS;
+    if (dh > MAXD || dh % 2 || hk < 1 || hq % hk || at + M > cap || shared > at || logit_rows > M || logit_rows < 0)
+        return -1;
+    size_t floats = (size_t)(2 * M * H + M * qw + 2 * M * kw + M * qw + M * H + 2 * M * I + M * S + dh);
+    float *scratch = (float *)malloc(floats * sizeof(float));
+    if (!scratch) return -3;
+    float *u = scratch, *q = u + 2 * M * H, *k = q + M * qw, *v = k + M * kw, *att = v + M * kw, *o = att + M * qw;
+    float *g = o + M * H, *up = g + M * I, *mask = up + M * I, *tmp = mask + M * S;
+    norm_fn norm = (norm_fn)ptr(d[E_NORM]);
+    attn_fn attend = (attn_fn)ptr(d[E_ATTN]);
+    int rc = 0;
+    for (int64_t m = 0; m < M; m++) {
+        norm(e + m * H, (const float *)ptr(d[E_NORM_E]), u + m * 2 * H, 1, H, H, fbits(d[E_EPS_E]));
+        norm(s + m * H, (const float *)ptr(d[E_NORM_S]), u + m * 2 * H + H, 1, H, H, fbits(d[E_EPS_S]));
+    }
+    /* the linear helper reads the quant/rows kernels at the lean description's offsets: point a copy there */
+    int64_t kd[D_ROWS + 1] = {0};
+    kd[D_QUANT] = d[E_QUANT];
+    kd[D_ROWS] = d[E_ROWS];
+    if ((rc = linear(kd, lin + EL_Q * LIN, u, q, M, threads))) goto done;
+    if ((rc = linear(kd, lin + EL_K * LIN, u, k, M, threads))) goto done;
+    if ((rc = linear(kd, lin + EL_V * LIN, u, v, M, threads))) goto done;
+    for (int64_t m = 0; m < M; m++) {
+        const float *c = cos_t + pos[m] * dh, *sn = sin_t + pos[m] * dh;
+        for (int64_t hh = 0; hh < hq; hh++) {
+            memcpy(tmp, q + m * qw + hh * dh, (size_t)dh * sizeof(float));
+            rope_head(tmp, c, sn, q + m * qw + hh * dh, dh);
+        }
+        for (int64_t hh = 0; hh < hk; hh++) {
+            int64_t off = (hh * cap + at + m) * dh;
+            rope_head(k + m * kw + hh * dh, c, sn, kc + off, dh);
+            memcpy(vc + off, v + m * kw + hh * dh, (size_t)dh * sizeof(float));
+        }
+        float *row = mask + m * S;
+        memset(row, 0, (size_t)shared * sizeof(float));
+        for (int64_t j = 0; j < E; j++) row[shared + j] = vis[m * E + j] ? 0.0f : -INFINITY;
+    }
+    {
+        int64_t qs[3] = {M * qw, dh, qw}, ks[3] = {hk * cap * dh, cap * dh, dh};
+        if ((rc = attend(0, q, kc, vc, mask, att, 1, hq, hk, M, S, dh, qs, ks, ks, 0, fbits(d[E_SCALE]), threads)))
+            goto done;
+    }
+    if ((rc = linear(kd, lin + EL_O * LIN, att, o, M, threads))) goto done;
+    memcpy(h, s, (size_t)(M * H) * sizeof(float));
+    add_into(h, o, M * H);
+    norm(h, (const float *)ptr(d[E_NORM_MLP]), u, M, H, H, fbits(d[E_EPS_MLP]));
+    if ((rc = linear(kd, lin + EL_GATE * LIN, u, g, M, threads))) goto done;
+    if ((rc = linear(kd, lin + EL_UP * LIN, u, up, M, threads))) goto done;
+    silu_mul(g, up, M * I);
+    if ((rc = linear(kd, lin + EL_DOWN * LIN, g, o, M, threads))) goto done;
+    add_into(h, o, M * H);
+    if (logit_rows) {
+        norm(h + (M - logit_rows) * H, (const float *)ptr(d[E_NORM_OUT]), u, logit_rows, H, H, fbits(d[E_EPS_OUT]));
+        rc = linear(kd, lin + EL_HEAD * LIN, u, logits, logit_rows, threads);
+    }
+done:
+    free(scratch);
+    return rc;
+}
