@@ -254,6 +254,12 @@ class Drafter:
         """The sequence ended with these new tokens (finished, stopped or cancelled); keep what it taught in the
         shared part (the default keeps nothing). Called once per sequence, by every engine loop."""
 
+    def propose_stateless(self, state: DraftState) -> TokenTree | None:
+        """A tree from this drafter's stateless parts only, for steps where the engine leaves its skippable parts
+        out (their drafting has not paid lately): a fusion's prompt lookup keeps drafting while EAGLE waits.
+        None (the default) where there is no such part; stateless parts hear nothing of these steps."""
+        return None
+
     @classmethod
     def propose_batch(cls, drafters: "list[Drafter]", states: list[DraftState]) -> list[TokenTree]:
         """Every row's tree, for rows whose sessions are all of this class (default: one ``propose`` per row)."""

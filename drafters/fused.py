@@ -64,6 +64,16 @@ class FusedDrafter(Drafter):
             self._heard.append(d)
         return fused
 
+    def propose_stateless(self, state: DraftState) -> TokenTree | None:
+        """The stateless members' fused tree (prompt lookup in ``eagle+prompt-lookup``), or None without one."""
+        fused = None
+        for i, d in enumerate(self.drafters):
+            if type(d).stateless:
+                tree = d.propose(self._state_for(d, state))
+                tree.sources = torch.full_like(tree.tokens, i)
+                fused = tree if fused is None else fused.merge(tree)
+        return fused
+
     def _state_for(self, d: Drafter, state: DraftState) -> DraftState:
         """The state with only the hidden-state layers ``d`` reads, in its order."""
         if not d.needs_hidden_states or state.hidden_states is None or tuple(d.hidden_layers) == self.hidden_layers:

@@ -706,6 +706,7 @@ class BatchEngine:
                 else None)
         unpaid = paid is not None and not paid.trees_pay() and bool(self._steps % _GATE_PROBE)
         proposed = None
+        cheap = False  # trees from a fusion's stateless members alone, while its costly members are skipped
         if gate and self._plain_streak.get(b, 0) >= _GATE_AFTER and self._steps % _GATE_PROBE:
             # Under this load no tree has paid for a while: skip drafting too (stateless drafters lose nothing),
             # and look again every _GATE_PROBE steps.
@@ -713,7 +714,11 @@ class BatchEngine:
         elif unpaid and costly and skippable:
             # Drafted steps have yielded fewer tokens per second than plain ones: skip drafting (these drafters
             # catch up on the positions they missed at their next propose), and draft again every _GATE_PROBE steps.
-            trees = [TokenTree.root_only(s.root) for s in states]
+            # A fusion's stateless members (prompt lookup) still draft: they cost next to nothing.
+            trees = [r.drafter.propose_stateless(s) or TokenTree.root_only(s.root) for r, s in zip(rows, states)]
+            cheap = any(len(t) > 1 for t in trees)
+            if cheap:
+                trees = trim_batch(trees, self.cost, self.max_nodes, self.batch_cost)
         else:
             proposed = _propose(rows, states)
             trees = trim_batch(proposed, self.cost, self.max_nodes, self.batch_cost) if self.cost is not None else proposed
@@ -782,7 +787,8 @@ class BatchEngine:
             self.prefilling.remove(joining)
             self.rows.append(self._join(joining))
         clock.lap("other")
-        if paid is not None and joining is None:  # a step carrying a prompt's chunk says nothing clean about trees' yield
+        if paid is not None and joining is None and not cheap:  # a step carrying a prompt's chunk, or the stateless
+            # members' trees alone, says nothing clean about what the skipped drafting yields against plain steps
             paid.record(drafted, sum(len(r.pending) for r in rows[:size]), size, self.clock() - started)
 
 

@@ -660,3 +660,29 @@ def test_drafting_that_does_not_pay_is_skipped_and_the_drafter_catches_up(tiny):
     steps = out.stats.target_forwards
     assert steps >= 90 and len(drafter.log) < steps // 2, (len(drafter.log), steps)
     assert drafter.log[0][0] == 0 and len(drafter.log) > 2  # asked from the prompt on, and again after skipped steps
+
+
+def test_a_fusions_stateless_member_drafts_while_its_costly_member_is_skipped(tiny):
+    """In ``costly+prompt-lookup`` the engine skips the costly member while its drafting does not pay, but prompt
+    lookup (stateless, nearly free) keeps drafting on those steps; the output equals plain decoding."""
+    from specdec.drafters.fused import FusedDrafter
+    from specdec.drafters.prompt_lookup import PromptLookupDrafter
+
+    class Counted(PromptLookupDrafter):
+        calls = 0
+
+        def propose(self, state):
+            Counted.calls += 1
+            return super().propose(state)
+
+    ids = torch.tensor([5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7])
+    plain = specdec.generate(tiny, None, ids, drafter="none", max_new_tokens=96)
+    costly = _CostlySkippable(96)
+    out = specdec.generate(tiny, None, ids, drafter=FusedDrafter([costly, Counted()]), max_new_tokens=96)
+    assert out.token_ids == plain.token_ids
+    steps = out.stats.target_forwards
+    assert len(costly.log) < steps // 2  # the costly member was skipped most of the time
+    assert Counted.calls >= steps - 1  # prompt lookup drafted on (nearly) every step, skipped ones included
+    lookup_only = specdec.generate(tiny, None, ids, drafter="prompt-lookup", max_new_tokens=96)
+    accepted = sum(n > 1 for n in out.stats.tokens_per_step)  # the costly member's drafts are never accepted
+    assert accepted >= 0.5 * sum(n > 1 for n in lookup_only.stats.tokens_per_step)
