@@ -231,3 +231,32 @@ def test_power_detects_a_two_percent_shift(target):
     shifted[top[1]] += 0.02
     expected_counts = {c: round(p * SAMPLES) for c, p in shifted.items()}
     assert chi_square_pvalue(expected_counts, probs, SAMPLES) < 0.001
+
+
+@pytest.fixture(scope="module")
+def target32():
+    """The same table model with 32-wide hidden states (the native draft layer's shapes)."""
+    return TableModel(model_logits_fn(tiny_model("llama", vocab_size=VOCAB, seed=5)), VOCAB, hidden_size=32)
+
+
+def test_speculative_sampling_through_the_native_eagle_layer_matches_the_exact_distribution(target32):
+    """EAGLE's Q8_0 native draft layer (csrc/step.c) drawing drafts from q and carrying it: still the exact
+    distribution."""
+    from specdec.drafters.base import Target
+    from specdec.drafters.eagle import EagleConfig, EagleDrafter, EagleDrafterConfig, EagleModel, _NativeLayer
+
+    torch.manual_seed(8)
+    cfg = EagleConfig(hidden_size=32, vocab_size=VOCAB, num_heads=2, num_kv_heads=1, intermediate_size=32, feature_layers=[-1])
+    eagle = EagleModel(cfg, torch.arange(VOCAB))
+    for p in eagle.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.5)
+    d = EagleDrafter(eagle, EagleDrafterConfig(depth=2, beam=3, topk=2, sample=True, dtype="float32"))
+    d.bind(Target.of(target32, seed=3))
+    d._native = _NativeLayer.of(eagle)  # the table model is fp64: ask for the native layer explicitly
+    if d._native is None:
+        pytest.skip("the native kernels need AVX-512 and a C compiler")
+    config = CONFIGS[1]
+    probs = exact_joint(target32, config)
+    counts = sample_counts(target32, d, SpeculativeSampler(config), SAMPLES, seed=11)
+    assert chi_square_pvalue(counts, probs, SAMPLES) > 0.001
