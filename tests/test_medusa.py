@@ -113,9 +113,13 @@ def test_heads_for_another_model_are_a_clear_error(tmp_path):
         specdec.generate(model, None, torch.tensor([1, 2]), drafter=f"medusa:{tmp_path}")
 
 
-def test_fused_medusa_and_prompt_lookup_is_lossless(tiny, tmp_path):
+def test_fused_medusa_and_prompt_lookup_is_lossless(tiny, tmp_path, monkeypatch):
     from specdec.drafters import build_drafter
     from specdec.drafters.fused import FusedDrafter
+
+    # the sized run trims with a fixed, mild cost curve: one measured under a loaded machine can price every node
+    # out, and this test is about losslessness, not about this machine's costs
+    monkeypatch.setattr(specdec.engine, "_cost_of", lambda profile: (lambda n: 1.0 + 0.02 * (n - 1)))
 
     heads = random_heads(tiny)
     heads.save_pretrained(tmp_path / "h")
