@@ -501,12 +501,12 @@ class BatchEngine:
             in the forward's profile) and drafts again every 16th step to see whether trees pay again. With
             more than one row, the batch also checks what trees really return: once 8 steps with trees have
             yielded fewer tokens per second than plain steps at this batch size (B over a plain step's measured
-            time), it verifies roots only, letting trees through every 16th step; a profile measured on a
-            quieter machine, or drafts accepted less often than they were scored, cannot slow it down for long.
+            time), it verifies roots only, letting trees through on probe steps (16 steps apart, the gap doubling
+            up to 64 while probes keep losing, back to 16 once trees pay); a profile measured on a quieter machine, or drafts accepted less often than they were scored, cannot slow it down for long.
             Drafters whose own forwards cost a share of the step (``Drafter.skippable``: EAGLE, Clover, Medusa)
             are checked the same way at every batch size, one row included, with their drafting counted: while
-            their drafted steps lose to plain ones the batch does not ask them (roots only, a probe every 16th
-            step), and keeps the skipped steps' hidden states for their next propose.
+            their drafted steps lose to plain ones the batch does not ask them (roots only, probe steps as
+            above), and keeps the skipped steps' hidden states for their next propose.
         fuse_prefill: pack a prefilling prompt's chunk into the step's decode forward (False: a forward of its own;
             the outputs are the same either way).
     """
@@ -704,7 +704,7 @@ class BatchEngine:
         skippable = all(_can_skip(r.drafter) for r in rows)
         paid = (self._paid.setdefault(b, _Paid()) if self.cost is not None and (b > 1 or (costly and skippable))
                 else None)
-        unpaid = paid is not None and not paid.trees_pay() and bool(self._steps % _GATE_PROBE)
+        unpaid = paid is not None and paid.skips(self._steps)
         proposed = None
         cheap = False  # trees from a fusion's stateless members alone, while its costly members are skipped
         if gate and self._plain_streak.get(b, 0) >= _GATE_AFTER and self._steps % _GATE_PROBE:
@@ -713,7 +713,7 @@ class BatchEngine:
             trees = [TokenTree.root_only(s.root) for s in states]
         elif unpaid and costly and skippable:
             # Drafted steps have yielded fewer tokens per second than plain ones: skip drafting (these drafters
-            # catch up on the positions they missed at their next propose), and draft again every _GATE_PROBE steps.
+            # catch up on the positions they missed at their next propose), and draft again on probe steps (_Paid.skips).
             # A fusion's stateless members (prompt lookup) still draft: they cost next to nothing.
             trees = [r.drafter.propose_stateless(s) or TokenTree.root_only(s.root) for r, s in zip(rows, states)]
             cheap = any(len(t) > 1 for t in trees)
@@ -727,7 +727,7 @@ class BatchEngine:
         if unpaid and proposed is not None:
             # Trees kept by the cost model have yielded fewer tokens per second than plain steps at this batch size
             # (a profile measured on a quieter machine, drafts accepted less often than scored): verify roots only,
-            # and let trees through every _GATE_PROBE steps to see whether that has changed.
+            # and let trees through on probe steps (_Paid.skips) to see whether that has changed.
             trees = [TokenTree.root_only(s.root) for s in states]
         skipped = proposed is None and not gate  # drafters that did not see this step (their hidden states accumulate)
         # a step that verified trees; for costly drafters also one whose drafts the cost model cut to the root (its
@@ -802,6 +802,8 @@ class _Paid:
         self.tree_rate: float | None = None
         self.tree_steps = 0
         self.b = 1
+        self.interval = _GATE_PROBE  # steps between probes while trees do not pay (see skips)
+        self.next_probe: int | None = None
 
     def record(self, with_trees: bool, tokens: int, b: int, seconds: float) -> None:
         self.b = b
@@ -813,6 +815,22 @@ class _Paid:
             self.tree_steps += 1
         else:
             self.plain_s = seconds if self.plain_s is None else (1 - _EMA) * self.plain_s + _EMA * seconds
+
+    def skips(self, step: int) -> bool:
+        """Whether step ``step`` goes without trees: while they do not pay, all but one probe step in
+        ``interval``; the interval doubles (up to _PROBE_MAX) after each probe that leaves them still not paying,
+        and returns to _GATE_PROBE as soon as they pay."""
+        if self.trees_pay():
+            self.interval, self.next_probe = _GATE_PROBE, None
+            return False
+        if self.next_probe is None:  # they just stopped paying
+            self.next_probe = step + self.interval
+            return True
+        if step < self.next_probe:
+            return True
+        self.interval = min(2 * self.interval, _PROBE_MAX)
+        self.next_probe = step + self.interval
+        return False
 
     def trees_pay(self) -> bool:
         if self.tree_steps < _PAID_AFTER or self.tree_rate is None:
@@ -826,6 +844,7 @@ _EMA = 0.2  # weight of the newest step in _Paid's running means
 _PAID_AFTER = 8  # tree steps at a batch size before their measured yield may overrule the cost model
 _GATE_AFTER = 4  # drafted steps in a row with every tree cut to the root before a batch stops drafting
 _GATE_PROBE = 16  # while stopped, it drafts again every this many steps to see whether trees pay again
+_PROBE_MAX = 64  # _Paid's probe interval doubles up to this while its probes keep losing
 
 
 def _layer_union(wanted: list[tuple[int, ...] | None]) -> tuple[int, ...]:

@@ -686,3 +686,24 @@ def test_a_fusions_stateless_member_drafts_while_its_costly_member_is_skipped(ti
     lookup_only = specdec.generate(tiny, None, ids, drafter="prompt-lookup", max_new_tokens=96)
     accepted = sum(n > 1 for n in out.stats.tokens_per_step)  # the costly member's drafts are never accepted
     assert accepted >= 0.5 * sum(n > 1 for n in lookup_only.stats.tokens_per_step)
+
+
+def test_probes_of_trees_that_keep_losing_grow_apart_and_reset_once_trees_pay():
+    from specdec.batch import _GATE_PROBE, _PROBE_MAX, _Paid
+
+    paid = _Paid()
+    paid.record(False, 1, 1, 0.01)  # a plain step: 100 tokens/s
+    for _ in range(8):
+        paid.record(True, 1, 1, 0.02)  # tree steps: 50 tokens/s
+    assert not paid.trees_pay()
+    probes = [step for step in range(400) if not paid.skips(step)]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert probes[0] == _GATE_PROBE and gaps[:3] == [2 * _GATE_PROBE, 4 * _GATE_PROBE, _PROBE_MAX]
+    assert set(gaps[2:]) == {_PROBE_MAX}
+    for _ in range(30):
+        paid.record(True, 4, 1, 0.02)  # trees now return 200 tokens/s
+    assert paid.trees_pay() and not paid.skips(401)
+    paid.record(True, 1, 1, 0.1)
+    for _ in range(30):
+        paid.record(True, 1, 1, 0.1)  # losing again: probes start from the short gap
+    assert [s for s in range(402, 450) if not paid.skips(s)][:1] == [402 + _GATE_PROBE]
