@@ -312,17 +312,26 @@ def place_heads(module: nn.Module, target: Target, rows: int, choice: str = "aut
     stays fp32 and its linear layers run from Q8_0 blocks (:func:`specdec.quant.quantize_linears`), reading a
     quarter of fp32's bytes per draft depth. Otherwise a dtype (:func:`heads_dtype`). Drafts are guesses the
     target verifies, so the choice never changes an output."""
-    from specdec.quant import dequantize_linears, quantize_linears
+    from specdec.quant import dequantize_linears
 
-    fp32_cpu = target.dtype == torch.float32 and torch.device(target.device).type == "cpu"
-    if choice in ("auto", "q8_0") and fp32_cpu:
-        module.to(device=target.device, dtype=torch.float32)
-        if quantize_linears(module):
-            return "q8_0"
+    if choice in ("auto", "q8_0") and draft_in_q8_0(module, target):
+        return "q8_0"
     dequantize_linears(module)
     dtype = heads_dtype(target, rows, "auto" if choice == "q8_0" else choice)
     module.to(device=target.device, dtype=dtype)
     return str(dtype).removeprefix("torch.")
+
+
+def draft_in_q8_0(module: nn.Module, target: Target) -> bool:
+    """For an fp32 target on a CPU where the native kernel builds: put ``module`` there in fp32 with its linear
+    layers running from Q8_0 blocks (:func:`specdec.quant.quantize_linears`), and say True; otherwise change
+    nothing and say False."""
+    from specdec.quant import quantize_linears
+
+    if target.dtype != torch.float32 or torch.device(target.device).type != "cpu":
+        return False
+    module.to(device=target.device, dtype=torch.float32)
+    return quantize_linears(module) > 0
 
 
 def heads_dtype(target: Target, rows: int, choice: str = "auto") -> torch.dtype:

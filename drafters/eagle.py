@@ -249,8 +249,9 @@ class EagleModel(nn.Module):
 class _NativeLayer:
     """The draft layer, its norms and head run as one native call (``specdec_eagle_layer`` in ``csrc/step.c``), the
     linears from Q8_0 blocks: on a CPU a draft depth is then a few hundred microseconds of reading weights instead
-    of ~60 small torch ops. Built from the model's weights when the drafter is bound (a model changed afterwards
-    needs a new bind); :meth:`of` gives None where the native code is unavailable or the shapes do not fit it."""
+    of ~60 small torch ops. Built from the model's weights when the drafter is bound and kept by later binds while
+    those weights are unchanged (a model changed afterwards needs a new bind); :meth:`of` gives None where the
+    native code is unavailable or the shapes do not fit it."""
 
     def __init__(self, model: EagleModel) -> None:
         from specdec.fastops import ops_lib
@@ -281,19 +282,29 @@ class _NativeLayer:
         self._keep = keep
         self.config = c
         self._cos = self._sin = torch.empty(0)
+        self.weights = self._weights(model)
+
+    @staticmethod
+    def _weights(model: EagleModel) -> tuple:
+        """What the description was built from: the model's parameters' storage and versions."""
+        return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
     @classmethod
-    def of(cls, model: EagleModel) -> "_NativeLayer | None":
+    def of(cls, model: EagleModel, built: "_NativeLayer | None" = None) -> "_NativeLayer | None":
+        """The native layer of ``model``: ``built`` itself when it was made from these very weights (a drafter
+        bound once per generation builds its blocks once), a new one, or None where it cannot run."""
         from specdec.fastops import ops_lib
         from specdec.lean import eagle_layer_lib
         from specdec.native import attention_lib, quant_linear_lib, rows_linear_lib
 
         if os.environ.get("SPECDEC_NATIVE_DRAFT", "1") == "0":
             return None
+        if built is not None and built.weights == cls._weights(model):
+            return built
         if any(f() is None for f in (eagle_layer_lib, quant_linear_lib, rows_linear_lib, attention_lib, ops_lib)):
             return None
         c = model.config
-        if (2 * c.hidden_size) % 32 or c.hidden_size % 32 or c.intermediate_size % 32 or c.head_dim > 512 or c.head_dim % 2:
+        if c.hidden_size % 32 or c.intermediate_size % 32 or c.head_dim > 512 or c.head_dim % 2:
             return None
         return cls(model)
 
@@ -388,7 +399,7 @@ class EagleDrafter(Drafter):
             raise ValueError(f"the EAGLE drafter reads layers {c.feature_layers}; the target has hidden states 0 .. {n}")
         self.precision = place_heads(self.model, target, self.model.head.weight.shape[0], self.options.dtype)
         self.model.attach(target.input_embeddings)
-        self._native = _NativeLayer.of(self.model) if self.precision == "q8_0" else None
+        self._native = _NativeLayer.of(self.model, self._native) if self.precision == "q8_0" else None
 
     def reset(self, prompt_ids: Tensor) -> None:
         self.entries = _Entries()  # the committed positions' keys and values, then the drafted tree's

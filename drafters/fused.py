@@ -58,9 +58,7 @@ class FusedDrafter(Drafter):
             d = self.drafters[i]
             if d.defers and fused is not None and len(fused) > 1:
                 continue  # the others have drafts for this step: a deferring drafter keeps its cost
-            tree = d.propose(self._state_for(d, state))
-            tree.sources = torch.full_like(tree.tokens, i)
-            fused = tree if fused is None else fused.merge(tree)
+            fused = self._add(fused, i, state)
             self._heard.append(d)
         return fused
 
@@ -69,10 +67,15 @@ class FusedDrafter(Drafter):
         fused = None
         for i, d in enumerate(self.drafters):
             if type(d).stateless:
-                tree = d.propose(self._state_for(d, state))
-                tree.sources = torch.full_like(tree.tokens, i)
-                fused = tree if fused is None else fused.merge(tree)
+                fused = self._add(fused, i, state)
         return fused
+
+    def _add(self, fused: TokenTree | None, i: int, state: DraftState) -> TokenTree:
+        """``fused`` with member ``i``'s proposal merged in (its nodes marked as its own)."""
+        d = self.drafters[i]
+        tree = d.propose(self._state_for(d, state))
+        tree.sources = torch.full_like(tree.tokens, i)
+        return tree if fused is None else fused.merge(tree)
 
     def _state_for(self, d: Drafter, state: DraftState) -> DraftState:
         """The state with only the hidden-state layers ``d`` reads, in its order."""

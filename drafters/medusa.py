@@ -257,10 +257,9 @@ class MedusaDrafter(Drafter):
         weight = target.output_weight
         self.heads.to(device=weight.device, dtype=weight.dtype)
         # fp32 on a CPU: the heads' own linears run from Q8_0 blocks (see specdec.drafters.clover.place_heads)
-        from specdec.quant import quantize_linears
+        from specdec.drafters.clover import draft_in_q8_0
 
-        fp32_cpu = weight.dtype == torch.float32 and weight.device.type == "cpu"
-        self.precision = "q8_0" if fp32_cpu and quantize_linears(self.heads) else str(weight.dtype).removeprefix("torch.")
+        self.precision = "q8_0" if draft_in_q8_0(self.heads, target) else str(weight.dtype).removeprefix("torch.")
         if self.heads.proj is None:
             self.heads.attach_lm_head(weight)
 

@@ -292,7 +292,8 @@ def q8_0_blocks(weight: torch.Tensor) -> torch.Tensor:
     w = weight.detach().to(torch.float32).reshape(n, k // 32, 32)
     d = (w.abs().amax(-1) / 127.0).to(torch.float16)
     scale = d.to(torch.float32)[..., None]
-    q = torch.where(scale > 0, torch.round(w / torch.where(scale > 0, scale, 1.0)), 0.0).clamp(-127, 127).to(torch.int8)
+    # a zero scale (every weight of the block below fp16's range for it) divides by 1: those weights round to 0
+    q = torch.round(w / torch.where(scale > 0, scale, 1.0)).clamp(-127, 127).to(torch.int8)
     out = torch.empty(n, k // 32, 34, dtype=torch.uint8)
     out[..., :2] = d.contiguous().view(torch.uint8).reshape(n, k // 32, 2)
     out[..., 2:] = q.view(torch.uint8)

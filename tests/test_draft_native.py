@@ -118,3 +118,18 @@ def test_eagle_through_the_native_layer_equals_plain_decoding(tiny_fp32, fused):
     batch = specdec.generate(tiny_fp32, None, prompts, drafter=spec, max_new_tokens=16, size_trees=False)
     assert [r.token_ids for r in batch] == [specdec.generate(tiny_fp32, None, p, drafter="none", max_new_tokens=16).token_ids
                                             for p in prompts]
+
+
+@native
+def test_a_rebound_eagle_drafter_keeps_its_native_layer_until_its_weights_change(tiny_fp32):
+    from specdec.drafters.base import Target
+
+    drafter = EagleDrafter(random_eagle(tiny_fp32, (1, 2), draft=48))
+    drafter.bind(Target.of(tiny_fp32))
+    first = drafter._native
+    drafter.bind(Target.of(tiny_fp32))
+    assert first is not None and drafter._native is first  # the blocks are built once
+    with torch.no_grad():
+        drafter.model.q_proj.weight.mul_(2)
+    drafter.bind(Target.of(tiny_fp32))
+    assert drafter._native is not None and drafter._native is not first

@@ -51,11 +51,13 @@ static inline float fbits(int64_t v) {
 }
 static inline void *ptr(int64_t v) { return (void *)(intptr_t)v; }
 
-static int linear(const int64_t *d, const int64_t *lin, const float *x, float *y, int64_t m, int threads) {
+/* kern: the quantized and the fp32 linear kernels' addresses, side by side (a description's D_QUANT/D_ROWS or
+ * E_QUANT/E_ROWS fields) */
+static int linear(const int64_t *kern, const int64_t *lin, const float *x, float *y, int64_t m, int threads) {
     const float *bias = (const float *)ptr(lin[3]);
     if (lin[0] == 0)
-        return ((quant_fn)ptr(d[D_QUANT]))((int)lin[1], x, (const uint8_t *)ptr(lin[2]), bias, y, m, lin[4], lin[5], threads);
-    return ((rows_fn)ptr(d[D_ROWS]))(x, (const float *)ptr(lin[2]), bias, y, m, lin[4], lin[5], threads);
+        return ((quant_fn)ptr(kern[0]))((int)lin[1], x, (const uint8_t *)ptr(lin[2]), bias, y, m, lin[4], lin[5], threads);
+    return ((rows_fn)ptr(kern[1]))(x, (const float *)ptr(lin[2]), bias, y, m, lin[4], lin[5], threads);
 }
 
 static inline void add_into(float *x, const float *y, int64_t n) {
@@ -116,9 +118,9 @@ int specdec_lean_forward(const int64_t *d, float *x, int64_t B, int64_t N, const
         const int64_t *ld = d + D_FIRST_LAYER + l * PER_LAYER, *lin = ld + 4;
         float *kl = (float *)ptr(kc[l]), *vl = (float *)ptr(vc[l]);
         norm(x, (const float *)ptr(ld[0]), xn, M, H, H, fbits(ld[1]));
-        if ((rc = linear(d, lin + L_Q * LIN, xn, q, M, threads))) break;
-        if ((rc = linear(d, lin + L_K * LIN, xn, k, M, threads))) break;
-        if ((rc = linear(d, lin + L_V * LIN, xn, v, M, threads))) break;
+        if ((rc = linear(d + D_QUANT, lin + L_Q * LIN, xn, q, M, threads))) break;
+        if ((rc = linear(d + D_QUANT, lin + L_K * LIN, xn, k, M, threads))) break;
+        if ((rc = linear(d + D_QUANT, lin + L_V * LIN, xn, v, M, threads))) break;
         for (int64_t m = 0; m < M; m++) {
             int64_t b = m / N, i = m % N, at = lengths[b] + i;
             const float *c = cos_t + pos[m] * dh, *s = sin_t + pos[m] * dh;
@@ -148,20 +150,20 @@ int specdec_lean_forward(const int64_t *d, float *x, int64_t B, int64_t N, const
                         S, dh, qs, ks, ks, 0, scale, threads);
         }
         if (rc) break;
-        if ((rc = linear(d, lin + L_O * LIN, att, o, M, threads))) break;
+        if ((rc = linear(d + D_QUANT, lin + L_O * LIN, att, o, M, threads))) break;
         add_into(x, o, M * H);
         norm(x, (const float *)ptr(ld[2]), xn, M, H, H, fbits(ld[3]));
-        if ((rc = linear(d, lin + L_GATE * LIN, xn, g, M, threads))) break;
-        if ((rc = linear(d, lin + L_UP * LIN, xn, u, M, threads))) break;
+        if ((rc = linear(d + D_QUANT, lin + L_GATE * LIN, xn, g, M, threads))) break;
+        if ((rc = linear(d + D_QUANT, lin + L_UP * LIN, xn, u, M, threads))) break;
         silu_mul(g, u, M * I);
-        if ((rc = linear(d, lin + L_DOWN * LIN, g, o, M, threads))) break;
+        if ((rc = linear(d + D_QUANT, lin + L_DOWN * LIN, g, o, M, threads))) break;
         add_into(x, o, M * H);
         if (l + 1 < L) tap(taps, ntaps, l + 1, x, tap_out, M, H);
     }
     if (!rc) {
         norm(x, (const float *)ptr(d[D_FNORM]), xn, M, H, H, fbits(d[D_FEPS]));
         tap(taps, ntaps, L, xn, tap_out, M, H);
-        rc = linear(d, d + D_LMHEAD, xn, logits, M, threads);
+        rc = linear(d + D_QUANT, d + D_LMHEAD, xn, logits, M, threads);
     }
     free(scratch);
     return rc;
@@ -202,10 +204,7 @@ int specdec_eagle_layer(const int64_t *d, const float *e, const float *s, int64_
         norm(e + m * H, (const float *)ptr(d[E_NORM_E]), u + m * 2 * H, 1, H, H, fbits(d[E_EPS_E]));
         norm(s + m * H, (const float *)ptr(d[E_NORM_S]), u + m * 2 * H + H, 1, H, H, fbits(d[E_EPS_S]));
     }
-    /* the linear helper reads the quant/rows kernels at the lean description's offsets: point a copy there */
-    int64_t kd[D_ROWS + 1] = {0};
-    kd[D_QUANT] = d[E_QUANT];
-    kd[D_ROWS] = d[E_ROWS];
+    const int64_t *kd = d + E_QUANT; /* the two linear kernels */
     if ((rc = linear(kd, lin + EL_Q * LIN, u, q, M, threads))) goto done;
     if ((rc = linear(kd, lin + EL_K * LIN, u, k, M, threads))) goto done;
     if ((rc = linear(kd, lin + EL_V * LIN, u, v, M, threads))) goto done;
