@@ -25,7 +25,9 @@ def run(cmd, env=None):
 
 
 def test_two_gloo_processes_match_one_process(tiny_target, convs, tmp_path):  # noqa: F811
-    common = dict(max_steps=6, epochs=5, lr=3e-3, save_steps=100)
+    # feature_dtype pinned: "auto" is decided per model, machine and thread count (torchrun gives each process one
+    # thread), so the two runs could time fp32 against bf16 separately and extract in different dtypes
+    common = dict(max_steps=6, epochs=5, lr=3e-3, save_steps=100, feature_dtype="float32")
     run([sys.executable, "-m", "specdec.cli", "train", "--recipe", "medusa1-smollm2-cpu",
          *overrides(tiny_target, convs, tmp_path / "one", batch_size=4, **common)])
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
